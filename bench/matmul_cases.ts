@@ -1,0 +1,183 @@
+/**
+ * Matmul bandwidth measurement shared by `bench/matmul_bench.ts` (deno bench) and GPU benchmark
+ * scripts: {@linkcode benchMatmul} times each case with GPU timestamps when the device has
+ * `timestamp-query` (many dispatches in one timed pass, so readback latency does not count),
+ * else with wall time over many dispatches per submission, and reports weight GB/s.
+ *
+ * @module
+ */
+import type { Gpu } from "../engine/gpu.ts";
+import { createMatmul, type MatmulPath, matmulPath, type WeightDType } from "../kernels/matmul.ts";
+
+/** One product to time: y[T, N] = x[T, K] · W[N, K]^T. */
+export interface MatmulCase {
+  /** Short name, e.g. "ffn.up". */
+  name: string;
+  /** Activation rows. */
+  T: number;
+  /** Input width. */
+  K: number;
+  /** Output width. */
+  N: number;
+  /** Weight storage type. */
+  dtype: WeightDType;
+  /** Force a path; default matmulPath(T). */
+  path?: MatmulPath;
+}
+
+/** One measured case. */
+export interface MatmulRow extends MatmulCase {
+  /** Path actually used. */
+  path: MatmulPath;
+  /** Dispatches timed. */
+  reps: number;
+  /** Microseconds per dispatch. */
+  us: number;
+  /** Weight bytes read per second / 1e9 (each weight byte counted once per dispatch). */
+  gbps: number;
+  /** 2·T·K·N / time / 1e9. */
+  gflops: number;
+  /** "gpu-timestamp" or "wall". */
+  clock: "gpu-timestamp" | "wall";
+}
+
+function cases(
+  shapes: [string, number, number][],
+  Ts: number[],
+  dtypes: WeightDType[],
+): MatmulCase[] {
+  const out: MatmulCase[] = [];
+  for (const T of Ts) {
+    for (const dtype of dtypes) {
+      for (const [name, K, N] of shapes) out.push({ name, T, K, N, dtype });
+    }
+  }
+  return out;
+}
+
+/** The pycode target's products (576→1536, 1536→576, 576→32000) at T = 1, 8, 128, f16 and f32. */
+export const PYCODE_CASES: readonly MatmulCase[] = cases(
+  [["ffn.up 576→1536", 576, 1536], ["ffn.down 1536→576", 1536, 576], [
+    "lm_head 576→32000",
+    576,
+    32000,
+  ]],
+  [1, 8, 128],
+  ["f16", "f32"],
+);
+
+/** 7B/8B-class products (4096x4096, 4096→14336, 14336→4096) in f16 at T = 1, 8, 128. */
+export const LARGE_CASES: readonly MatmulCase[] = cases(
+  [["attn 4096→4096", 4096, 4096], ["ffn.up 4096→14336", 4096, 14336], [
+    "ffn.down 14336→4096",
+    14336,
+    4096,
+  ]],
+  [1, 8, 128],
+  ["f16"],
+);
+
+const WEIGHT_BYTES = { f16: 2, f32: 4 } as const;
+
+/**
+ * Times each case (cases needing f16 are skipped on devices without it). Each case gets one
+ * untimed warm-up dispatch; then up to `reps` dispatches are encoded into one timed pass (fewer
+ * when one dispatch takes so long that `reps` of them would pass `budgetMs`).
+ *
+ * @example
+ * ```ts ignore
+ * const gpu = await requestGpu();
+ * for (const r of await benchMatmul(gpu, LARGE_CASES, 50)) console.log(r.name, r.gbps);
+ * ```
+ */
+export async function benchMatmul(
+  gpu: Gpu,
+  list: readonly MatmulCase[],
+  reps = 50,
+  budgetMs = 2000,
+): Promise<MatmulRow[]> {
+  const rows: MatmulRow[] = [];
+  const rw = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+  for (const c of list) {
+    if (c.dtype === "f16" && !gpu.features.f16) continue;
+    const path = c.path ?? matmulPath(c.T);
+    const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
+    const wBytes = c.N * c.K * WEIGHT_BYTES[c.dtype];
+    // Buffers are zero-filled: values do not change the work a dense product does.
+    const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);
+    const w = gpu.buffer(`${label}.w`, wBytes, rw);
+    const y = gpu.buffer(`${label}.y`, c.T * c.N * 4, rw);
+    const d = await createMatmul(gpu, {
+      label,
+      x,
+      w,
+      y,
+      dtype: c.dtype,
+      T: c.T,
+      K: c.K,
+      N: c.N,
+      path,
+    });
+    const t0 = performance.now();
+    await gpu.run(`${label}.warmup`, [d]);
+    const est = performance.now() - t0;
+    const n = Math.max(1, Math.min(reps, Math.floor(budgetMs / Math.max(est, 1e-3))));
+    const batch = new Array(n).fill(d);
+    let seconds: number;
+    let clock: MatmulRow["clock"];
+    if (gpu.features.timestamp) {
+      const qs = gpu.device.createQuerySet({ label: `${label}.ts`, type: "timestamp", count: 2 });
+      const resolved = gpu.buffer(
+        `${label}.ts`,
+        16,
+        GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+      );
+      const enc = gpu.device.createCommandEncoder({ label });
+      gpu.encode(enc, label, batch, {
+        querySet: qs,
+        beginningOfPassWriteIndex: 0,
+        endOfPassWriteIndex: 1,
+      });
+      enc.resolveQuerySet(qs, 0, 2, resolved, 0);
+      gpu.device.queue.submit([enc.finish()]);
+      const ts = new BigUint64Array(await gpu.read(resolved));
+      seconds = Number(ts[1] - ts[0]) * 1e-9;
+      clock = "gpu-timestamp";
+      qs.destroy();
+      resolved.destroy();
+    } else {
+      const t1 = performance.now();
+      await gpu.run(label, batch);
+      seconds = (performance.now() - t1) * 1e-3;
+      clock = "wall";
+    }
+    x.destroy();
+    w.destroy();
+    y.destroy();
+    const per = seconds / n;
+    rows.push({
+      ...c,
+      path,
+      reps: n,
+      us: per * 1e6,
+      gbps: wBytes / per / 1e9,
+      gflops: (2 * c.T * c.K * c.N) / per / 1e9,
+      clock,
+    });
+  }
+  return rows;
+}
+
+/** Formats rows from {@linkcode benchMatmul} as an aligned text table. */
+export function formatMatmulRows(rows: readonly MatmulRow[]): string {
+  const head =
+    "case                     T  dtype  path     reps        µs     GB/s   GFLOP/s  clock";
+  const lines = rows.map((r) =>
+    `${r.name.padEnd(22)} ${String(r.T).padStart(4)}  ${r.dtype.padEnd(5)}  ${r.path.padEnd(7)} ${
+      String(r.reps).padStart(5)
+    } ${r.us.toFixed(1).padStart(9)} ${r.gbps.toFixed(1).padStart(8)} ${
+      r.gflops.toFixed(1).padStart(9)
+    }  ${r.clock}`
+  );
+  return [head, ...lines].join("\n");
+}

@@ -1,0 +1,100 @@
+/**
+ * Messages between the main thread (`Engine`) and the GPU worker, and the public option/result
+ * types they carry.
+ *
+ * @module
+ */
+
+/** Options for loading a model pair. */
+export interface LoadOptions {
+  /** Target model: a Hugging Face folder, a `.gguf` file or a llama2.c `.bin` file. */
+  model: string;
+  /** Tokenizer file, for checkpoints that do not carry one (llama2.c `.bin`). */
+  tokenizer?: string;
+  /** KV-cache rows to allocate (defaults to the model's context length). */
+  maxSeq?: number;
+  /** Use f32 weights and KV cache even where `shader-f16` exists. */
+  noF16?: boolean;
+}
+
+/** Sampling and stopping options for one generation. */
+export interface GenerateOptions {
+  /** Prompt text, tokenized with BOS. */
+  prompt?: string;
+  /** Prompt token ids, used as given (nothing added). */
+  promptTokens?: number[];
+  /** Most tokens to generate. */
+  maxTokens: number;
+  /** Softmax temperature; 0 means greedy. */
+  temperature: number;
+  /** Keep the k most likely tokens (0: off). */
+  topK: number;
+  /** Keep the smallest set whose probability reaches p (1: off). */
+  topP: number;
+  /** RNG seed for sampling. */
+  seed: number;
+  /** Tokens decoded per GPU submission between readbacks (default 16). */
+  chunkTokens?: number;
+}
+
+/** Why generation stopped. */
+export type StopReason = "eos" | "max-tokens" | "context" | "cancelled";
+
+/** Measured figures of one generation. */
+export interface GenerateStats {
+  /** Prompt length in tokens. */
+  prompt_tokens: number;
+  /** Tokens generated. */
+  generated_tokens: number;
+  /** Prompt tokens per second during prefill. */
+  prefill_tok_s: number;
+  /** Generated tokens per second after the first. */
+  decode_tok_s: number;
+  /** Milliseconds from request to the first generated token on the host. */
+  ttft_ms: number;
+  /** Why it stopped. */
+  stop_reason: StopReason;
+  /** GPU bytes allocated for this model (weights, KV cache, activations). */
+  vram_bytes: number;
+}
+
+/** A piece of streamed output. */
+export interface GenerateChunk {
+  /** Text completed by these tokens (may be empty mid UTF-8 sequence). */
+  text: string;
+  /** The token ids. */
+  tokens: number[];
+}
+
+/** What the worker reports after loading. */
+export interface ModelInfo {
+  /** Adapter description. */
+  adapter: string;
+  /** Whether f16 weights/KV are in use. */
+  f16: boolean;
+  /** Model context length. */
+  maxSeqLen: number;
+  /** Allocated KV rows. */
+  kvRows: number;
+  /** Vocabulary size. */
+  vocabSize: number;
+  /** GPU bytes allocated by category. */
+  vram: Record<string, number>;
+}
+
+/** Main thread → worker. */
+export type Request =
+  | { id: number; type: "load"; options: LoadOptions }
+  | { id: number; type: "tokenize"; text: string; bos: boolean }
+  | { id: number; type: "generate"; options: GenerateOptions }
+  | { id: number; type: "cancel"; target: number }
+  | { id: number; type: "dispose" };
+
+/** Worker → main thread. */
+export type Response =
+  | { id: number; type: "progress"; message: string }
+  | { id: number; type: "loaded"; info: ModelInfo }
+  | { id: number; type: "result"; value: unknown }
+  | { id: number; type: "chunk"; chunk: GenerateChunk }
+  | { id: number; type: "done"; stats: GenerateStats }
+  | { id: number; type: "error"; name: string; message: string; stack: string };

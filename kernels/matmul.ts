@@ -1,0 +1,323 @@
+/**
+ * Linear layer: `y[T, N] = x[T, K] · W[N, K]^T (+ bias[N]) (+ y_old[T, N] when accumulating)`.
+ *
+ * Two paths, chosen by {@linkcode matmulPath}:
+ * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}: decode and verify): one workgroup owns one output
+ *   column n (one weight row) and loops over all T activation rows inside, so each weight byte is
+ *   read once for the whole batch. This is what makes verifying k+1 draft tokens cost about as
+ *   much as decoding one.
+ * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
+ *   in workgroup memory.
+ *
+ * @module
+ */
+import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
+
+/** Storage type of a weight matrix. */
+export type WeightDType = "f32" | "f16";
+
+/** Which kernel computes a product. */
+export type MatmulPath = "matvec" | "tiled";
+
+/** Largest T (activation rows) served by the matrix-vector path. */
+export const MATVEC_MAX_T = 16;
+/** Invocations per workgroup in the matrix-vector path (they stride over K together). */
+export const MATVEC_WG = 64;
+/** Output tile of the tiled path: rows of x (T) per workgroup. */
+export const TILE_M = 64;
+/** Output tile of the tiled path: rows of W (N) per workgroup. */
+export const TILE_N = 64;
+/** Depth (K) of the tiles staged in workgroup memory. */
+export const TILE_K = 16;
+/** Each invocation of the tiled path computes a MICRO x MICRO block of outputs. */
+const MICRO = 4;
+const TILED_WG_X = TILE_N / MICRO; // 16
+const TILED_WG_Y = TILE_M / MICRO; // 16
+
+/**
+ * The one rule choosing the kernel: the matrix-vector path for T ≤ {@linkcode MATVEC_MAX_T}
+ * (decode, draft step, verify), the tiled path above (prefill).
+ *
+ * @example
+ * ```ts
+ * import { matmulPath } from "./matmul.ts";
+ * console.log(matmulPath(1), matmulPath(128)); // "matvec" "tiled"
+ * ```
+ */
+export function matmulPath(T: number): MatmulPath {
+  return T <= MATVEC_MAX_T ? "matvec" : "tiled";
+}
+
+/** Specialization values baked into a matmul shader (all part of its pipeline key). */
+interface MatmulSpec {
+  dtype: WeightDType;
+  bias: boolean;
+  accumulate: boolean;
+}
+
+function header(s: MatmulSpec): string {
+  const wType = s.dtype === "f16" ? "f16" : "f32";
+  return `${s.dtype === "f16" ? "enable f16;\n" : ""}
+struct Params {
+  T: u32,       // activation rows
+  K: u32,       // input width
+  N: u32,       // output width
+  xOffset: u32, // element offset of x[0, 0] in the x buffer
+  yOffset: u32, // element offset of y[0, 0] in the y buffer
+  vecK: u32,    // K / 4 (matvec vec4 path only)
+}
+@group(0) @binding(3) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>; // y: [T, N] f32 at yOffset
+${s.bias ? "@group(0) @binding(4) var<storage, read> bias: array<f32>; // bias: [N] f32" : ""}
+alias WT = ${wType};
+
+// y[t, n] = acc (+ bias[n]) (+ y[t, n]).
+fn store(t: u32, n: u32, acc: f32) {
+  let i = p.yOffset + t * p.N + n;
+  var v = acc;
+  ${s.bias ? "v += bias[n];" : ""}
+  ${s.accumulate ? "v += y[i];" : ""}
+  y[i] = v;
+}
+`;
+}
+
+/**
+ * WGSL of the matrix-vector path for `T` rows. With `vec4` (K % 4 == 0 and xOffset % 4 == 0)
+ * x and W are loaded as vec4; otherwise as scalars, so any K works.
+ */
+export function matvecWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
+  const T = s.T;
+  const loop = s.vec4
+    ? `
+  let xBase = p.xOffset / 4u;
+  let wBase = n * p.vecK;
+  for (var k = lid; k < p.vecK; k += ${MATVEC_WG}u) {
+    let wv = vec4<f32>(w[wBase + k]);
+    for (var t = 0u; t < ${T}u; t++) {
+      acc[t] += dot(wv, x[xBase + t * p.vecK + k]);
+    }
+  }`
+    : `
+  let wBase = n * p.K;
+  for (var k = lid; k < p.K; k += ${MATVEC_WG}u) {
+    let wv = f32(w[wBase + k]);
+    for (var t = 0u; t < ${T}u; t++) {
+      acc[t] += wv * x[p.xOffset + t * p.K + k];
+    }
+  }`;
+  const el = s.vec4 ? "vec4<f32>" : "f32";
+  const wel = s.vec4 ? "vec4<WT>" : "WT";
+  return /* wgsl */ `${header(s)}
+// Matrix-vector path, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns output column n
+// (weight row n). Invocation i loads ${s.vec4 ? "vec4 " : ""}elements i, i + ${MATVEC_WG}, ... of
+// that weight row once and multiplies them into all ${T} activation rows, keeping ${T} partial
+// sums; the partials are then tree-reduced in workgroup memory. The loop bound masks ragged K;
+// workgroups past N (2-D grid rounding) return.
+@group(0) @binding(0) var<storage, read> x: array<${el}>;  // x: [T, K] f32 at xOffset
+@group(0) @binding(1) var<storage, read> w: array<${wel}>; // w: [N, K] ${s.dtype}
+
+var<workgroup> red: array<f32, ${T * MATVEC_WG}>; // red: [T, ${MATVEC_WG}] partial sums
+
+@compute @workgroup_size(${MATVEC_WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let n = wg.y * nwg.x + wg.x;
+  if (n >= p.N) { return; } // uniform per workgroup: safe before the barriers
+  var acc: array<f32, ${T}>;
+  ${loop}
+  for (var t = 0u; t < ${T}u; t++) { red[t * ${MATVEC_WG}u + lid] = acc[t]; }
+  workgroupBarrier();
+  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      for (var t = 0u; t < ${T}u; t++) {
+        red[t * ${MATVEC_WG}u + lid] += red[t * ${MATVEC_WG}u + lid + s];
+      }
+    }
+    workgroupBarrier();
+  }
+  for (var t = lid; t < ${T}u; t += ${MATVEC_WG}u) { store(t, n, red[t * ${MATVEC_WG}u]); }
+}
+`;
+}
+
+/** WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). */
+export function tiledWgsl(s: MatmulSpec): string {
+  const loads = (TILE_M * TILE_K) / (TILED_WG_X * TILED_WG_Y);
+  return /* wgsl */ `${header(s)}
+// Tiled path: workgroup (bx, by) owns y[by*${TILE_M} .. +${TILE_M}, bx*${TILE_N} .. +${TILE_N}].
+// For each depth-${TILE_K} slab of K, its ${TILED_WG_X * TILED_WG_Y} invocations stage
+// a ${TILE_M}x${TILE_K} tile of x and a ${TILE_N}x${TILE_K} tile of W in workgroup memory
+// (${loads} elements each, K fastest so global loads coalesce; stored k-major so the inner loop
+// reads consecutive addresses). Elements past T, N or K are staged as 0. Invocation (tx, ty)
+// accumulates the ${MICRO}x${MICRO} outputs (ty + ${TILED_WG_Y}i, tx + ${TILED_WG_X}j); stores
+// past T or N are masked.
+@group(0) @binding(0) var<storage, read> x: array<f32>; // x: [T, K] f32 at xOffset
+@group(0) @binding(1) var<storage, read> w: array<WT>;  // w: [N, K] ${s.dtype}
+
+var<workgroup> xs: array<f32, ${TILE_M * TILE_K}>; // xs: [${TILE_K}, ${TILE_M}] (k-major)
+var<workgroup> ws: array<f32, ${TILE_N * TILE_K}>; // ws: [${TILE_K}, ${TILE_N}] (k-major)
+
+@compute @workgroup_size(${TILED_WG_X}, ${TILED_WG_Y})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let m0 = wg.y * ${TILE_M}u;
+  let n0 = wg.x * ${TILE_N}u;
+  var acc: array<array<f32, ${MICRO}>, ${MICRO}>;
+  for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
+    for (var r = 0u; r < ${loads}u; r++) {
+      let e = lid + r * ${TILED_WG_X * TILED_WG_Y}u;
+      let row = e / ${TILE_K}u;
+      let kk = e % ${TILE_K}u;
+      let k = k0 + kk;
+      var xv = 0.0;
+      if (m0 + row < p.T && k < p.K) { xv = x[p.xOffset + (m0 + row) * p.K + k]; }
+      xs[kk * ${TILE_M}u + row] = xv;
+      var wv = 0.0;
+      if (n0 + row < p.N && k < p.K) { wv = f32(w[(n0 + row) * p.K + k]); }
+      ws[kk * ${TILE_N}u + row] = wv;
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < ${TILE_K}u; kk++) {
+      var a: array<f32, ${MICRO}>;
+      var b: array<f32, ${MICRO}>;
+      for (var i = 0u; i < ${MICRO}u; i++) { a[i] = xs[kk * ${TILE_M}u + l.y + i * ${TILED_WG_Y}u]; }
+      for (var j = 0u; j < ${MICRO}u; j++) { b[j] = ws[kk * ${TILE_N}u + l.x + j * ${TILED_WG_X}u]; }
+      for (var i = 0u; i < ${MICRO}u; i++) {
+        for (var j = 0u; j < ${MICRO}u; j++) { acc[i][j] = fma(a[i], b[j], acc[i][j]); }
+      }
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < ${MICRO}u; i++) {
+    let t = m0 + l.y + i * ${TILED_WG_Y}u;
+    for (var j = 0u; j < ${MICRO}u; j++) {
+      let n = n0 + l.x + j * ${TILED_WG_X}u;
+      if (t < p.T && n < p.N) { store(t, n, acc[i][j]); }
+    }
+  }
+}
+`;
+}
+
+/** Buffers, sizes and options for {@linkcode createMatmul}. */
+export interface MatmulArgs {
+  /** Label of the dispatch and its params, e.g. `target.L3.mlp.down`. */
+  label: string;
+  /** x: [T, K] f32 activations, starting at element `xOffset`. */
+  x: GPUBuffer;
+  /** Element offset of x[0, 0] in `x` (to bind a row range of a larger buffer); default 0. */
+  xOffset?: number;
+  /** w: [N, K] weights (out, in), row-major, in `dtype`. */
+  w: GPUBuffer;
+  /** Storage type of `w`; "f16" needs the `shader-f16` feature. */
+  dtype: WeightDType;
+  /** Optional bias: [N] f32 (Qwen2 Q/K/V). */
+  bias?: GPUBuffer;
+  /** y: [T, N] f32 output, starting at element `yOffset`. Must not alias `x`. */
+  y: GPUBuffer;
+  /** Element offset of y[0, 0] in `y`; default 0. */
+  yOffset?: number;
+  /** Add into y instead of overwriting it (fused residual add): y += x·W^T (+ bias). */
+  accumulate?: boolean;
+  /** Activation rows (baked into the dispatch). */
+  T: number;
+  /** Input width. */
+  K: number;
+  /** Output width. */
+  N: number;
+  /** Force a path (tests, benchmarks); default {@linkcode matmulPath}(T). */
+  path?: MatmulPath;
+}
+
+/**
+ * Builds the dispatch for `y = x · W^T (+ bias) (+ y)`: pipeline, params and bind group are made
+ * once; encode the returned {@linkcode Dispatch} as often as needed.
+ *
+ * @example
+ * ```ts ignore
+ * const d = await createMatmul(gpu, { label: "L0.q", x, w, dtype: "f16", y, T: 1, K: 576, N: 576 });
+ * await gpu.run("step", [d]);
+ * ```
+ */
+export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch> {
+  const { T, K, N, dtype } = args;
+  const xOffset = args.xOffset ?? 0, yOffset = args.yOffset ?? 0;
+  for (const [name, v] of [["T", T], ["K", K], ["N", N]] as const) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`${args.label}: ${name}=${v} < 1`);
+  }
+  if (dtype === "f16" && !gpu.features.f16) {
+    throw new RangeError(`${args.label}: f16 weights need the shader-f16 feature`);
+  }
+  const path = args.path ?? matmulPath(T);
+  const spec: MatmulSpec = { dtype, bias: !!args.bias, accumulate: !!args.accumulate };
+  const specKey = `${dtype}.bias${+spec.bias}.acc${+spec.accumulate}`;
+  let pipeline: GPUComputePipeline;
+  let workgroups: [number, number, number];
+  if (path === "matvec") {
+    if (T > MATVEC_MAX_T) {
+      throw new RangeError(`${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`);
+    }
+    const vec4 = K % 4 === 0 && xOffset % 4 === 0;
+    pipeline = await gpu.pipeline(
+      `matmul.matvec.${specKey}.T${T}.vec${vec4 ? 4 : 1}.wg${MATVEC_WG}`,
+      () => matvecWgsl({ ...spec, T, vec4 }),
+    );
+    workgroups = grid2d(N, gpu.limits.maxComputeWorkgroupsPerDimension);
+  } else {
+    pipeline = await gpu.pipeline(
+      `matmul.tiled.${specKey}.m${TILE_M}.n${TILE_N}.k${TILE_K}.r${MICRO}`,
+      () => tiledWgsl(spec),
+    );
+    workgroups = [Math.ceil(N / TILE_N), Math.ceil(T / TILE_M), 1];
+    const max = gpu.limits.maxComputeWorkgroupsPerDimension;
+    if (workgroups[0] > max || workgroups[1] > max) {
+      throw new RangeError(`${args.label}: tiled grid ${workgroups} exceeds ${max} per dimension`);
+    }
+  }
+  const params = gpu.uniform(
+    `${args.label}.params`,
+    new Uint32Array([T, K, N, xOffset, yOffset, K >>> 2, 0, 0]),
+  );
+  const buffers = [args.x, args.w, args.y, params];
+  if (args.bias) buffers.push(args.bias);
+  return {
+    label: args.label,
+    pipeline,
+    bindGroup: gpu.bindGroup(args.label, pipeline, buffers),
+    workgroups,
+  };
+}
+
+/**
+ * CPU reference: `y = x · W^T (+ bias) (+ yOld)` in f64 accumulation.
+ *
+ * @example
+ * ```ts
+ * import { matmulRef } from "./matmul.ts";
+ * // x = [[1, 2]], W = [[3, 4], [5, 6]] -> y = [[11, 17]]
+ * const y = matmulRef(new Float32Array([1, 2]), new Float32Array([3, 4, 5, 6]), 1, 2, 2);
+ * console.log([...y]); // [11, 17]
+ * ```
+ */
+export function matmulRef(
+  x: Float32Array,
+  w: Float32Array,
+  T: number,
+  K: number,
+  N: number,
+  bias?: Float32Array,
+  yOld?: Float32Array,
+): Float32Array {
+  const y = new Float32Array(T * N);
+  for (let t = 0; t < T; t++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += x[t * K + k] * w[n * K + k];
+      if (bias) s += bias[n];
+      if (yOld) s += yOld[t * N + n];
+      y[t * N + n] = s;
+    }
+  }
+  return y;
+}

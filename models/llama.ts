@@ -1,0 +1,428 @@
+/**
+ * The Llama forward pass on the GPU: weights in the shared store, a preallocated KV cache,
+ * activations sized for `maxT` rows, and per-T plans (flat lists of dispatches) built once and
+ * encoded as often as needed. One plan shape serves prefill (T = prompt chunk), decode (T = 1)
+ * and verification (T = k + 1). Positions live in the GPU `state` buffer, never on the CPU.
+ *
+ * @module
+ */
+import { type Dispatch, type Gpu } from "../engine/gpu.ts";
+import { type StoredTensor, WeightStore } from "../engine/weights.ts";
+import type { HostTensor, LoadedModel, ModelConfig } from "./types.ts";
+import { createEmbedding } from "../kernels/embedding.ts";
+import { createRmsnorm } from "../kernels/rmsnorm.ts";
+import { createMatmul } from "../kernels/matmul.ts";
+import { createRope, ropeInvFreq } from "../kernels/rope.ts";
+import { createKvWrite, type KvDType, kvDType } from "../kernels/kv_write.ts";
+import {
+  attentionPlan,
+  type AttentionScratch,
+  createAttention,
+  createAttentionScratch,
+} from "../kernels/attention.ts";
+import { createSwiglu } from "../kernels/swiglu.ts";
+import { createAdvance } from "../kernels/advance.ts";
+
+/** Options for {@linkcode LlamaGpu.create}. */
+export interface LlamaGpuOptions {
+  /** Label prefix of every GPU object ("target", "draft"). */
+  label: string;
+  /** KV-cache rows (context to allocate); at most the model's context length. */
+  maxSeq: number;
+  /** Most rows one forward processes (prefill chunk size); default 128. */
+  maxT?: number;
+  /** Most rows whose logits one forward produces (verify width); default 17. */
+  maxLogitRows?: number;
+  /** Store weights and KV cache in f32 even where `shader-f16` exists. */
+  noF16?: boolean;
+}
+
+/** Per-layer weights in the store. Shapes as `[out, in]`. */
+interface LayerWeights {
+  attnNorm: StoredTensor; // [dim] f32
+  q: StoredTensor; // [nHeads*headDim, dim]
+  k: StoredTensor; // [nKvHeads*headDim, dim]
+  v: StoredTensor; // [nKvHeads*headDim, dim]
+  qBias?: StoredTensor;
+  kBias?: StoredTensor;
+  vBias?: StoredTensor;
+  o: StoredTensor; // [dim, nHeads*headDim]
+  ffnNorm: StoredTensor; // [dim] f32
+  gateUp: StoredTensor; // [2*ffnDim, dim]: gate rows, then up rows
+  down: StoredTensor; // [dim, ffnDim]
+}
+
+/** Where a forward reads its token ids from. */
+export interface TokenSource {
+  /** u32 buffer of ids. */
+  buffer: GPUBuffer;
+  /** Element offset of the first id. */
+  offset: number;
+}
+
+/** A model's GPU state: weights, KV cache, activations and cached plans. */
+export class LlamaGpu {
+  /** Resolved hyperparameters. */
+  readonly config: ModelConfig;
+  /** state: array<u32>; state[0] = pos, the number of tokens in the KV cache. */
+  readonly state: GPUBuffer;
+  /** logits: [maxLogitRows, vocab] f32. */
+  readonly logits: GPUBuffer;
+  /** KV-cache rows. */
+  readonly maxSeq: number;
+  /** Most rows per forward. */
+  readonly maxT: number;
+  /** Most logit rows per forward. */
+  readonly maxLogitRows: number;
+  /** KV element type. */
+  readonly kvType: KvDType;
+  /** GPU bytes by category: "kv", "activations" (weights are in the store). */
+  readonly bytes: { kv: number; activations: number };
+
+  readonly #gpu: Gpu;
+  readonly #label: string;
+  readonly #embedding: StoredTensor;
+  readonly #classifier: StoredTensor;
+  readonly #outNorm: StoredTensor;
+  readonly #layers: LayerWeights[];
+  readonly #kCache: GPUBuffer;
+  readonly #vCache: GPUBuffer;
+  readonly #invFreq: GPUBuffer;
+  readonly #act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h", GPUBuffer>;
+  readonly #plans = new Map<string, Promise<Dispatch[]>>();
+  readonly #scratch = new Map<number, AttentionScratch>();
+
+  private constructor(
+    gpu: Gpu,
+    config: ModelConfig,
+    opts: Required<Omit<LlamaGpuOptions, "noF16">> & { kvType: KvDType },
+    weights: {
+      embedding: StoredTensor;
+      classifier: StoredTensor;
+      outNorm: StoredTensor;
+      layers: LayerWeights[];
+    },
+  ) {
+    this.#gpu = gpu;
+    this.config = config;
+    this.#label = opts.label;
+    this.maxSeq = opts.maxSeq;
+    this.maxT = opts.maxT;
+    this.maxLogitRows = opts.maxLogitRows;
+    this.kvType = opts.kvType;
+    this.#embedding = weights.embedding;
+    this.#classifier = weights.classifier;
+    this.#outNorm = weights.outNorm;
+    this.#layers = weights.layers;
+    const c = config, S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC;
+    const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = opts.maxT;
+    const kvBytes = c.nLayers * opts.maxSeq * kvDim * (opts.kvType === "f16" ? 2 : 4);
+    // K/V caches: [layers, maxSeq, nKvHeads, headDim] of kvType.
+    this.#kCache = gpu.buffer(`${opts.label}.kv.k`, kvBytes, S);
+    this.#vCache = gpu.buffer(`${opts.label}.kv.v`, kvBytes, S);
+    this.state = gpu.buffer(`${opts.label}.state`, 16, S | GPUBufferUsage.COPY_DST);
+    const act = (name: string, elems: number) =>
+      gpu.buffer(`${opts.label}.act.${name}`, elems * 4, S);
+    this.#act = {
+      x: act("x", T * c.dim), // residual stream [T, dim]
+      xb: act("xb", T * c.dim), // normed input of a sublayer [T, dim]
+      q: act("q", T * qDim), // [T, nHeads, headDim]
+      k: act("k", T * kvDim), // [T, nKvHeads, headDim]
+      v: act("v", T * kvDim), // [T, nKvHeads, headDim]
+      att: act("att", T * qDim), // attention output [T, nHeads, headDim]
+      gu: act("gu", T * 2 * c.ffnDim), // [T, 2*ffnDim]: gate, then up
+      h: act("h", T * c.ffnDim), // silu(gate) * up [T, ffnDim]
+    };
+    this.logits = act("logits", opts.maxLogitRows * c.vocabSize);
+    this.#invFreq = gpu.upload(
+      `${opts.label}.rope.inv_freq`,
+      ropeInvFreq(c.headDim, c.ropeTheta, c.ropeScaling),
+    );
+    let actBytes = this.state.size + this.#invFreq.size;
+    for (const b of [...Object.values(this.#act), this.logits]) actBytes += b.size;
+    this.bytes = { kv: 2 * kvBytes, activations: actBytes };
+  }
+
+  /** Uploads `model`'s weights into `store` (as `opts.label`) and allocates cache and scratch. */
+  static async create(
+    gpu: Gpu,
+    store: WeightStore,
+    model: LoadedModel,
+    opts: LlamaGpuOptions,
+  ): Promise<LlamaGpu> {
+    const c = model.config;
+    const f32 = opts.noF16 ? "f32" : "auto";
+    const get = (name: string): HostTensor => {
+      const t = model.tensors.get(name);
+      if (!t) throw new Error(`${model.source}: tensor "${name}" is missing`);
+      return t;
+    };
+    const add = (t: HostTensor, norm = false) => store.add(opts.label, t, norm ? "f32" : f32);
+    const layers: LayerWeights[] = [];
+    for (let l = 0; l < c.nLayers; l++) {
+      const p = `blk.${l}.`;
+      const bias = (n: string) => c.qkvBias ? add(get(p + n + ".bias"), true) : undefined;
+      layers.push({
+        attnNorm: await add(get(p + "attn_norm.weight"), true),
+        q: await add(get(p + "attn_q.weight")),
+        k: await add(get(p + "attn_k.weight")),
+        v: await add(get(p + "attn_v.weight")),
+        qBias: await bias("attn_q"),
+        kBias: await bias("attn_k"),
+        vBias: await bias("attn_v"),
+        o: await add(get(p + "attn_output.weight")),
+        ffnNorm: await add(get(p + "ffn_norm.weight"), true),
+        gateUp: await add(
+          concatRows(
+            `${p}ffn_gate_up.weight`,
+            get(p + "ffn_gate.weight"),
+            get(p + "ffn_up.weight"),
+          ),
+        ),
+        down: await add(get(p + "ffn_down.weight")),
+      });
+    }
+    const embedding = await add(get("token_embd.weight"));
+    const classifier = c.tiedEmbeddings ? embedding : await add(get("output.weight"));
+    const outNorm = await add(get("output_norm.weight"), true);
+    const kvType = opts.noF16 ? "f32" : kvDType(gpu);
+    const full = {
+      label: opts.label,
+      maxSeq: opts.maxSeq,
+      maxT: opts.maxT ?? 128,
+      maxLogitRows: opts.maxLogitRows ?? 17,
+      kvType,
+    };
+    return await gpu.scoped(
+      `${opts.label} buffers`,
+      () => new LlamaGpu(gpu, c, full, { embedding, classifier, outNorm, layers }),
+    );
+  }
+
+  /**
+   * The dispatches of one forward over `T` rows whose ids are read from `tokens`, at positions
+   * state[0] .. state[0]+T-1; it ends by advancing state[0] by T. Logits go to `this.logits`:
+   * for the last row only ("last": prefill, decode) or for all rows ("all": verify, T ≤
+   * maxLogitRows). Plans are built once per (T, source, rows) and cached.
+   */
+  plan(T: number, tokens: TokenSource, rows: "last" | "all"): Promise<Dispatch[]> {
+    if (T < 1 || T > this.maxT) {
+      throw new RangeError(`${this.#label}: T=${T} outside [1, ${this.maxT}]`);
+    }
+    if (rows === "all" && T > this.maxLogitRows) {
+      throw new RangeError(`${this.#label}: ${T} logit rows > maxLogitRows ${this.maxLogitRows}`);
+    }
+    const key = `${T}:${tokens.buffer.label}:${tokens.offset}:${rows}`;
+    let p = this.#plans.get(key);
+    if (!p) {
+      p = this.#build(T, tokens, rows);
+      this.#plans.set(key, p);
+    }
+    return p;
+  }
+
+  async #build(T: number, tokens: TokenSource, rows: "last" | "all"): Promise<Dispatch[]> {
+    const g = this.#gpu, c = this.config, a = this.#act, L = this.#label;
+    const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
+    const dt = (t: StoredTensor) => t.format;
+    const d: Dispatch[] = [];
+    const shape = {
+      T,
+      nHeads: c.nHeads,
+      nKvHeads: c.nKvHeads,
+      headDim: c.headDim,
+      maxSeq: this.maxSeq,
+    };
+    let scratch = this.#scratch.get(T);
+    if (!scratch) {
+      const plan = attentionPlan(shape, g.limits.maxComputeWorkgroupStorageSize);
+      scratch = createAttentionScratch(g, `${L}.attn.T${T}`, shape, plan);
+      this.#scratch.set(T, scratch);
+    }
+    // x = embedding rows of the T input tokens.
+    d.push(
+      await createEmbedding(g, {
+        label: `${L}.embed`,
+        table: this.#embedding.buffer,
+        dtype: dt(this.#embedding),
+        V: c.vocabSize,
+        D: c.dim,
+        tokens: tokens.buffer,
+        tokensOffset: tokens.offset,
+        x: a.x,
+        T,
+      }),
+    );
+    for (let l = 0; l < c.nLayers; l++) {
+      const w = this.#layers[l], P = `${L}.L${l}`;
+      const mm = (
+        name: string,
+        x: GPUBuffer,
+        t: StoredTensor,
+        y: GPUBuffer,
+        K: number,
+        N: number,
+        extra = {},
+      ) =>
+        createMatmul(g, {
+          label: `${P}.${name}`,
+          x,
+          w: t.buffer,
+          dtype: dt(t),
+          y,
+          T,
+          K,
+          N,
+          ...extra,
+        });
+      // Attention block: xb = rmsnorm(x); q, k, v = xb·Wq, xb·Wk, xb·Wv (+ bias).
+      d.push(
+        await createRmsnorm(g, {
+          label: `${P}.attn_norm`,
+          x: a.x,
+          w: w.attnNorm.buffer,
+          y: a.xb,
+          T,
+          D: c.dim,
+          eps: c.normEps,
+        }),
+      );
+      d.push(await mm("attn.q", a.xb, w.q, a.q, c.dim, qDim, { bias: w.qBias?.buffer }));
+      d.push(await mm("attn.k", a.xb, w.k, a.k, c.dim, kvDim, { bias: w.kBias?.buffer }));
+      d.push(await mm("attn.v", a.xb, w.v, a.v, c.dim, kvDim, { bias: w.vBias?.buffer }));
+      // Rotate q and k by their positions (state[0] + t), in the checkpoint's pairing layout.
+      d.push(
+        await createRope(g, {
+          label: `${P}.attn.rope`,
+          q: a.q,
+          k: a.k,
+          invFreq: this.#invFreq,
+          half: c.headDim / 2,
+          state: this.state,
+          layout: c.ropeLayout,
+          T,
+          nHeads: c.nHeads,
+          nKvHeads: c.nKvHeads,
+          headDim: c.headDim,
+        }),
+      );
+      // Append k, v to the cache rows state[0] .. state[0]+T-1, then attend causally over them.
+      const kv = {
+        kCache: this.#kCache,
+        vCache: this.#vCache,
+        state: this.state,
+        dtype: this.kvType,
+        layer: l,
+      };
+      d.push(
+        await createKvWrite(g, {
+          label: `${P}.attn.kv_write`,
+          k: a.k,
+          v: a.v,
+          T,
+          nKvHeads: c.nKvHeads,
+          headDim: c.headDim,
+          maxSeq: this.maxSeq,
+          ...kv,
+        }),
+      );
+      d.push(
+        ...await createAttention(g, {
+          label: `${P}.attn`,
+          ...shape,
+          ...kv,
+          q: a.q,
+          out: a.att,
+          scratch,
+        }),
+      );
+      // x += att·Wo (residual fused into the product).
+      d.push(await mm("attn.o", a.att, w.o, a.x, qDim, c.dim, { accumulate: true }));
+      // Feed-forward block: x += (silu(xb·Wgate) * (xb·Wup))·Wdown with xb = rmsnorm(x).
+      d.push(
+        await createRmsnorm(g, {
+          label: `${P}.ffn_norm`,
+          x: a.x,
+          w: w.ffnNorm.buffer,
+          y: a.xb,
+          T,
+          D: c.dim,
+          eps: c.normEps,
+        }),
+      );
+      d.push(await mm("ffn.gate_up", a.xb, w.gateUp, a.gu, c.dim, 2 * c.ffnDim));
+      d.push(
+        await createSwiglu(g, {
+          label: `${P}.ffn.swiglu`,
+          gate: a.gu,
+          up: a.gu,
+          h: a.h,
+          T,
+          F: c.ffnDim,
+          inStride: 2 * c.ffnDim,
+          upOffset: c.ffnDim,
+        }),
+      );
+      d.push(await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, c.dim, { accumulate: true }));
+    }
+    // logits = rmsnorm(x)·Wcls for the last row (prefill, decode) or every row (verify).
+    const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
+    d.push(
+      await createRmsnorm(g, {
+        label: `${L}.output_norm`,
+        x: a.x,
+        xOffset: first * c.dim,
+        w: this.#outNorm.buffer,
+        y: a.xb,
+        T: n,
+        D: c.dim,
+        eps: c.normEps,
+      }),
+    );
+    d.push(
+      await createMatmul(g, {
+        label: `${L}.classifier`,
+        x: a.xb,
+        w: this.#classifier.buffer,
+        dtype: dt(this.#classifier),
+        y: this.logits,
+        T: n,
+        K: c.dim,
+        N: c.vocabSize,
+      }),
+    );
+    // state[0] += T: these rows are now in the cache.
+    d.push(await createAdvance(g, { label: `${L}.advance`, state: this.state, by: T }));
+    return d;
+  }
+
+  /** Sets state[0] (the cache position) from the host; use between generations, not per token. */
+  setPosition(pos: number): void {
+    this.#gpu.write(this.state, new Uint32Array([pos, 0, 0, 0]));
+  }
+
+  /** Frees the cache, activations and plans (weights belong to the store). */
+  destroy(): void {
+    for (const b of [this.#kCache, this.#vCache, this.state, this.logits, this.#invFreq]) {
+      b.destroy();
+    }
+    for (const b of Object.values(this.#act)) b.destroy();
+    for (const s of this.#scratch.values()) {
+      s.acc.destroy();
+      s.ml.destroy();
+    }
+  }
+}
+
+/** `[a; b]`: rows of `a` then rows of `b` (same dtype and row width), as one host tensor. */
+function concatRows(name: string, a: HostTensor, b: HostTensor): HostTensor {
+  if (a.dtype !== b.dtype || a.shape[1] !== b.shape[1]) {
+    throw new Error(
+      `cannot fuse ${a.name} and ${b.name}: ${a.dtype}[${a.shape}] vs ${b.dtype}[${b.shape}]`,
+    );
+  }
+  const data = new Uint8Array(a.data.byteLength + b.data.byteLength);
+  data.set(a.data, 0);
+  data.set(b.data, a.data.byteLength);
+  return { name, dtype: a.dtype, shape: [a.shape[0] + b.shape[0], a.shape[1]], data };
+}

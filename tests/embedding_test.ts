@@ -1,0 +1,88 @@
+import { createEmbedding, embeddingRef } from "../kernels/embedding.ts";
+import type { WeightDType } from "../kernels/matmul.ts";
+import { assertClose, gpuTest, randomArray, rng, roundF16 } from "./harness.ts";
+import assert from "@specdec/assert";
+
+// Tolerance: a copy (f16 tables compared with f16-rounded values): exact.
+const EXACT = { nmse: 0, maxAbs: 0 };
+const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+
+Deno.test("embeddingRef() gathers table rows by token id", () => {
+  const x = embeddingRef(new Float32Array([1, 2, 3, 4, 5, 6]), 2, new Uint32Array([2, 0, 2]));
+  assert.deepEqual([...x], [5, 6, 1, 2, 5, 6]);
+});
+
+for (const dtype of ["f32", "f16"] as WeightDType[]) {
+  gpuTest(
+    `embedding ${dtype} matches the reference on ragged T, D, V with offsets`,
+    async (gpu) => {
+      for (const [V, D] of [[1, 1], [7, 3], [65, 64], [513, 257], [1000, 576]]) {
+        const table = roundF16(randomArray(V * D, V + D));
+        const tb = gpu.upload("table", dtype === "f16" ? new Float16Array(table) : table);
+        for (const T of [1, 2, 5, 17, 33]) {
+          const r = rng(T * V);
+          const tokens = Uint32Array.from({ length: T }, () => Math.floor(r() * V));
+          tokens[0] = V - 1; // the last row
+          const tokOff = 4, xOff = 2;
+          const tokBuf = new Uint32Array(tokOff + T);
+          tokBuf.set(tokens, tokOff);
+          const xInit = new Float32Array(xOff + T * D + 1).fill(-8);
+          const x = gpu.upload("x", xInit, RW);
+          const d = await createEmbedding(gpu, {
+            label: "test.embedding",
+            table: tb,
+            dtype,
+            V,
+            D,
+            tokens: gpu.upload("tokens", tokBuf),
+            tokensOffset: tokOff,
+            x,
+            xOffset: xOff,
+            T,
+          });
+          await gpu.run("test", [d]);
+          const want = xInit.slice();
+          want.set(embeddingRef(table, D, tokens), xOff);
+          assertClose(
+            `embedding ${dtype} V=${V} D=${D} T=${T}`,
+            new Float32Array(await gpu.read(x)),
+            want,
+            EXACT,
+          );
+        }
+      }
+    },
+    { features: dtype === "f16" ? ["shader-f16"] : [] },
+  );
+}
+
+gpuTest("embedding split into two row ranges writes each token from its range", async (gpu) => {
+  const V = 300, D = 9, split = 123, T = 6;
+  const table = randomArray(V * D, 5);
+  const tokens = new Uint32Array([0, 299, 122, 123, 200, 1]);
+  const x = gpu.buffer("x", T * D * 4, RW);
+  const tok = gpu.upload("tokens", tokens);
+  const lo = await createEmbedding(gpu, {
+    label: "lo",
+    table: gpu.upload("lo", table.subarray(0, split * D)),
+    dtype: "f32",
+    V: split,
+    D,
+    tokens: tok,
+    x,
+    T,
+  });
+  const hi = await createEmbedding(gpu, {
+    label: "hi",
+    table: gpu.upload("hi", table.subarray(split * D)),
+    dtype: "f32",
+    V: V - split,
+    firstRow: split,
+    D,
+    tokens: tok,
+    x,
+    T,
+  });
+  await gpu.run("test", [lo, hi]);
+  assertClose("split", new Float32Array(await gpu.read(x)), embeddingRef(table, D, tokens), EXACT);
+});

@@ -1,0 +1,168 @@
+import {
+  createMatmul,
+  type MatmulPath,
+  matmulPath,
+  matmulRef,
+  MATVEC_MAX_T,
+  type WeightDType,
+} from "../kernels/matmul.ts";
+import { assertClose, gpuTest, randomArray, roundF16 } from "./harness.ts";
+import type { Gpu } from "../engine/gpu.ts";
+import assert from "@specdec/assert";
+
+// Tolerance, f32 and f16 weights alike (f16 is compared with the reference on f16-rounded
+// weights, so only f32 accumulation order differs): nmse <= 1e-10, max-abs <= 1e-4.
+const TOL = { nmse: 1e-10, maxAbs: 1e-4 };
+const KS = [1, 3, 64, 129, 576];
+const NS = [1, 7, 65, 257, 1536];
+const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+
+interface Case {
+  T: number;
+  K: number;
+  N: number;
+  dtype: WeightDType;
+  path: MatmulPath;
+  bias?: boolean;
+  accumulate?: boolean;
+  xOffset?: number;
+  yOffset?: number;
+}
+
+function name(c: Case): string {
+  return `${c.path} ${c.dtype} T=${c.T} K=${c.K} N=${c.N} bias=${!!c.bias} acc=${!!c
+    .accumulate} xOffset=${c.xOffset ?? 0} yOffset=${c.yOffset ?? 0}`;
+}
+
+async function check(gpu: Gpu, c: Case): Promise<void> {
+  const { T, K, N } = c;
+  const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
+  const seed = T * 1000003 + K * 1009 + N;
+  const x = randomArray(T * K, seed);
+  let w = randomArray(N * K, seed + 1);
+  const bias = c.bias ? randomArray(N, seed + 2) : undefined;
+  const yOld = c.accumulate ? randomArray(T * N, seed + 3) : undefined;
+  const xBuf = new Float32Array(xOff + T * K).fill(99);
+  xBuf.set(x, xOff);
+  // Fill y with a sentinel (or y_old) so writes outside [yOff, yOff + T*N) are detected.
+  const yInit = new Float32Array(yOff + T * N + 3).fill(-7);
+  if (yOld) yInit.set(yOld, yOff);
+  let wBuf: GPUBuffer;
+  if (c.dtype === "f16") {
+    w = roundF16(w);
+    wBuf = gpu.upload("w", new Float16Array(w));
+  } else wBuf = gpu.upload("w", w);
+  const y = gpu.upload("y", yInit, RW);
+  const d = await createMatmul(gpu, {
+    label: "test.matmul",
+    x: gpu.upload("x", xBuf),
+    xOffset: xOff,
+    w: wBuf,
+    dtype: c.dtype,
+    bias: bias ? gpu.upload("bias", bias) : undefined,
+    y,
+    yOffset: yOff,
+    accumulate: c.accumulate,
+    T,
+    K,
+    N,
+    path: c.path,
+  });
+  await gpu.run("test", [d]);
+  const got = new Float32Array(await gpu.read(y));
+  const want = yInit.slice();
+  want.set(matmulRef(x, w, T, K, N, bias, yOld), yOff);
+  assertClose(name(c), got, want, TOL);
+}
+
+Deno.test("matmulPath() picks matvec up to MATVEC_MAX_T rows and tiled above", () => {
+  assert.equal(matmulPath(1), "matvec");
+  assert.equal(matmulPath(MATVEC_MAX_T), "matvec");
+  assert.equal(matmulPath(MATVEC_MAX_T + 1), "tiled");
+  assert.equal(matmulPath(512), "tiled");
+});
+
+Deno.test("matmulRef() computes x·W^T + bias + y_old", () => {
+  const y = matmulRef(
+    new Float32Array([1, 2, 3, 4]), // x: [2, 2]
+    new Float32Array([1, 0, 0, 1, 1, 1]), // W: [3, 2]
+    2,
+    2,
+    3,
+    new Float32Array([10, 20, 30]),
+    new Float32Array([1, 1, 1, 2, 2, 2]),
+  );
+  assert.deepEqual([...y], [12, 23, 34, 15, 26, 39]);
+});
+
+for (const dtype of ["f32", "f16"] as WeightDType[]) {
+  const features = dtype === "f16" ? ["shader-f16" as const] : [];
+  gpuTest(`matmul matvec ${dtype} matches the reference on ragged T, K, N`, async (gpu) => {
+    for (const T of [1, 5]) {
+      for (const K of KS) {
+        for (const N of NS) {
+          await check(gpu, { T, K, N, dtype, path: "matvec" });
+        }
+      }
+    }
+    for (const T of [2, 16]) {
+      for (const [K, N] of [[3, 65], [129, 7], [576, 1536]]) {
+        await check(gpu, { T, K, N, dtype, path: "matvec" });
+      }
+    }
+  }, { features });
+
+  gpuTest(`matmul tiled ${dtype} matches the reference on ragged T, K, N`, async (gpu) => {
+    for (const T of [17, 33]) {
+      for (const K of KS) {
+        for (const N of NS) {
+          await check(gpu, { T, K, N, dtype, path: "tiled" });
+        }
+      }
+    }
+    for (const T of [1, 5, 65, 130]) {
+      for (const [K, N] of [[3, 65], [129, 7], [576, 257]]) {
+        await check(gpu, { T, K, N, dtype, path: "tiled" });
+      }
+    }
+  }, { features });
+
+  gpuTest(
+    `matmul ${dtype} fuses bias and residual accumulate and honours x/y offsets on both paths`,
+    async (gpu) => {
+      for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+        for (const T of [1, 3, 16]) {
+          await check(gpu, { T, K: 129, N: 65, dtype, path, bias: true });
+          await check(gpu, { T, K: 64, N: 7, dtype, path, accumulate: true, yOffset: 5 });
+          await check(gpu, { T, K: 64, N: 33, dtype, path, bias: true, accumulate: true });
+          await check(gpu, { T, K: 64, N: 17, dtype, path, xOffset: 3 }); // scalar x loads
+          await check(gpu, { T, K: 64, N: 17, dtype, path, xOffset: 8, yOffset: 1 });
+        }
+      }
+    },
+    { features },
+  );
+}
+
+gpuTest("matmul matvec spreads N > 65535 output columns over a 2-D grid", async (gpu) => {
+  await check(gpu, { T: 2, K: 4, N: 65537 + 70, dtype: "f32", path: "matvec" });
+});
+
+gpuTest("matmul matvec refuses T above MATVEC_MAX_T", async (gpu) => {
+  const b = gpu.buffer("b", 4 * 17 * 4, RW);
+  await assert.rejects(
+    () =>
+      createMatmul(gpu, {
+        label: "bad",
+        x: b,
+        w: b,
+        y: b,
+        dtype: "f32",
+        T: MATVEC_MAX_T + 1,
+        K: 4,
+        N: 4,
+        path: "matvec",
+      }),
+    /matvec path serves T <= 16/,
+  );
+});
