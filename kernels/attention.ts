@@ -85,7 +85,9 @@ export function attentionKeyTile(bq: number, headDim: number, maxShared: number)
   for (const kt of [32, 16, 8]) {
     if (attentionSharedBytes(bq, kt, headDim) <= maxShared) return kt;
   }
-  throw new Error(`attention: headDim ${headDim} needs more than ${maxShared} bytes of shared memory`);
+  throw new Error(
+    `attention: headDim ${headDim} needs more than ${maxShared} bytes of shared memory`,
+  );
 }
 
 /**

@@ -150,7 +150,8 @@ const MIN_TENSOR_INFO_BYTES = 32;
 class Cursor {
   pos = 0;
   readonly view: DataView;
-  readonly decoder = new TextDecoder();
+  /** Keeps a leading U+FEFF: it is part of some vocabulary pieces, not a byte-order mark. */
+  readonly decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 
   constructor(readonly bytes: Uint8Array, readonly file: string) {
     this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -412,15 +413,21 @@ export function readGguf(bytes: Uint8Array, fileName: string): GgufFile {
 
 /** A tensor to write: shape outermost-first, raw bytes in `dtype`. */
 export interface GgufWriteTensor {
+  /** Tensor name. */
   readonly name: string;
+  /** Storage type of `data`. */
   readonly dtype: DType;
+  /** Shape outermost-first (written reversed, as GGUF's `ne`). */
   readonly shape: readonly number[];
+  /** Raw bytes: exactly {@linkcode tensorBytes}(dtype, elements). */
   readonly data: Uint8Array;
 }
 
 /** What {@linkcode writeGguf} writes: ordered metadata and tensors. */
 export interface GgufWriteInput {
+  /** Metadata entries, written in this order. */
   readonly metadata: readonly (readonly [string, GgufValue])[];
+  /** Tensors, written (infos and data) in this order. */
   readonly tensors: readonly GgufWriteTensor[];
 }
 

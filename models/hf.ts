@@ -200,8 +200,11 @@ export function readHfConfig(json: unknown, fileName: string): ModelConfig {
 
 /** One tensor the config calls for: canonical name, Hugging Face name and expected shape. */
 export interface ExpectedTensor {
+  /** Canonical llama.cpp name, e.g. "blk.0.attn_q.weight". */
   readonly name: string;
+  /** Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight". */
   readonly hfName: string;
+  /** Shape implied by the config, outermost-first. */
   readonly shape: readonly number[];
 }
 

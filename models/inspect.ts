@@ -9,8 +9,11 @@ import type { DType, LoadedModel, ModelConfig } from "./types.ts";
 
 /** One row of the tensor table. */
 export interface InspectTensor {
+  /** Canonical name. */
   readonly name: string;
+  /** Outermost-first shape. */
   readonly shape: readonly number[];
+  /** Storage type. */
   readonly dtype: DType;
   /** Stored size in bytes. */
   readonly bytes: number;
@@ -18,6 +21,7 @@ export interface InspectTensor {
 
 /** What {@linkcode inspectModel} returns. */
 export interface InspectResult {
+  /** The resolved config. */
   readonly config: ModelConfig;
   /** Tensors in the model's order (embedding, blocks, output). */
   readonly tensors: InspectTensor[];

@@ -27,7 +27,9 @@ const LIMITS = {
 
 /** A llama2.c checkpoint read into a config and canonical f32 host tensors. */
 export interface Llama2cModel {
+  /** The resolved hyperparameters (interleaved RoPE, eps 1e-5, BOS 1, EOS 2). */
   readonly config: ModelConfig;
+  /** f32 views into the file by canonical name; no `output.weight` when the classifier is shared. */
   readonly tensors: Map<string, HostTensor>;
 }
 

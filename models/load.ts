@@ -9,7 +9,7 @@ import { basename, dirname, extname, join } from "@specdec/path";
 import { loadHfFolder } from "./hf.ts";
 import { readLlama2c } from "./llama2c.ts";
 import { ggufToModel, readGguf } from "./gguf.ts";
-import { loadTokenizerFile } from "./tokenizer.ts";
+import { loadTokenizerFile, tokenizerFromGguf } from "./tokenizer.ts";
 import { FormatError, type HostTensor, type LoadedModel, type Tokenizer } from "./types.ts";
 
 /** Options of {@linkcode loadModel}. */
@@ -18,8 +18,8 @@ export interface LoadModelOptions {
   onProgress?: (msg: string) => void;
   /**
    * Tokenizer file to use (tokenizer.json, tokenizer.model or a llama2.c tokenizer .bin). Without
-   * it, a folder's tokenizer.json or tokenizer.model is used; a GGUF file's own vocabulary is used
-   * when the GGUF reader provides one; a llama2.c .bin gets none.
+   * it, a folder's tokenizer.json or tokenizer.model is used; a GGUF file's own vocabulary
+   * (`tokenizer.ggml.*` metadata) when it has one; a llama2.c .bin gets none.
    */
   tokenizer?: string;
 }
@@ -98,7 +98,11 @@ export async function loadModel(
     const bytes = await readWithProgress(path, progress);
     const gguf = readGguf(bytes, path);
     const { config, tensors } = ggufToModel(gguf, path);
-    const tokenizer = await tokenizerAt(options.tokenizer);
+    let tokenizer = await tokenizerAt(options.tokenizer);
+    if (tokenizer === undefined && gguf.metadata.has("tokenizer.ggml.model")) {
+      progress("building the tokenizer from the GGUF metadata");
+      tokenizer = tokenizerFromGguf(gguf, path);
+    }
     return { source: path, format: "gguf", config, tensors, ...(tokenizer ? { tokenizer } : {}) };
   }
   if (ext === ".bin") {

@@ -19,13 +19,17 @@ export const WIRE_I32 = 5;
 
 /** One field tag: its number and wire type. */
 export interface ProtoTag {
+  /** Field number. */
   readonly field: number;
+  /** Wire type (`WIRE_*`). */
   readonly wire: number;
 }
 
 /** A varint split into its low and high 32 bits (both unsigned). */
 export interface Varint64 {
+  /** Bits 0..31. */
   readonly lo: number;
+  /** Bits 32..63. */
   readonly hi: number;
 }
 
@@ -66,6 +70,7 @@ export class ProtoReader {
     return this.pos >= this.end;
   }
 
+  /** Throws a FormatError naming the file, message path and field. */
   private fail(field: string, message: string): never {
     throw new FormatError(this.fileName, `${this.path}.${field}: ${message}`);
   }
@@ -116,6 +121,7 @@ export class ProtoReader {
     return lo !== 0 || hi !== 0;
   }
 
+  /** Advances past `n` bytes, checked; returns where they start. */
   private take(field: string, n: number): number {
     const at = this.pos;
     if (n > this.end - at) {

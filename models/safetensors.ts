@@ -13,9 +13,11 @@ export type SafetensorsDType = "f32" | "f16" | "bf16";
 
 /** One tensor of a safetensors file: `data` is a view into the file's bytes (no copy). */
 export interface SafetensorsTensor {
+  /** Element type. */
   readonly dtype: SafetensorsDType;
   /** Outermost-first, as stored (a linear weight is `[out, in]`). */
   readonly shape: number[];
+  /** The raw little-endian bytes, a view into the file. */
   readonly data: Uint8Array;
 }
 
@@ -171,10 +173,13 @@ export function readSafetensors(bytes: Uint8Array, fileName: string): Safetensor
 
 /** One tensor to write with {@linkcode encodeSafetensors}: `dtype` uses the format's names. */
 export interface SafetensorsEntry {
+  /** Tensor name, e.g. "model.norm.weight". */
   readonly name: string;
   /** The format's dtype name: "F32", "F16", "BF16", "I64", ... */
   readonly dtype: string;
+  /** Outermost-first shape. */
   readonly shape: readonly number[];
+  /** Raw little-endian bytes: product(shape) × item size. */
   readonly data: Uint8Array;
 }
 

@@ -66,10 +66,13 @@ export class PairQueue {
     return this.prio.length;
   }
 
+  /** Whether entry `i` pops before entry `j`. */
   private less(i: number, j: number): boolean {
-    return this.prio[i] < this.prio[j] || (this.prio[i] === this.prio[j] && this.left[i] < this.left[j]);
+    return this.prio[i] < this.prio[j] ||
+      (this.prio[i] === this.prio[j] && this.left[i] < this.left[j]);
   }
 
+  /** Swaps entries `i` and `j`. */
   private swap(i: number, j: number): void {
     const { prio, left, right, len } = this;
     let t = prio[i];
@@ -282,6 +285,7 @@ export class SentencePieceTokenizer implements Tokenizer {
     return this.scores[id];
   }
 
+  /** Throws a RangeError unless `id` is a token id. */
   private checkId(id: number): void {
     if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
       throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.vocabSize - 1})`);
@@ -467,7 +471,12 @@ export function sentencePieceFromModelProto(
       sawTrainer = true;
       const m = top.message("trainer_spec", "ModelProto.trainer_spec");
       for (let t = m.tag(); t; t = m.tag()) {
-        const ids: Record<number, string> = { 3: "model_type", 40: "unk_id", 41: "bos_id", 42: "eos_id" };
+        const ids: Record<number, string> = {
+          3: "model_type",
+          40: "unk_id",
+          41: "bos_id",
+          42: "eos_id",
+        };
         const name = ids[t.field];
         if (name) {
           m.expect(t, WIRE_VARINT, name);

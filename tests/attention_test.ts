@@ -159,7 +159,8 @@ async function checkCase(
     variants,
   );
   for (let i = 0; i < variants.length; i++) {
-    const name = `${variants[i] ?? "auto"} ${c.dtype} T=${c.T} pos=${c.pos} heads=${c.nHeads}/${c.nKvHeads}` +
+    const name =
+      `${variants[i] ?? "auto"} ${c.dtype} T=${c.T} pos=${c.pos} heads=${c.nHeads}/${c.nKvHeads}` +
       ` hd=${c.headDim} maxSeq=${c.maxSeq}`;
     worst = Math.max(worst, errorStats(got[i], want).maxAbs);
     assertClose(name, got[i], want, TOL);
@@ -217,7 +218,14 @@ gpuTest("attention output does not depend on cache rows beyond pos+T-1", async (
     const c: Case = { T, pos, nHeads: 8, nKvHeads: 4, headDim: 64, maxSeq: 128, layer: 1, dtype };
     const { k, v } = makeCaches(c, T + pos);
     const q = randomArray(T * 8 * 64, 5, 3);
-    const first = await runCase(gpu, c, q, toCache(gpu, "k", k, dtype), toCache(gpu, "v", v, dtype), VARIANTS);
+    const first = await runCase(
+      gpu,
+      c,
+      q,
+      toCache(gpu, "k", k, dtype),
+      toCache(gpu, "v", v, dtype),
+      VARIANTS,
+    );
     // Replace every stale row (both layers) with different garbage; nothing may change, bit for bit.
     const row = c.nKvHeads * c.headDim;
     const r = rng(99);
@@ -227,7 +235,14 @@ gpuTest("attention output does not depend on cache rows beyond pos+T-1", async (
         v[i] = (r() - 0.5) * 6e4;
       }
     }
-    const second = await runCase(gpu, c, q, toCache(gpu, "k2", k, dtype), toCache(gpu, "v2", v, dtype), VARIANTS);
+    const second = await runCase(
+      gpu,
+      c,
+      q,
+      toCache(gpu, "k2", k, dtype),
+      toCache(gpu, "v2", v, dtype),
+      VARIANTS,
+    );
     for (let i = 0; i < VARIANTS.length; i++) {
       assert.deepEqual(second[i], first[i], `${VARIANTS[i]} T=${T} pos=${pos} changed`);
     }

@@ -277,7 +277,9 @@ Deno.test("loadHfFolder() reads single-file and sharded folders to the same tens
       assert.deepEqual([u.dtype, u.shape, u.data], [t.dtype, t.shape, t.data], name);
     }
     const plan = hfTensorPlan(config);
-    plan.forEach((p, i) => assert.equal(tensorToF32(a.tensors.get(p.name)!)[1], i + 0.001, p.name));
+    plan.forEach((p, i) =>
+      assert.equal(tensorToF32(a.tensors.get(p.name)!)[1], Math.fround(i + 0.001), p.name)
+    );
   } finally {
     await Deno.remove(single, { recursive: true });
     await Deno.remove(sharded, { recursive: true });
@@ -453,6 +455,7 @@ Deno.test("loadHfFolder() rejects real weights whose safetensors header has a fl
   const chars = '0123456789abcdefxyzAFIQ_.,:[]{}"';
   let seed = 12345;
   const next = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31);
+  const counts = { total: 0, reader: 0, loader: 0 };
   try {
     for (let i = 0; i < 40; i++) {
       const at = 8 + next() % headerLen;
@@ -462,10 +465,12 @@ Deno.test("loadHfFolder() rejects real weights whose safetensors header has a fl
       bytes[at] = c;
       const inMeta = at - 8 > meta && at - 8 < metaEnd;
       let readerAccepted = true;
+      counts.total++;
       try {
         readSafetensors(bytes, "draft.safetensors");
       } catch (e) {
         readerAccepted = false;
+        counts.reader++;
         assert.ok(e instanceof FormatError, `flip at ${at}: ${e}`);
         assert.match((e as Error).message, /^draft\.safetensors: /);
       }
@@ -476,10 +481,13 @@ Deno.test("loadHfFolder() rejects real weights whose safetensors header has a fl
           assert.equal((await loadHfFolder(tmp)).tensors.size, 29);
         } else {
           await assertFormatError(() => loadHfFolder(tmp), file, /tensor "/, `flip at ${at}`);
+          counts.loader++;
         }
       }
       bytes[at] = saved;
     }
+    // Both layers of defence were exercised by these 40 flips.
+    assert.ok(counts.reader > 0 && counts.loader > 0, JSON.stringify(counts));
   } finally {
     await Deno.remove(tmp, { recursive: true });
   }

@@ -4,7 +4,15 @@ import { assertClose, gpuTest, randomArray } from "./harness.ts";
 import assert from "@specdec/assert";
 
 Deno.test("kvWriteRef() writes rows pos..pos+T-1 of one layer and nothing else", () => {
-  const s: KvWriteShape = { T: 2, pos: 1, nKvHeads: 1, headDim: 2, maxSeq: 4, layer: 1, dtype: "f32" };
+  const s: KvWriteShape = {
+    T: 2,
+    pos: 1,
+    nKvHeads: 1,
+    headDim: 2,
+    maxSeq: 4,
+    layer: 1,
+    dtype: "f32",
+  };
   const cache = new Float32Array(2 * 4 * 2).fill(-1);
   kvWriteRef(cache, new Float32Array([1, 2, 3, 4]), s);
   const want = new Float32Array(16).fill(-1);
@@ -13,7 +21,15 @@ Deno.test("kvWriteRef() writes rows pos..pos+T-1 of one layer and nothing else",
 });
 
 Deno.test("kvWriteRef() rounds to f16 and drops rows at or past maxSeq", () => {
-  const s: KvWriteShape = { T: 3, pos: 1, nKvHeads: 1, headDim: 1, maxSeq: 2, layer: 0, dtype: "f16" };
+  const s: KvWriteShape = {
+    T: 3,
+    pos: 1,
+    nKvHeads: 1,
+    headDim: 1,
+    maxSeq: 2,
+    layer: 0,
+    dtype: "f16",
+  };
   const cache = new Float32Array(2);
   kvWriteRef(cache, new Float32Array([0.1, 7, 9]), s);
   assert.deepEqual([...cache], [0, Math.f16round(0.1)]);
@@ -86,17 +102,20 @@ for (const dtype of ["f32", "f16"] as KvDType[]) {
   );
 }
 
-gpuTest("kv_write drops rows at or past maxSeq instead of spilling into the next layer", async (gpu) => {
-  await checkWrite(gpu, {
-    T: 7,
-    pos: 13,
-    nKvHeads: 3,
-    headDim: 8,
-    maxSeq: 16,
-    layer: 0,
-    dtype: "f32",
-  }, 2);
-});
+gpuTest(
+  "kv_write drops rows at or past maxSeq instead of spilling into the next layer",
+  async (gpu) => {
+    await checkWrite(gpu, {
+      T: 7,
+      pos: 13,
+      nKvHeads: 3,
+      headDim: 8,
+      maxSeq: 16,
+      layer: 0,
+      dtype: "f32",
+    }, 2);
+  },
+);
 
 gpuTest("createKvWrite() rejects a cache too small for the layer", async (gpu) => {
   const small = gpu.buffer("small", 64, usage);

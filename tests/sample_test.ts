@@ -85,7 +85,9 @@ gpuTest(
   "sample kernel matches sampleRef tokens and probs on ragged V and all settings",
   async (gpu) => {
     let rowsChecked = 0, exact = 0;
-    for (const [V, rows] of [[1, 4], [7, 40], [33, 40], [129, 24], [1000, 8], [32000, 2]]) {
+    for (
+      const [V, rows] of [[1, 4], [7, 40], [33, 40], [129, 24], [1000, 8], [32000, 2], [128256, 1]]
+    ) {
       for (const [ci, params] of CONFIGS.entries()) {
         const seed = 1000 * V + ci;
         // Half the rows have quantized logits (many ties), half continuous ones.

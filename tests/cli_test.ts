@@ -1,0 +1,164 @@
+/**
+ * The command line end to end (subprocesses): JSON output shape, streamed text equals the JSON
+ * text, clear errors for bad flags and impossible requests.
+ */
+import assert from "@specdec/assert";
+import { fixture } from "./fixtures.ts";
+import { testGpu } from "./harness.ts";
+import { numberFlag, parseTokenList, UsageError } from "../engine/cli.ts";
+
+const MOD = new URL("../mod.ts", import.meta.url).pathname;
+
+async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", MOD, ...args],
+    env: { XDG_RUNTIME_DIR: Deno.env.get("XDG_RUNTIME_DIR") ?? "/tmp", NO_COLOR: "1" },
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+const noGpu = typeof (await testGpu()) === "string";
+const stories = await fixture("icppWorld-icpp_llm/stories260K.bin");
+const tok512 = await fixture("icppWorld-icpp_llm/tok512.bin");
+
+Deno.test("numberFlag() and parseTokenList() reject malformed values with the flag's name", () => {
+  assert.equal(numberFlag({ n: "5" }, "n", 1, 0, 10), 5);
+  assert.equal(numberFlag({}, "n", 7, 0, 10), 7);
+  assert.throws(() => numberFlag({ n: "x" }, "n", 1, 0, 10), /--n must be an integer/);
+  assert.throws(() => numberFlag({ n: "1.5" }, "n", 1, 0, 10), /--n must be an integer/);
+  assert.throws(() => numberFlag({ n: "11" }, "n", 1, 0, 10), /--n must be in \[0, 10\]/);
+  assert.deepEqual(parseTokenList("1, 2,3"), [1, 2, 3]);
+  assert.throws(() => parseTokenList("1,,2"), UsageError);
+  assert.throws(() => parseTokenList("1,-2"), /not a token id/);
+  assert.throws(() => parseTokenList("600", 512), /outside the vocabulary/);
+});
+
+Deno.test("generate rejects bad flags before loading anything", async () => {
+  const cases: [string[], RegExp][] = [
+    [["generate", "--model", stories, "--prompt", "a", "--bogus"], /Unknown option '--bogus'/],
+    [["generate", "--prompt", "a"], /--model is required/],
+    [["generate", "--model", stories], /exactly one of --prompt or --prompt-tokens/],
+    [["generate", "--model", stories, "--prompt", "a", "--top-p", "0"], /--top-p must be in/],
+    [["generate", "--model", stories, "--prompt", "a", "--max-tokens", "-3"], /--max-tokens/],
+    [["generate", "--model", "/nonexistent/model.bin", "--prompt", "a"], /no such file/],
+    [["frobnicate"], /unknown command "frobnicate"/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await cli(...args);
+    assert.equal(r.code, 2, `${args.join(" ")}: exit ${r.code}\n${r.stderr}`);
+    assert.match(r.stderr, re);
+  }
+});
+
+Deno.test("every command prints its --help", async () => {
+  for (const cmd of ["generate", "tokenize", "inspect"]) {
+    const r = await cli(cmd, "--help");
+    assert.equal(r.code, 0);
+    assert.match(r.stdout, new RegExp(`Usage: deno run -A mod.ts ${cmd}`));
+  }
+});
+
+Deno.test("tokenize --json prints exactly one object of ids, BOS only with --bos", async () => {
+  const a = await cli(
+    "tokenize",
+    "--model",
+    stories,
+    "--tokenizer",
+    tok512,
+    "--text",
+    "Once upon",
+    "--json",
+  );
+  assert.equal(a.code, 0, a.stderr);
+  const ids = JSON.parse(a.stdout).ids as number[];
+  assert.ok(ids.length > 0 && ids[0] !== 1);
+  const b = await cli(
+    "tokenize",
+    "--model",
+    stories,
+    "--tokenizer",
+    tok512,
+    "--text",
+    "Once upon",
+    "--bos",
+    "--json",
+  );
+  assert.deepEqual(JSON.parse(b.stdout).ids, [1, ...ids]);
+});
+
+Deno.test({
+  name: "generate --json prints one object whose text matches the streamed text",
+  ignore: noGpu,
+  async fn() {
+    const args = [
+      "--model",
+      stories,
+      "--tokenizer",
+      tok512,
+      "--prompt",
+      "Once upon a time",
+      "--max-tokens",
+      "40",
+      "--temperature",
+      "0",
+    ];
+    const j = await cli("generate", ...args, "--json");
+    assert.equal(j.code, 0, j.stderr);
+    const obj = JSON.parse(j.stdout);
+    assert.equal(obj.tokens.length, 40);
+    assert.equal(obj.stats.generated_tokens, 40);
+    assert.equal(obj.stats.stop_reason, "max-tokens");
+    assert.match(obj.text, /Lily/);
+    const s = await cli("generate", ...args);
+    assert.equal(s.code, 0, s.stderr);
+    assert.equal(s.stdout, obj.text);
+    assert.match(s.stderr, /prefill .* tok\/s .* decode .* tok\/s/);
+  },
+});
+
+Deno.test({
+  name: "generate refuses a prompt longer than the context with a clear error",
+  ignore: noGpu,
+  async fn() {
+    const ids = Array.from({ length: 40 }, () => "300").join(",");
+    const r = await cli(
+      "generate",
+      "--model",
+      stories,
+      "--prompt-tokens",
+      ids,
+      "--ctx",
+      "32",
+      "--json",
+    );
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /prompt has 40 tokens but the context holds 32/);
+    assert.equal(r.stdout, "");
+  },
+});
+
+Deno.test({
+  name: "generate stops at the context length and says so",
+  ignore: noGpu,
+  async fn() {
+    const r = await cli(
+      "generate",
+      "--model",
+      stories,
+      "--prompt-tokens",
+      "1",
+      "--ctx",
+      "16",
+      "--max-tokens",
+      "100",
+      "--temperature",
+      "0",
+      "--json",
+    );
+    assert.equal(r.code, 0, r.stderr);
+    const obj = JSON.parse(r.stdout);
+    assert.equal(obj.stats.stop_reason, "context");
+    assert.equal(obj.tokens.length, 16);
+  },
+});

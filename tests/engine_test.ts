@@ -1,0 +1,89 @@
+/**
+ * The main-thread API through the GPU worker: streaming, errors from inside the worker as
+ * rejected promises with message and stack, cancellation, disposal.
+ */
+import assert from "@specdec/assert";
+import { fixture, fixtureText } from "./fixtures.ts";
+import { testGpu } from "./harness.ts";
+import { Engine, WorkerError } from "../engine/engine.ts";
+
+const noGpu = typeof (await testGpu()) === "string";
+const stories = await fixture("icppWorld-icpp_llm/stories260K.bin");
+const tok512 = await fixture("icppWorld-icpp_llm/tok512.bin");
+const opts = { sanitizeOps: false, sanitizeResources: false, ignore: noGpu };
+
+Deno.test({
+  ...opts,
+  name: "Engine streams the same greedy tokens the reference holds, with stats",
+  async fn() {
+    const ref = JSON.parse(await fixtureText("reference-outputs/tok512-greedy-reference.json"))
+      .stories260K;
+    const progress: string[] = [];
+    const engine = await Engine.load(
+      { model: stories, tokenizer: tok512 },
+      (m) => progress.push(m),
+    );
+    assert.ok(progress.some((m) => m.includes("GPU:")), progress.join("\n"));
+    const tokens: number[] = [];
+    let text = "";
+    for await (const c of engine.generate({ promptTokens: [1], maxTokens: 50, temperature: 0 })) {
+      tokens.push(...c.tokens);
+      text += c.text;
+    }
+    assert.deepEqual(tokens, ref.tokens.slice(1, 51));
+    assert.ok(text.startsWith(ref.text.slice(0, 20).trimStart().slice(0, 10)), text);
+    assert.equal(engine.lastStats?.generated_tokens, 50);
+    assert.ok(engine.info.vram.kv_cache > 0 && engine.info.vram.weights > 0);
+    await engine.dispose();
+  },
+});
+
+Deno.test({
+  ...opts,
+  name: "errors inside the worker reject with their message and the worker's stack",
+  async fn() {
+    await assert.rejects(
+      () => Engine.load({ model: "/nonexistent/model.bin" }),
+      (e: Error) =>
+        e instanceof WorkerError && /nonexistent/.test(e.message) &&
+        /GPU worker/.test(e.stack ?? ""),
+    );
+    const engine = await Engine.load({ model: stories, tokenizer: tok512, maxSeq: 8 });
+    await assert.rejects(async () => {
+      for await (
+        const _ of engine.generate({ promptTokens: [1, 2, 3, 4, 5, 6, 7, 8, 9], maxTokens: 4 })
+      ) {
+        // nothing
+      }
+    }, /context holds 8/);
+    await assert.rejects(async () => {
+      for await (const _ of engine.generate({ promptTokens: [1, 99999], maxTokens: 4 })) {
+        // nothing
+      }
+    }, /outside \[0, 512\)/);
+    await engine.dispose();
+  },
+});
+
+Deno.test({
+  ...opts,
+  name: "aborting the signal stops generation early with stop reason 'cancelled'",
+  async fn() {
+    const engine = await Engine.load({ model: stories, tokenizer: tok512 });
+    const abort = new AbortController();
+    let n = 0;
+    const gen = engine.generate(
+      { promptTokens: [1], maxTokens: 400, temperature: 0 },
+      abort.signal,
+    );
+    let r = await gen.next();
+    while (!r.done) {
+      n += r.value.tokens.length;
+      if (n >= 5) abort.abort();
+      r = await gen.next();
+    }
+    assert.equal(r.value.stop_reason, "cancelled");
+    assert.ok(r.value.generated_tokens < 400);
+    await engine.dispose();
+  },
+});
