@@ -43,8 +43,16 @@ Streams the generated text, then prints one stats line (prompt tokens, prefill t
 time to first token) on stderr. With --json prints exactly one JSON object on stdout:
 {"tokens":[...generated ids...],"text":"...","stats":{...}}.
 Stops at EOS, --max-tokens, or the model's context length (and says which).
+Speculative decoding is lossless: at --temperature 0 it emits exactly the target's greedy tokens,
+and when sampling, exactly the target's distribution (Leviathan et al. 2023; Chen et al. 2023).
 
 ${COMMON_MODEL}
+  --draft <dir|file>    draft model for speculative decoding (same vocabulary as --model)
+  --draft-tokenizer <f> tokenizer of the draft when it carries none (default: --tokenizer)
+  --spec <kind>         proposals: model (default with --draft), ngram (prompt lookup, no draft
+                        weights) or none (plain decoding)
+  --draft-tokens <k>    draft tokens per cycle, 1..16, or auto (follows the acceptance; default 4)
+  --compare             also decode plainly on the same prompt and print the measured speedup
   --prompt <text>       prompt, tokenized with BOS
   --prompt-tokens <ids> comma-separated token ids, used as given (nothing added)
   --max-tokens <n>      most tokens to generate (default 256)
@@ -68,6 +76,11 @@ ${COMMON_MODEL}
       seed: { type: "string" },
       ctx: { type: "string" },
       "no-f16": { type: "boolean" },
+      draft: { type: "string" },
+      "draft-tokenizer": { type: "string" },
+      spec: { type: "string" },
+      "draft-tokens": { type: "string" },
+      compare: { type: "boolean" },
       json: { type: "boolean" },
     },
     run: runGenerate,
@@ -223,7 +236,14 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
     topK: numberFlag(v, "top-k", 40, 0, 1 << 20),
     topP: numberFlag(v, "top-p", 0.95, Number.MIN_VALUE, 1, false),
     seed: numberFlag(v, "seed", 0, 0, 2 ** 32 - 1),
+    spec: specFlag(v),
+    draftTokens: v["draft-tokens"] === "auto" ? "auto" : numberFlag(v, "draft-tokens", 4, 1, 16),
   };
+  const draft = typeof v.draft === "string" ? v.draft : undefined;
+  if (opts.spec === "model" && !draft) {
+    throw new UsageError("--spec model needs a draft model: pass --draft <dir|file>");
+  }
+  if (draft) await assertReadable(draft, "--draft");
   if (opts.promptTokens?.length === 0) throw new UsageError("--prompt-tokens is empty");
   const ctx = v.ctx === undefined ? undefined : numberFlag(v, "ctx", 0, 1, 1 << 20);
   await assertReadable(model, "--model");
@@ -234,6 +254,8 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
     {
       model,
       tokenizer: v.tokenizer as string | undefined,
+      draft,
+      draftTokenizer: v["draft-tokenizer"] as string | undefined,
       maxSeq: ctx,
       noF16: v["no-f16"] === true,
     },
@@ -255,13 +277,43 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
       r = await gen.next();
     }
     const stats = r.value;
-    if (json) console.log(JSON.stringify({ tokens, text, stats }));
-    else console.error(`\n${formatStats(stats)}`);
+    let compare: Record<string, number> | undefined;
+    if (v.compare && stats.stop_reason !== "cancelled") {
+      const plain = await drain(engine.generate({ ...opts, spec: "none" }, abort.signal));
+      compare = {
+        plain_decode_tok_s: plain.decode_tok_s,
+        speedup: stats.decode_tok_s / plain.decode_tok_s,
+      };
+    }
+    if (json) console.log(JSON.stringify({ tokens, text, stats, ...(compare && { compare }) }));
+    else {
+      console.error(`\n${formatStats(stats)}`);
+      if (compare) {
+        console.error(
+          `[plain decoding of the same prompt: ${compare.plain_decode_tok_s.toFixed(1)} tok/s; ` +
+            `speculative speedup ${compare.speedup.toFixed(2)}x]`,
+        );
+      }
+    }
     return stats.stop_reason === "cancelled" ? 130 : 0;
   } finally {
     Deno.removeSignalListener("SIGINT", onSigint);
     await engine.dispose();
   }
+}
+
+async function drain(gen: AsyncGenerator<unknown, GenerateStats>): Promise<GenerateStats> {
+  let r = await gen.next();
+  while (!r.done) r = await gen.next();
+  return r.value;
+}
+
+function specFlag(v: Record<string, unknown>): "model" | "ngram" | "none" {
+  const s = v.spec ?? (v.draft !== undefined ? "model" : "none");
+  if (s !== "model" && s !== "ngram" && s !== "none") {
+    throw new UsageError(`--spec must be model, ngram or none, got "${s}"`);
+  }
+  return s;
 }
 
 /** One human-readable stats line. */
@@ -275,6 +327,14 @@ export function formatStats(s: GenerateStats): string {
   return `[prompt ${s.prompt_tokens} tok, prefill ${s.prefill_tok_s.toFixed(1)} tok/s | ` +
     `generated ${s.generated_tokens} tok, decode ${s.decode_tok_s.toFixed(1)} tok/s | ` +
     `first token ${s.ttft_ms.toFixed(0)} ms | VRAM ${(s.vram_bytes / 2 ** 20).toFixed(1)} MiB | ` +
+    (s.spec === "none"
+      ? ""
+      : `spec ${s.spec}: acceptance ${(100 * s.acceptance_rate).toFixed(1)}%, ` +
+        `${s.tokens_per_pass.toFixed(2)} tok/target pass` +
+        (s.draft_time_share === null
+          ? ""
+          : `, draft ${(100 * s.draft_time_share).toFixed(0)}% of GPU time`) +
+        " | ") +
     `stopped: ${reason}]`;
 }
 

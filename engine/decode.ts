@@ -1,18 +1,29 @@
 /**
- * Plain (one model) GPU-resident generation: prefill in chunks, then decode steps that sample on
- * the GPU, feed the sampled id straight into the next step's embedding, and append it to an
- * output buffer. The CPU enqueues many steps per submission and reads the output back once per
- * chunk (DESIGN.md: each readback costs >= ~11 ms on Deno).
+ * GPU-resident generation, plain or speculative. Every cycle runs entirely on the GPU and the CPU
+ * enqueues many cycles per submission, reading the output back once per chunk (DESIGN.md: each
+ * readback costs >= ~11 ms on Deno).
+ *
+ * One cycle, with `verifyIn = [last emitted token, d1..dk]`:
+ *   draft   k proposals d1..dk with their distributions q (a draft model: k decode steps, plus
+ *           one cache-only step for dk; n-gram: a lookup in the history with one-hot q)
+ *   verify  the target's forward over the k + 1 rows of verifyIn, logits for every row
+ *   accept  kernels/accept.ts: keep d_i with probability min(1, p/q), else resample from
+ *           norm(max(0, p − q)); all kept → a bonus token from row k (engine/speculative_math.ts)
+ *   commit  kernels/commit.ts: append the accepted + 1 tokens, move both KV positions back past
+ *           the rejected rows, put the last token in verifyIn[0]
+ * Plain decoding is the same cycle with k = 0 and no draft.
  *
  * @module
  */
 import type { Dispatch, Gpu } from "./gpu.ts";
 import type { LlamaGpu } from "../models/llama.ts";
 import { createSample } from "../kernels/sample.ts";
-import { createAppend } from "../kernels/append.ts";
+import { createAccept } from "../kernels/accept.ts";
+import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
+import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
 
-/** Sampling settings of one generation. */
+/** Sampling settings of one generation (the target's p and the draft's q alike). */
 export interface SamplingSettings {
   /** 0 = greedy. */
   temperature: number;
@@ -23,6 +34,18 @@ export interface SamplingSettings {
   /** RNG seed. */
   seed: number;
 }
+
+/** How proposals are made. */
+export type Speculation =
+  | { kind: "none" }
+  | { kind: "model"; draft: LlamaGpu }
+  | { kind: "ngram"; maxN: number };
+
+/** Draft length per cycle: fixed, or adapted to the running acceptance. */
+export type DraftLength = number | "auto";
+
+/** Largest draft length. */
+export const MAX_DRAFT = 16;
 
 /** Progress of a generation as the host sees it. */
 export interface DecodeEvents {
@@ -42,177 +65,431 @@ export interface DecodeResult {
   prefillMs: number;
   /** Milliseconds spent decoding after the first token. */
   decodeMs: number;
+  /** Target forward passes after prefill (cycles). */
+  targetPasses: number;
+  /** Draft tokens proposed. */
+  proposed: number;
+  /** Draft tokens accepted. */
+  accepted: number;
+  /** GPU time in drafting and in verify/accept/commit (ms), where timestamps exist. */
+  gpuMs?: { draft: number; verify: number };
 }
 
-/** Loop state slots (u32) of the `run` buffer. */
-const RUN_COUNT = 0, RUN_DONE = 1, RUN_RNG = 2;
+/** Cycles per submission at most (bounded by the timestamp query set too). */
+const MAX_CYCLES = 64;
 
-/** Drives one model's GPU-resident generation. */
+/** Drives one target model's (and optionally a draft's) GPU-resident generation. */
 export class Decoder {
   readonly #gpu: Gpu;
-  readonly #model: LlamaGpu;
-  readonly #maxOut: number;
-  /** prompt: [maxSeq] u32 prompt ids. */
-  readonly #prompt: GPUBuffer;
-  /** cur: [1] u32, the last sampled id, input of the next decode step. */
-  readonly #cur: GPUBuffer;
-  /** run: [count, done, rngCounter, 0] u32. */
-  readonly #run: GPUBuffer;
-  /** out: [maxOut] u32 generated ids. */
-  readonly #out: GPUBuffer;
-  /** staging: run state + out, read back once per chunk. */
+  readonly #target: LlamaGpu;
+  readonly #spec: Speculation;
+  readonly #maxSeq: number;
+  readonly #buf: Record<
+    "prompt" | "verifyIn" | "outTokens" | "outCount" | "one" | "q" | "run" | "out" | "history",
+    GPUBuffer
+  >;
+  readonly #dummyState: GPUBuffer;
   readonly #staging: GPUBuffer;
-  #sampleKey = "";
-  #step: Dispatch[] = [];
+  readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer };
+  #samplingKey = "";
+  #cycles = new Map<number, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
 
-  /** A decoder for `model` that can generate up to `maxOut` tokens per call. */
-  constructor(gpu: Gpu, model: LlamaGpu, maxOut = model.maxSeq) {
+  /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
+  constructor(gpu: Gpu, target: LlamaGpu, spec: Speculation = { kind: "none" }) {
     this.#gpu = gpu;
-    this.#model = model;
-    this.#maxOut = maxOut;
+    this.#target = target;
+    this.#spec = spec;
+    this.#maxSeq = spec.kind === "model"
+      ? Math.min(target.maxSeq, spec.draft.maxSeq)
+      : target.maxSeq;
+    if (spec.kind === "model" && spec.draft.config.vocabSize !== target.config.vocabSize) {
+      throw new Error(
+        `draft vocabulary (${spec.draft.config.vocabSize}) differs from the target's ` +
+          `(${target.config.vocabSize})`,
+      );
+    }
     const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-    const L = "decode";
-    this.#prompt = gpu.buffer(`${L}.prompt`, model.maxSeq * 4, S);
-    this.#cur = gpu.buffer(`${L}.cur`, 4, S);
-    this.#run = gpu.buffer(`${L}.run`, 16, S);
-    this.#out = gpu.buffer(`${L}.out`, maxOut * 4, S);
+    const V = target.config.vocabSize;
+    const b = (name: string, bytes: number) => gpu.buffer(`decode.${name}`, bytes, S);
+    const speculative = spec.kind !== "none";
+    this.#buf = {
+      prompt: b("prompt", this.#maxSeq * 4), // [maxSeq] u32 prompt ids
+      verifyIn: b("verify_in", (MAX_DRAFT + 1) * 4), // [k + 1] u32: last token, d1..dk
+      outTokens: b("out_tokens", (MAX_DRAFT + 1) * 4), // [k + 1] u32 accepted + 1
+      outCount: b("out_count", 4), // [1] u32 accepted + 1
+      one: b("one", 4), // [1] u32 = 1: the count of a plain step
+      q: b("q", speculative ? MAX_DRAFT * V * 4 : 4), // [k, V] f32 draft distributions
+      run: b("run", RUN_SLOTS * 4), // run state, kernels/commit.ts RUN
+      out: b("out", (this.#maxSeq + 1) * 4), // [maxSeq + 1] u32 emitted ids
+      history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
+    };
+    gpu.write(this.#buf.one, new Uint32Array([1]));
+    this.#dummyState = b("dummy_state", 16);
     this.#staging = gpu.buffer(
-      `${L}.staging`,
-      16 + maxOut * 4,
+      "decode.staging",
+      (RUN_SLOTS + this.#maxSeq + 1) * 4,
       GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
     );
+    if (gpu.features.timestamp && speculative) {
+      const n = 4 * MAX_CYCLES;
+      this.#query = {
+        set: gpu.device.createQuerySet({ label: "decode.timestamps", type: "timestamp", count: n }),
+        resolve: gpu.buffer(
+          "decode.timestamps.resolve",
+          n * 8,
+          GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+        ),
+        staging: gpu.buffer(
+          "decode.timestamps.staging",
+          n * 8,
+          GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+        ),
+      };
+    }
+  }
+
+  /** The KV rows available to a generation (the smaller cache of target and draft). */
+  get maxSeq(): number {
+    return this.#maxSeq;
   }
 
   /** GPU bytes this decoder allocated. */
   get bytes(): number {
-    return this.#prompt.size + this.#cur.size + this.#run.size + this.#out.size +
-      this.#staging.size;
+    let n = this.#dummyState.size + this.#staging.size;
+    for (const b of Object.values(this.#buf)) n += b.size;
+    if (this.#query) n += this.#query.resolve.size + this.#query.staging.size;
+    return n;
   }
 
-  /** Builds (once per settings) the sampler + append tail shared by prefill and decode. */
-  async #prepare(s: SamplingSettings): Promise<void> {
-    const key = JSON.stringify(s);
-    if (key === this.#sampleKey) return;
-    const g = this.#gpu, m = this.#model;
-    const sample = await createSample(g, {
-      label: "decode.sample",
-      logits: m.logits,
-      out: this.#cur,
-      state: this.#run,
-      counterIndex: RUN_RNG,
-      V: m.config.vocabSize,
+  /** The sampler writing the target's next token into `out[outOffset]`. */
+  #targetSample(s: SamplingSettings, out: GPUBuffer): Promise<Dispatch> {
+    return createSample(this.#gpu, {
+      label: "decode.target.sample",
+      logits: this.#target.logits,
+      out,
+      state: this.#buf.run,
+      counterIndex: RUN.sampleRng,
+      V: this.#target.config.vocabSize,
       rows: 1,
-      seed: s.seed,
       temperature: s.temperature,
       topK: s.topK,
       topP: s.topP,
+      seed: s.seed,
     });
-    const append = await createAppend(g, {
-      label: "decode.append",
-      token: this.#cur,
-      loop: this.#run,
-      out: this.#out,
-      maxOut: this.#maxOut,
-      eos: m.config.eosIds,
+  }
+
+  #commit(k: number): Promise<Dispatch> {
+    const spec = this.#spec;
+    return createCommit(this.#gpu, {
+      label: `decode.commit.k${k}`,
+      outTokens: this.#buf.outTokens,
+      outCount: k === 0 ? this.#buf.one : this.#buf.outCount,
+      run: this.#buf.run,
+      out: this.#buf.out,
+      history: this.#buf.history,
+      targetState: this.#target.state,
+      draftState: spec.kind === "model" ? spec.draft.state : this.#dummyState,
+      verifyIn: this.#buf.verifyIn,
+      k,
+      eos: this.#target.config.eosIds,
     });
-    const forward = await m.plan(1, { buffer: this.#cur, offset: 0 }, "last");
-    this.#first = [sample, append];
-    this.#step = [...forward, sample, append];
-    this.#sampleKey = key;
+  }
+
+  /** The dispatches of one cycle with draft length k (k = 0: a plain step). Built once. */
+  async #cycle(k: number, s: SamplingSettings): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
+    const cached = this.#cycles.get(k);
+    if (cached) return cached;
+    const g = this.#gpu, t = this.#target, B = this.#buf, spec = this.#spec;
+    const V = t.config.vocabSize;
+    const draft: Dispatch[] = [], verify: Dispatch[] = [];
+    if (k === 0) {
+      verify.push(...await t.plan(1, { buffer: B.verifyIn, offset: 0 }, "last"));
+      verify.push(await this.#targetSample(s, B.outTokens), await this.#commit(0));
+    } else {
+      if (spec.kind === "model") {
+        const d = spec.draft;
+        for (let i = 0; i < k; i++) {
+          // Draft step i: verifyIn[i] → d_{i+1} into verifyIn[i+1], its q into row i.
+          draft.push(...await d.plan(1, { buffer: B.verifyIn, offset: i }, "last"));
+          draft.push(
+            await createSample(g, {
+              label: `decode.draft.sample${i}`,
+              logits: d.logits,
+              out: B.verifyIn,
+              outOffset: i + 1,
+              probs: B.q,
+              probsRowOffset: i,
+              state: B.run,
+              counterIndex: RUN.sampleRng,
+              V,
+              rows: 1,
+              temperature: s.temperature,
+              topK: s.topK,
+              topP: s.topP,
+              seed: s.seed,
+            }),
+          );
+        }
+        // d_k enters the draft's cache too, so the draft is in step when all k are accepted.
+        draft.push(...await d.plan(1, { buffer: B.verifyIn, offset: k }, "none"));
+      } else if (spec.kind === "ngram") {
+        draft.push(
+          await createNgram(g, {
+            label: `decode.ngram.k${k}`,
+            history: B.history,
+            run: B.run,
+            verifyIn: B.verifyIn,
+            q: B.q,
+            k,
+            maxN: spec.maxN,
+            V,
+          }),
+        );
+      }
+      verify.push(...await t.plan(k + 1, { buffer: B.verifyIn, offset: 0 }, "all"));
+      verify.push(
+        await createAccept(g, {
+          label: `decode.accept.k${k}`,
+          targetLogits: t.logits,
+          draftProbs: B.q,
+          draftTokens: B.verifyIn,
+          draftTokensOffset: 1,
+          outTokens: B.outTokens,
+          outCount: B.outCount,
+          state: B.run,
+          counterIndex: RUN.acceptRng,
+          k,
+          V,
+          temperature: s.temperature,
+          topK: s.topK,
+          topP: s.topP,
+          seed: s.seed,
+        }),
+        await this.#commit(k),
+      );
+    }
+    const c = { draft, verify };
+    this.#cycles.set(k, c);
+    return c;
+  }
+
+  async #prepare(s: SamplingSettings): Promise<void> {
+    const key = JSON.stringify([s.temperature, s.topK, s.topP, s.seed]);
+    if (key === this.#samplingKey) return;
+    this.#cycles.clear();
+    this.#first = [await this.#targetSample(s, this.#buf.outTokens), await this.#commit(0)];
+    this.#samplingKey = key;
   }
 
   /**
-   * Generates up to `maxTokens` ids after `prompt` (the cache starts empty). Stops at an EOS id,
-   * at `maxTokens`, at the end of the KV cache, or when cancelled.
+   * Generates up to `maxTokens` ids after `prompt` (the caches start empty), with draft length
+   * `k` per cycle. Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when
+   * cancelled.
    */
   async generate(
     prompt: readonly number[],
     maxTokens: number,
     sampling: SamplingSettings,
     events: DecodeEvents,
+    k: DraftLength = 4,
   ): Promise<DecodeResult> {
-    const g = this.#gpu, m = this.#model;
+    const g = this.#gpu, t = this.#target, spec = this.#spec, B = this.#buf;
     if (prompt.length < 1) throw new RangeError("the prompt must hold at least one token");
-    if (prompt.length >= m.maxSeq) {
+    if (prompt.length >= this.#maxSeq) {
       throw new RangeError(
-        `the prompt has ${prompt.length} tokens but the context holds ${m.maxSeq}: ` +
+        `the prompt has ${prompt.length} tokens but the context holds ${this.#maxSeq}: ` +
           `no room to generate (shorten the prompt or raise --ctx)`,
       );
     }
+    if (k !== "auto" && (!Number.isInteger(k) || k < 1 || k > MAX_DRAFT)) {
+      throw new RangeError(`draft length ${k} is outside [1, ${MAX_DRAFT}]`);
+    }
     await this.#prepare(sampling);
-    // Room: the cache holds maxSeq rows; every generated token but the last is fed back.
-    const limit = Math.min(maxTokens, this.#maxOut, m.maxSeq - prompt.length + 1);
-    g.write(this.#prompt, new Uint32Array(prompt));
-    g.write(this.#run, new Uint32Array([0, 0, 0, 0]));
-    m.setPosition(0);
+    const P = prompt.length;
+    const run = new Uint32Array(RUN_SLOTS);
+    run[RUN.maxTokens] = maxTokens;
+    run[RUN.promptLen] = P;
+    g.write(B.run, run);
+    g.write(B.prompt, new Uint32Array(prompt));
+    g.write(B.history, new Uint32Array(prompt));
+    t.setPosition(0);
+    if (spec.kind === "model") spec.draft.setPosition(0);
 
-    // Prefill: the prompt in chunks of maxT rows, logits of the last row, then sample + append.
+    // Prefill: the prompt in chunks of maxT rows through the target (and the draft's cache),
+    // then the first token from the target's last row.
     const t0 = performance.now();
     const enc = g.device.createCommandEncoder({ label: "decode.prefill" });
-    for (let start = 0; start < prompt.length; start += m.maxT) {
-      const T = Math.min(m.maxT, prompt.length - start);
-      const plan = await m.plan(T, { buffer: this.#prompt, offset: start }, "last");
-      g.encode(enc, `decode.prefill.${start}`, plan);
+    for (const m of spec.kind === "model" ? [t, spec.draft] : [t]) {
+      for (let start = 0; start < P; start += m.maxT) {
+        const T = Math.min(m.maxT, P - start);
+        const rows = m === t && start + T === P ? "last" : "none";
+        g.encode(enc, "decode.prefill", await m.plan(T, { buffer: B.prompt, offset: start }, rows));
+      }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#submitAndRead(enc, 1);
+    let state = await this.#submitAndRead(enc, 0, 0);
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
 
-    // Decode: `chunk` steps per submission, growing so the first tokens stream quickly.
-    let chunk = 4;
-    while (!state.done && tokens.length < limit && !events.cancelled()) {
-      const steps = Math.min(chunk, limit - tokens.length);
-      const e = g.device.createCommandEncoder({ label: "decode.steps" });
-      const pass = e.beginComputePass({ label: "decode.steps" });
-      for (let i = 0; i < steps; i++) {
-        for (const d of this.#step) {
-          pass.setPipeline(d.pipeline);
-          pass.setBindGroup(0, d.bindGroup);
-          pass.dispatchWorkgroups(...d.workgroups);
+    // Decode: cycles per submission grow so the first tokens stream quickly.
+    let cycles = 2, kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
+    let alpha = 0.7; // running acceptance estimate for "auto"
+    const gpuMs = { draft: 0, verify: 0 };
+    let proposed = 0;
+    while (!state.done && !events.cancelled()) {
+      const pos = P + tokens.length - 1; // target cache rows in use
+      const room = this.#maxSeq - pos;
+      if (room <= 0) break;
+      const kc = Math.min(kNow, room - 1);
+      const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)));
+      const cyc = await this.#cycle(kc, sampling);
+      const e = g.device.createCommandEncoder({ label: "decode.cycles" });
+      for (let i = 0; i < n; i++) {
+        const q = this.#query;
+        if (cyc.draft.length) {
+          g.encode(
+            e,
+            "decode.draft",
+            cyc.draft,
+            q && {
+              querySet: q.set,
+              beginningOfPassWriteIndex: 4 * i,
+              endOfPassWriteIndex: 4 * i + 1,
+            },
+          );
         }
+        g.encode(
+          e,
+          "decode.verify",
+          cyc.verify,
+          q && cyc.draft.length
+            ? {
+              querySet: q.set,
+              beginningOfPassWriteIndex: 4 * i + 2,
+              endOfPassWriteIndex: 4 * i + 3,
+            }
+            : undefined,
+        );
       }
-      pass.end();
-      state = await this.#submitAndRead(e, tokens.length + steps, tokens.length);
+      const timed = this.#query && cyc.draft.length ? n : 0;
+      const before = state;
+      state = await this.#submitAndRead(e, tokens.length, timed);
       tokens.push(...state.ids);
       events.onTokens(state.ids);
-      chunk = Math.min(chunk * 2, 64);
+      gpuMs.draft += state.draftMs;
+      gpuMs.verify += state.verifyMs;
+      const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
+      proposed += dCycles * kc;
+      if (k === "auto" && kc > 0 && dCycles > 0) {
+        alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * kc));
+        kNow = autoDraftLength(alpha, this.#costRatio());
+      }
+      cycles *= 2;
     }
     const t2 = performance.now();
     const last = tokens[tokens.length - 1];
     let stop: StopReason;
-    if (state.done && m.config.eosIds.includes(last)) stop = "eos";
+    if (state.done && t.config.eosIds.includes(last)) stop = "eos";
     else if (tokens.length >= maxTokens) stop = "max-tokens";
-    else if (tokens.length >= limit) stop = "context";
+    else if (P + tokens.length - 1 >= this.#maxSeq) stop = "context";
     else stop = "cancelled";
-    return { tokens, stop, prefillMs: t1 - t0, decodeMs: t2 - t1 };
+    return {
+      tokens,
+      stop,
+      prefillMs: t1 - t0,
+      decodeMs: t2 - t1,
+      targetPasses: state.cycles - 1, // the first commit follows prefill
+      proposed,
+      accepted: state.accepted,
+      gpuMs: this.#query ? gpuMs : undefined,
+    };
   }
 
-  /** Copies the run state and out[from..upTo) to staging, submits, waits, returns the new ids. */
-  async #submitAndRead(
-    enc: GPUCommandEncoder,
-    upTo: number,
-    from = 0,
-  ): Promise<{ ids: number[]; done: boolean }> {
-    enc.copyBufferToBuffer(this.#run, 0, this.#staging, 0, 16);
-    if (upTo > from) {
-      enc.copyBufferToBuffer(this.#out, from * 4, this.#staging, 16 + from * 4, (upTo - from) * 4);
+  /** Cost of one draft step relative to one target pass (weight bytes, at least 1/20). */
+  #costRatio(): number {
+    const s = this.#spec;
+    if (s.kind !== "model") return 0.02;
+    return Math.max(0.05, s.draft.weightBytes / Math.max(1, this.#target.weightBytes));
+  }
+
+  /**
+   * Copies the run state and out[from..) to staging (and resolves `timed` cycles' timestamps),
+   * submits, waits, and returns what is new.
+   */
+  async #submitAndRead(enc: GPUCommandEncoder, from: number, timed: number) {
+    const B = this.#buf, g = this.#gpu;
+    const cap = this.#maxSeq + 1;
+    enc.copyBufferToBuffer(B.run, 0, this.#staging, 0, RUN_SLOTS * 4);
+    enc.copyBufferToBuffer(
+      B.out,
+      from * 4,
+      this.#staging,
+      (RUN_SLOTS + from) * 4,
+      (cap - from) * 4,
+    );
+    const q = this.#query;
+    if (q && timed) {
+      enc.resolveQuerySet(q.set, 0, 4 * timed, q.resolve, 0);
+      enc.copyBufferToBuffer(q.resolve, 0, q.staging, 0, 4 * timed * 8);
     }
-    this.#gpu.device.queue.submit([enc.finish()]);
-    await this.#staging.mapAsync(GPUMapMode.READ, 0, 16 + upTo * 4);
-    this.#gpu.throwIfFailed();
-    const view = new Uint32Array(this.#staging.getMappedRange(0, 16 + upTo * 4));
-    const count = view[RUN_COUNT];
-    const ids = Array.from(view.subarray(4 + from, 4 + Math.min(count, upTo)));
-    const done = view[RUN_DONE] !== 0;
+    g.device.queue.submit([enc.finish()]);
+    const bytes = (RUN_SLOTS + cap) * 4;
+    await Promise.all([
+      this.#staging.mapAsync(GPUMapMode.READ, 0, bytes),
+      q && timed ? q.staging.mapAsync(GPUMapMode.READ, 0, 4 * timed * 8) : undefined,
+    ]);
+    g.throwIfFailed();
+    const view = new Uint32Array(this.#staging.getMappedRange(0, bytes));
+    const count = view[RUN.count];
+    const ids = Array.from(view.subarray(RUN_SLOTS + from, RUN_SLOTS + count));
+    const r = {
+      ids,
+      done: view[RUN.done] !== 0,
+      cycles: view[RUN.cycles],
+      accepted: view[RUN.accepted],
+      draftMs: 0,
+      verifyMs: 0,
+    };
     this.#staging.unmap();
-    return { ids, done };
+    if (q && timed) {
+      const ts = new BigUint64Array(q.staging.getMappedRange(0, 4 * timed * 8));
+      for (let i = 0; i < timed; i++) {
+        r.draftMs += Number(ts[4 * i + 1] - ts[4 * i]) / 1e6;
+        r.verifyMs += Number(ts[4 * i + 3] - ts[4 * i + 2]) / 1e6;
+      }
+      q.staging.unmap();
+    }
+    return r;
   }
 
   /** Frees the decoder's buffers. */
   destroy(): void {
-    for (const b of [this.#prompt, this.#cur, this.#run, this.#out, this.#staging]) b.destroy();
+    for (const b of Object.values(this.#buf)) b.destroy();
+    this.#dummyState.destroy();
+    this.#staging.destroy();
+    if (this.#query) {
+      this.#query.set.destroy();
+      this.#query.resolve.destroy();
+      this.#query.staging.destroy();
+    }
   }
+}
+
+/**
+ * The draft length maximizing expected tokens per unit of cost when each draft token is accepted
+ * with probability `alpha` (independently, as in Leviathan et al. 2023, eq. 1) and one draft step
+ * costs `ratio` target passes: E[tokens per cycle] = (1 − α^(k+1)) / (1 − α), cost = 1 + k·ratio.
+ */
+export function autoDraftLength(alpha: number, ratio: number): number {
+  let best = 1, bestValue = 0;
+  for (let k = 1; k <= MAX_DRAFT; k++) {
+    const value = (1 - alpha ** (k + 1)) / (1 - alpha) / (1 + k * ratio);
+    if (value > bestValue + 1e-9) {
+      best = k;
+      bestValue = value;
+    }
+  }
+  return best;
 }

@@ -11,6 +11,10 @@ export interface LoadOptions {
   model: string;
   /** Tokenizer file, for checkpoints that do not carry one (llama2.c `.bin`). */
   tokenizer?: string;
+  /** Draft model for speculative decoding (same vocabulary as the target). */
+  draft?: string;
+  /** Tokenizer file of the draft, when it carries none (compared with the target's). */
+  draftTokenizer?: string;
   /** KV-cache rows to allocate (defaults to the model's context length). */
   maxSeq?: number;
   /** Use f32 weights and KV cache even where `shader-f16` exists. */
@@ -33,8 +37,11 @@ export interface GenerateOptions {
   topP: number;
   /** RNG seed for sampling. */
   seed: number;
-  /** Tokens decoded per GPU submission between readbacks (default 16). */
-  chunkTokens?: number;
+  /** Proposal source: "model" (the loaded draft), "ngram" (prompt lookup) or "none". Default:
+   * "model" when a draft is loaded, else "none". */
+  spec?: "model" | "ngram" | "none";
+  /** Draft tokens per cycle, 1..16, or "auto" (follows the running acceptance). Default 4. */
+  draftTokens?: number | "auto";
 }
 
 /** Why generation stopped. */
@@ -54,8 +61,24 @@ export interface GenerateStats {
   ttft_ms: number;
   /** Why it stopped. */
   stop_reason: StopReason;
-  /** GPU bytes allocated for this model (weights, KV cache, activations). */
+  /** GPU bytes allocated (weights, KV caches, activations, decode buffers). */
   vram_bytes: number;
+  /** Proposal source used. */
+  spec: "model" | "ngram" | "none";
+  /** Accepted draft tokens / proposed draft tokens (0 without speculation). */
+  acceptance_rate: number;
+  /** Draft tokens proposed. */
+  proposed_tokens: number;
+  /** Draft tokens accepted. */
+  accepted_tokens: number;
+  /** Target forward passes after prefill. */
+  target_passes: number;
+  /** Tokens emitted per target forward pass after prefill (1 for plain decoding). */
+  tokens_per_pass: number;
+  /** Share of decode GPU time spent drafting (null where timestamps are unavailable). */
+  draft_time_share: number | null;
+  /** Share of decode GPU time spent verifying, accepting and committing. */
+  verify_time_share: number | null;
 }
 
 /** A piece of streamed output. */
@@ -78,6 +101,8 @@ export interface ModelInfo {
   kvRows: number;
   /** Vocabulary size. */
   vocabSize: number;
+  /** Whether a draft model is loaded. */
+  draft: boolean;
   /** GPU bytes allocated by category. */
   vram: Record<string, number>;
 }

@@ -1,15 +1,15 @@
 /**
- * What the GPU worker holds: the device, the weight store, the loaded model with its KV cache,
- * the tokenizer and the decoder. Usable directly (in-process) as well as behind the worker.
+ * What the GPU worker holds: the device, the weight store shared by target and draft, both
+ * models with their KV caches, the tokenizer and the decoders. Usable directly (in-process) as well as behind the worker.
  *
  * @module
  */
 import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
-import { Decoder } from "./decode.ts";
+import { Decoder, type Speculation } from "./decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
-import type { Tokenizer } from "../models/types.ts";
+import type { LoadedModel, Tokenizer } from "../models/types.ts";
 import type {
   GenerateChunk,
   GenerateOptions,
@@ -18,71 +18,106 @@ import type {
   ModelInfo,
 } from "./protocol.ts";
 
-/** A loaded model on the GPU, ready to generate. */
+/** A loaded target (and optional draft) on the GPU, ready to generate. */
 export class Session {
   readonly #gpu: Gpu;
   readonly #store: WeightStore;
-  readonly #model: LlamaGpu;
-  readonly #decoder: Decoder;
+  readonly #target: LlamaGpu;
+  readonly #draft: LlamaGpu | undefined;
+  readonly #decoders = new Map<string, Decoder>();
   readonly #tokenizer: Tokenizer | undefined;
 
   private constructor(
     gpu: Gpu,
     store: WeightStore,
-    model: LlamaGpu,
-    decoder: Decoder,
+    target: LlamaGpu,
+    draft: LlamaGpu | undefined,
     tokenizer: Tokenizer | undefined,
   ) {
     this.#gpu = gpu;
     this.#store = store;
-    this.#model = model;
-    this.#decoder = decoder;
+    this.#target = target;
+    this.#draft = draft;
     this.#tokenizer = tokenizer;
   }
 
-  /** Reads the checkpoint, acquires the GPU and uploads the weights. */
+  /** Reads the checkpoints, checks they share a vocabulary, acquires the GPU, uploads weights. */
   static async load(options: LoadOptions, progress: (msg: string) => void): Promise<Session> {
     const host = await loadModel(options.model, {
       tokenizer: options.tokenizer,
       onProgress: progress,
     });
+    const draftHost = options.draft
+      ? await loadModel(options.draft, {
+        tokenizer: options.draftTokenizer ?? options.tokenizer,
+        onProgress: progress,
+      })
+      : undefined;
+    if (draftHost) checkSameVocabulary(host, draftHost);
     const c = host.config;
-    const maxSeq = options.maxSeq ?? c.maxSeqLen;
+    const modelMax = Math.min(c.maxSeqLen, draftHost?.config.maxSeqLen ?? Infinity);
+    const maxSeq = options.maxSeq ?? modelMax;
     if (!Number.isInteger(maxSeq) || maxSeq < 2) {
       throw new RangeError(`context ${maxSeq} is too small (need at least 2 rows)`);
     }
-    if (maxSeq > c.maxSeqLen) {
+    if (maxSeq > modelMax) {
       throw new RangeError(
-        `context ${maxSeq} is longer than the model's ${c.maxSeqLen} (max_position_embeddings)`,
+        `context ${maxSeq} is longer than the model${draftHost ? "s'" : "'s"} ${modelMax} ` +
+          `(max_position_embeddings)`,
       );
     }
     const gpu = await requestGpu({ disableF16: options.noF16 });
     progress(`GPU: ${gpu.adapterName}${gpu.features.f16 ? " (shader-f16)" : ""}`);
     const store = new WeightStore(gpu);
-    progress(`uploading ${host.tensors.size} tensors`);
-    const model = await LlamaGpu.create(gpu, store, host, {
+    progress(`uploading ${host.tensors.size} target tensors`);
+    const target = await LlamaGpu.create(gpu, store, host, {
       label: "target",
       maxSeq,
       noF16: options.noF16,
     });
-    const decoder = new Decoder(gpu, model);
-    return new Session(gpu, store, model, decoder, host.tokenizer);
+    let draft: LlamaGpu | undefined;
+    if (draftHost) {
+      progress(`uploading ${draftHost.tensors.size} draft tensors`);
+      draft = await LlamaGpu.create(gpu, store, draftHost, {
+        label: "draft",
+        maxSeq,
+        noF16: options.noF16,
+      });
+    }
+    return new Session(gpu, store, target, draft, host.tokenizer ?? draftHost?.tokenizer);
   }
 
-  /** Facts about the loaded model, including GPU bytes by category. */
+  #decoder(spec: "model" | "ngram" | "none"): Decoder {
+    let d = this.#decoders.get(spec);
+    if (!d) {
+      const s: Speculation = spec === "model"
+        ? { kind: "model", draft: this.#draft! }
+        : spec === "ngram"
+        ? { kind: "ngram", maxN: 3 }
+        : { kind: "none" };
+      d = new Decoder(this.#gpu, this.#target, s);
+      this.#decoders.set(spec, d);
+    }
+    return d;
+  }
+
+  /** Facts about the loaded models, including GPU bytes by category. */
   info(): ModelInfo {
-    const m = this.#model;
+    const t = this.#target, d = this.#draft;
+    let decode = 0;
+    for (const dec of this.#decoders.values()) decode += dec.bytes;
     return {
       adapter: this.#gpu.adapterName,
-      f16: m.kvType === "f16",
-      maxSeqLen: m.config.maxSeqLen,
-      kvRows: m.maxSeq,
-      vocabSize: m.config.vocabSize,
+      f16: t.kvType === "f16",
+      maxSeqLen: t.config.maxSeqLen,
+      kvRows: t.maxSeq,
+      vocabSize: t.config.vocabSize,
+      draft: d !== undefined,
       vram: {
         weights: this.#store.bytes,
-        kv_cache: m.bytes.kv,
-        activations: m.bytes.activations,
-        decode: this.#decoder.bytes,
+        kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0),
+        activations: t.bytes.activations + (d?.bytes.activations ?? 0),
+        decode,
       },
     };
   }
@@ -106,7 +141,12 @@ export class Session {
     cancelled: () => boolean,
   ): Promise<GenerateStats> {
     const tStart = performance.now();
-    const V = this.#model.config.vocabSize;
+    const V = this.#target.config.vocabSize;
+    const spec = o.spec ?? (this.#draft ? "model" : "none");
+    if (spec === "model" && !this.#draft) {
+      throw new Error("speculation with a draft model needs a draft (--draft <dir|file>)");
+    }
+    const k = o.draftTokens ?? 4;
     let prompt: number[];
     if (o.promptTokens) {
       const bad = o.promptTokens.find((t) => !Number.isInteger(t) || t < 0 || t >= V);
@@ -117,7 +157,8 @@ export class Session {
     } else throw new Error("give a prompt (text or token ids)");
     const streamer = this.#tokenizer?.decoder();
     let ttft = 0;
-    const r = await this.#decoder.generate(prompt, o.maxTokens, o, {
+    const sampling = { temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed };
+    const r = await this.#decoder(spec).generate(prompt, o.maxTokens, sampling, {
       onTokens: (ids) => {
         if (ids.length === 0) return;
         if (!ttft) ttft = performance.now() - tStart;
@@ -125,10 +166,11 @@ export class Session {
         onChunk({ text, tokens: ids });
       },
       cancelled,
-    });
+    }, k);
     const tail = streamer?.flush() ?? "";
     if (tail) onChunk({ text: tail, tokens: [] });
     const info = this.info();
+    const gpuTotal = r.gpuMs ? r.gpuMs.draft + r.gpuMs.verify : 0;
     return {
       prompt_tokens: prompt.length,
       generated_tokens: r.tokens.length,
@@ -137,14 +179,48 @@ export class Session {
       ttft_ms: ttft,
       stop_reason: r.stop,
       vram_bytes: Object.values(info.vram).reduce((a, b) => a + b, 0),
+      spec,
+      acceptance_rate: r.proposed ? r.accepted / r.proposed : 0,
+      proposed_tokens: r.proposed,
+      accepted_tokens: r.accepted,
+      target_passes: r.targetPasses,
+      tokens_per_pass: r.targetPasses ? (r.tokens.length - 1) / r.targetPasses : 0,
+      draft_time_share: gpuTotal ? r.gpuMs!.draft / gpuTotal : null,
+      verify_time_share: gpuTotal ? r.gpuMs!.verify / gpuTotal : null,
     };
   }
 
   /** Frees every GPU object and the device. */
   dispose(): void {
-    this.#decoder.destroy();
-    this.#model.destroy();
+    for (const d of this.#decoders.values()) d.destroy();
+    this.#draft?.destroy();
+    this.#target.destroy();
     this.#store.destroy();
     this.#gpu.destroy();
+  }
+}
+
+/**
+ * Throws unless draft and target tokenize identically: same vocabulary size and, where both
+ * carry a tokenizer, the same piece for every id (the error names the first difference).
+ */
+export function checkSameVocabulary(target: LoadedModel, draft: LoadedModel): void {
+  const a = target.config.vocabSize, b = draft.config.vocabSize;
+  if (a !== b) {
+    throw new Error(
+      `draft ${draft.source} has a vocabulary of ${b} tokens, the target ${target.source} ${a}: ` +
+        `speculative decoding needs the same tokenizer`,
+    );
+  }
+  const ta = target.tokenizer, tb = draft.tokenizer;
+  if (!ta || !tb) return;
+  const n = Math.min(ta.vocabSize, tb.vocabSize);
+  for (let id = 0; id < n; id++) {
+    if (ta.piece(id) !== tb.piece(id)) {
+      throw new Error(
+        `draft and target vocabularies differ first at token ${id}: ` +
+          `${JSON.stringify(tb.piece(id))} (draft) vs ${JSON.stringify(ta.piece(id))} (target)`,
+      );
+    }
   }
 }

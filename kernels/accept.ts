@@ -28,12 +28,12 @@ export function acceptWgsl(wg: number): string {
 // accept/reject decision (broadcast through workgroup memory) and writes the outputs.
 struct Params {
   V: u32, batch: u32, topK: u32, seed: u32,
-  k: u32, counterIndex: u32, pad0: u32, pad1: u32,
+  k: u32, counterIndex: u32, tokensOffset: u32, pad1: u32,
   temperature: f32, topP: f32, pad2: u32, pad3: u32,
 }
 @group(0) @binding(0) var<storage, read> logits: array<f32>;          // targetLogits: [batch, k + 1, V]
 @group(0) @binding(1) var<storage, read> draftProbs: array<f32>;      // q: [batch, k, V] (unread when greedy)
-@group(0) @binding(2) var<storage, read> draftTokens: array<u32>;     // [batch, k]
+@group(0) @binding(2) var<storage, read> draftTokens: array<u32>;     // [batch, k] from element tokensOffset
 @group(0) @binding(3) var<storage, read_write> outTokens: array<u32>; // [batch, k + 1]
 @group(0) @binding(4) var<storage, read_write> outCount: array<u32>;  // [batch]: accepted + 1
 @group(0) @binding(5) var<storage, read_write> state: array<u32>;     // state[counterIndex + b]: RNG counter
@@ -75,7 +75,7 @@ fn main(@builtin(local_invocation_id) l3: vec3u, @builtin(workgroup_id) g3: vec3
     let qbase = (b * k + n) * V;
     plan = planRow(lid, base, V, P.temperature, P.topK, P.topP);
     if (lid == 0u) {
-      let x = draftTokens[b * k + n];
+      let x = draftTokens[P.tokensOffset + b * k + n];
       var ok = false;
       if (x < V) {
         if (greedy) {
@@ -128,6 +128,8 @@ export interface AcceptArgs extends SamplingParams {
   draftProbs: GPUBuffer | GPUBufferBinding;
   /** Draft tokens `[batch, k]` u32. */
   draftTokens: GPUBuffer | GPUBufferBinding;
+  /** Element offset of the first draft token in `draftTokens`; default 0. */
+  draftTokensOffset?: number;
   /** Output `[batch, k + 1]` u32: accepted draft tokens then the correction/bonus token. */
   outTokens: GPUBuffer | GPUBufferBinding;
   /** Output `[batch]` u32: accepted + 1, the number of valid `outTokens`. */
@@ -178,6 +180,7 @@ export async function createAccept(gpu: Gpu, args: AcceptArgs): Promise<Dispatch
         args.seed,
         args.k,
         args.counterIndex ?? 0,
+        args.draftTokensOffset ?? 0,
       ],
       args.temperature,
       args.topP,

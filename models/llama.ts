@@ -52,6 +52,9 @@ interface LayerWeights {
   down: StoredTensor; // [dim, ffnDim]
 }
 
+/** Which rows of a forward produce logits. */
+export type LogitRows = "last" | "all" | "none";
+
 /** Where a forward reads its token ids from. */
 export interface TokenSource {
   /** u32 buffer of ids. */
@@ -76,6 +79,8 @@ export class LlamaGpu {
   readonly maxLogitRows: number;
   /** KV element type. */
   readonly kvType: KvDType;
+  /** Bytes of the store's tensors this model uses (shared ones counted for each model). */
+  readonly weightBytes: number;
   /** GPU bytes by category: "kv", "activations" (weights are in the store). */
   readonly bytes: { kv: number; activations: number };
 
@@ -90,6 +95,7 @@ export class LlamaGpu {
   readonly #invFreq: GPUBuffer;
   readonly #act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h", GPUBuffer>;
   readonly #plans = new Map<string, Promise<Dispatch[]>>();
+  readonly #sourceIds = new Map<GPUBuffer, number>(); // token buffers by identity, for plan keys
   readonly #scratch = new Map<number, AttentionScratch>();
 
   private constructor(
@@ -114,6 +120,9 @@ export class LlamaGpu {
     this.#classifier = weights.classifier;
     this.#outNorm = weights.outNorm;
     this.#layers = weights.layers;
+    const used = new Set<StoredTensor>([weights.embedding, weights.classifier, weights.outNorm]);
+    for (const l of weights.layers) for (const t of Object.values(l)) if (t) used.add(t);
+    this.weightBytes = [...used].reduce((a, t) => a + t.bytes, 0);
     const c = config, S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC;
     const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = opts.maxT;
     const kvBytes = c.nLayers * opts.maxSeq * kvDim * (opts.kvType === "f16" ? 2 : 4);
@@ -202,17 +211,20 @@ export class LlamaGpu {
   /**
    * The dispatches of one forward over `T` rows whose ids are read from `tokens`, at positions
    * state[0] .. state[0]+T-1; it ends by advancing state[0] by T. Logits go to `this.logits`:
-   * for the last row only ("last": prefill, decode) or for all rows ("all": verify, T ≤
-   * maxLogitRows). Plans are built once per (T, source, rows) and cached.
+   * for the last row only ("last": prefill, decode), for all rows ("all": verify, T ≤
+   * maxLogitRows) or none ("none": rows that only fill the cache). Plans are built once per
+   * (T, source, rows) and cached.
    */
-  plan(T: number, tokens: TokenSource, rows: "last" | "all"): Promise<Dispatch[]> {
+  plan(T: number, tokens: TokenSource, rows: LogitRows): Promise<Dispatch[]> {
     if (T < 1 || T > this.maxT) {
       throw new RangeError(`${this.#label}: T=${T} outside [1, ${this.maxT}]`);
     }
     if (rows === "all" && T > this.maxLogitRows) {
       throw new RangeError(`${this.#label}: ${T} logit rows > maxLogitRows ${this.maxLogitRows}`);
     }
-    const key = `${T}:${tokens.buffer.label}:${tokens.offset}:${rows}`;
+    let id = this.#sourceIds.get(tokens.buffer);
+    if (id === undefined) this.#sourceIds.set(tokens.buffer, id = this.#sourceIds.size);
+    const key = `${T}:${id}:${tokens.offset}:${rows}`;
     let p = this.#plans.get(key);
     if (!p) {
       p = this.#build(T, tokens, rows);
@@ -221,7 +233,7 @@ export class LlamaGpu {
     return p;
   }
 
-  async #build(T: number, tokens: TokenSource, rows: "last" | "all"): Promise<Dispatch[]> {
+  async #build(T: number, tokens: TokenSource, rows: LogitRows): Promise<Dispatch[]> {
     const g = this.#gpu, c = this.config, a = this.#act, L = this.#label;
     const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
     const dt = (t: StoredTensor) => t.format;
@@ -366,31 +378,33 @@ export class LlamaGpu {
       d.push(await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, c.dim, { accumulate: true }));
     }
     // logits = rmsnorm(x)·Wcls for the last row (prefill, decode) or every row (verify).
-    const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
-    d.push(
-      await createRmsnorm(g, {
-        label: `${L}.output_norm`,
-        x: a.x,
-        xOffset: first * c.dim,
-        w: this.#outNorm.buffer,
-        y: a.xb,
-        T: n,
-        D: c.dim,
-        eps: c.normEps,
-      }),
-    );
-    d.push(
-      await createMatmul(g, {
-        label: `${L}.classifier`,
-        x: a.xb,
-        w: this.#classifier.buffer,
-        dtype: dt(this.#classifier),
-        y: this.logits,
-        T: n,
-        K: c.dim,
-        N: c.vocabSize,
-      }),
-    );
+    if (rows !== "none") {
+      const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
+      d.push(
+        await createRmsnorm(g, {
+          label: `${L}.output_norm`,
+          x: a.x,
+          xOffset: first * c.dim,
+          w: this.#outNorm.buffer,
+          y: a.xb,
+          T: n,
+          D: c.dim,
+          eps: c.normEps,
+        }),
+      );
+      d.push(
+        await createMatmul(g, {
+          label: `${L}.classifier`,
+          x: a.xb,
+          w: this.#classifier.buffer,
+          dtype: dt(this.#classifier),
+          y: this.logits,
+          T: n,
+          K: c.dim,
+          N: c.vocabSize,
+        }),
+      );
+    }
     // state[0] += T: these rows are now in the cache.
     d.push(await createAdvance(g, { label: `${L}.advance`, state: this.state, by: T }));
     return d;
