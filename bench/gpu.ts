@@ -2,7 +2,8 @@
  * The GPU benchmark: one process measures everything side by side and prints tables (and JSON
  * with --json / --out). Meant for the H100 through ../shared/tools/gpu/README.md, runs anywhere.
  *
- *   deno run -A bench/gpu.ts [--model DIR]... [--tokens 256] [--reps 3] [--matmul] [--out F]
+ *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
+ *                            [--reps 3] [--matmul] [--out F] [--json]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, and a GPU-timestamp profile of one decode forward.
@@ -14,6 +15,8 @@ import { Decoder } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
 import { profileDispatches, type ProfileRow } from "./profile.ts";
+import { benchMatmul, formatMatmulRows, LARGE_CASES, PYCODE_CASES } from "./matmul_cases.ts";
+import { type DraftLength, type Speculation } from "../engine/decode.ts";
 
 const CODE = `import os
 import sys
@@ -108,6 +111,97 @@ async function benchModel(
   return result;
 }
 
+/** One decoding configuration's figures, summed over the prompts. */
+export interface SpecRow {
+  config: string;
+  tok_s: number;
+  acceptance: number;
+  tokens_per_pass: number;
+  speedup: number;
+  draft_share: number | null;
+  identical: boolean;
+}
+
+const PROMPTS = [
+  CODE,
+  "import numpy as np\n\n\ndef softmax(x, axis=-1):\n",
+  'class Stack:\n    """A last-in first-out stack."""\n\n    def __init__(self):\n',
+  "def parse_args(argv=None):\n    import argparse\n\n    parser = argparse.ArgumentParser(",
+];
+
+/** Plain vs speculative greedy decoding of the same prompts, side by side in one process. */
+async function benchSpeculative(
+  gpu: Gpu,
+  targetPath: string,
+  draftPath: string,
+  tokens: number,
+): Promise<SpecRow[]> {
+  const th = await loadModel(targetPath), dh = await loadModel(draftPath);
+  const tok = th.tokenizer!;
+  const store = new WeightStore(gpu);
+  const maxSeq = Math.min(th.config.maxSeqLen, dh.config.maxSeqLen, 1024);
+  const t = await LlamaGpu.create(gpu, store, th, { label: "target", maxSeq });
+  const d = await LlamaGpu.create(gpu, store, dh, { label: "draft", maxSeq });
+  const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }));
+  const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+  const quiet = { onTokens: () => {}, cancelled: () => false };
+  const configs: [string, Speculation, DraftLength][] = [
+    ["plain", { kind: "none" }, 1],
+    ...[2, 3, 4, 6, 8].map((k): [string, Speculation, DraftLength] => [
+      `draft model k=${k}`,
+      { kind: "model", draft: d },
+      k,
+    ]),
+    ["draft model k=auto", { kind: "model", draft: d }, "auto"],
+    ["n-gram k=4", { kind: "ngram", maxN: 3 }, 4],
+    ["n-gram k=auto", { kind: "ngram", maxN: 3 }, "auto"],
+  ];
+  const decoders = new Map<string, Decoder>();
+  const rows: SpecRow[] = [];
+  let plainOut: number[][] = [];
+  let plainRate = 0;
+  for (const [name, spec, k] of configs) {
+    let dec = decoders.get(spec.kind);
+    if (!dec) decoders.set(spec.kind, dec = new Decoder(gpu, t, spec));
+    await dec.generate(prompts[0], 16, greedy, quiet, k); // warm-up
+    let n = 0, ms = 0, acc = 0, prop = 0, passes = 0, draftMs = 0, gpuMs = 0;
+    const outs: number[][] = [];
+    for (const p of prompts) {
+      const r = await dec.generate(p, tokens, greedy, quiet, k);
+      outs.push(r.tokens);
+      n += r.tokens.length - 1;
+      ms += r.decodeMs;
+      acc += r.accepted;
+      prop += r.proposed;
+      passes += r.targetPasses;
+      draftMs += r.gpuMs?.draft ?? 0;
+      gpuMs += r.gpuMs ? r.gpuMs.draft + r.gpuMs.verify : 0;
+    }
+    const rate = n / (ms / 1000);
+    if (name === "plain") {
+      plainOut = outs;
+      plainRate = rate;
+    }
+    rows.push({
+      config: name,
+      tok_s: rate,
+      acceptance: prop ? acc / prop : 0,
+      tokens_per_pass: n / passes,
+      speedup: rate / plainRate,
+      draft_share: gpuMs ? draftMs / gpuMs : null,
+      identical: outs.every((o, i) =>
+        o.length === plainOut[i].length && o.every((x, j) => x === plainOut[i][j])
+      ),
+    });
+    console.log(`  ${name}: ${rate.toFixed(1)} tok/s`);
+  }
+  for (const dec of decoders.values()) dec.destroy();
+  t.destroy();
+  d.destroy();
+  store.destroy();
+  return rows;
+}
+
 function table(rows: (string | number)[][]): string {
   const cells = rows.map((r) => r.map((c) => typeof c === "number" ? c.toFixed(1) : c));
   const w = cells[0].map((_, i) => Math.max(...cells.map((r) => r[i].length)));
@@ -121,6 +215,8 @@ if (import.meta.main) {
     args: Deno.args,
     options: {
       model: { type: "string", multiple: true },
+      target: { type: "string" },
+      draft: { type: "string" },
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
@@ -134,8 +230,8 @@ if (import.meta.main) {
   );
   const report: Record<string, unknown> = { device: gpu.adapterName };
   if (values.matmul) {
-    const { benchMatmul, MATMUL_CASES } = await import("./matmul_bench.ts");
-    const rows = await benchMatmul(gpu, MATMUL_CASES, 50);
+    const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES], 50, 500);
+    console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
   }
   const models: ModelBench[] = [];
@@ -175,6 +271,34 @@ if (import.meta.main) {
         ]),
       );
     }
+  }
+  if (values.target && values.draft) {
+    console.log(`speculative vs plain: ${values.target} with draft ${values.draft}`);
+    const rows = await benchSpeculative(gpu, values.target, values.draft, Number(values.tokens));
+    report.speculative = rows;
+    console.log(
+      `\ngreedy decoding, ${PROMPTS.length} prompts x ${values.tokens} tokens, one process`,
+    );
+    console.log(table([
+      [
+        "config",
+        "tok/s",
+        "acceptance %",
+        "tok/target pass",
+        "speedup",
+        "draft GPU %",
+        "same output",
+      ],
+      ...rows.map((r) => [
+        r.config,
+        r.tok_s,
+        100 * r.acceptance,
+        r.tokens_per_pass.toFixed(2),
+        r.speedup.toFixed(2) + "x",
+        r.draft_share === null ? "-" : (100 * r.draft_share).toFixed(0),
+        r.identical ? "yes" : "NO",
+      ]),
+    ]));
   }
   if (values.json) console.log(JSON.stringify(report));
   if (values.out) await Deno.writeTextFile(values.out, JSON.stringify(report, null, 2));
