@@ -1,50 +1,49 @@
 /**
  * Matmul benchmarks at the pycode target's sizes: `deno bench -A bench/matmul_bench.ts`.
  *
- * Each `Deno.bench` case submits PER_SUBMIT dispatches and waits (wall time, so it includes one
- * ~11 ms completion poll per submission); the summary printed at the end comes from
- * {@linkcode benchMatmul}, which uses GPU timestamps when the device has them, and reports the
- * weight bandwidth (GB/s) each path reaches.
+ * First {@linkcode benchMatmul} measures every case (GPU timestamps when the device has them,
+ * many dispatches per timed pass); its table of weight bandwidth (GB/s) per path is printed at the
+ * end. Then each `Deno.bench` case submits a batch of dispatches and waits (wall time, so it
+ * includes one ~11 ms completion poll per submission); the batch is sized from the first
+ * measurement (up to 50 dispatches, about 200 ms of GPU work) so software adapters finish.
  *
  * @module
  */
 import { requestGpu } from "../engine/gpu.ts";
-import { createMatmul, matmulPath } from "../kernels/matmul.ts";
+import { createMatmul } from "../kernels/matmul.ts";
 import { benchMatmul, formatMatmulRows, PYCODE_CASES } from "./matmul_cases.ts";
 
-/** Dispatches per submission in the Deno.bench cases. */
+/** Most dispatches per submission. */
 const PER_SUBMIT = 50;
 
 const gpu = await requestGpu();
 const rw = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+const rows = await benchMatmul(gpu, PYCODE_CASES, PER_SUBMIT, 500);
 
-for (const c of PYCODE_CASES) {
-  if (c.dtype === "f16" && !gpu.features.f16) continue;
-  const label = `bench.${c.name}.T${c.T}.${c.dtype}`;
-  const path = matmulPath(c.T);
-  // Prefill-sized products are slow on software adapters: fewer dispatches per submission.
-  const perSubmit = c.T > 16 ? 5 : PER_SUBMIT;
+for (const r of rows) {
+  const label = `bench.${r.name}.T${r.T}.${r.dtype}`;
+  const perSubmit = Math.max(1, Math.min(PER_SUBMIT, Math.floor(200_000 / r.us)));
   const d = await createMatmul(gpu, {
     label,
-    x: gpu.buffer(`${label}.x`, c.T * c.K * 4, rw),
-    w: gpu.buffer(`${label}.w`, c.N * c.K * (c.dtype === "f16" ? 2 : 4), rw),
-    y: gpu.buffer(`${label}.y`, c.T * c.N * 4, rw),
-    dtype: c.dtype,
-    T: c.T,
-    K: c.K,
-    N: c.N,
+    x: gpu.buffer(`${label}.x`, r.T * r.K * 4, rw),
+    w: gpu.buffer(`${label}.w`, r.N * r.K * (r.dtype === "f16" ? 2 : 4), rw),
+    y: gpu.buffer(`${label}.y`, r.T * r.N * 4, rw),
+    dtype: r.dtype,
+    T: r.T,
+    K: r.K,
+    N: r.N,
+    path: r.path,
   });
   const batch = new Array(perSubmit).fill(d);
   Deno.bench({
-    name: `matmul ${path} ${c.name} T=${c.T} ${c.dtype} x${perSubmit}/submit`,
-    group: `T=${c.T}`,
-    n: 5,
+    name: `matmul ${r.path} ${r.name} T=${r.T} ${r.dtype} x${perSubmit}/submit`,
+    group: `T=${r.T}`,
+    n: 3,
     warmup: 1,
     fn: () => gpu.run(label, batch),
   });
 }
 
-const rows = await benchMatmul(gpu, PYCODE_CASES, PER_SUBMIT);
 globalThis.addEventListener("unload", () => {
   console.log(`\nmatmul weight bandwidth on ${gpu.adapterName}:\n${formatMatmulRows(rows)}`);
 });

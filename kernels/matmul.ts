@@ -82,63 +82,92 @@ fn store(t: u32, n: u32, acc: f32) {
 `;
 }
 
+/** Up to this many partial sums per invocation the matvec path tree-reduces them. */
+const TREE_MAX_PARTIALS = 4;
+
 /**
- * WGSL of the matrix-vector path for `T` rows. With `vec4` (K % 4 == 0 and xOffset % 4 == 0)
- * x and W are loaded as vec4; otherwise as scalars, so any K works.
+ * Output columns (weight rows) one matrix-vector workgroup owns for `T` activation rows: 1 for
+ * decode, more when T grows so that each x load serves several weight rows.
+ */
+export function matvecRows(T: number): number {
+  return T <= 2 ? 1 : 4;
+}
+
+/**
+ * WGSL of the matrix-vector path for `T` rows and `R` = {@linkcode matvecRows}(T) output columns
+ * per workgroup. With `vec4` (K % 4 == 0 and xOffset % 4 == 0) x and W are loaded as vec4;
+ * otherwise as scalars, so any K works.
  */
 export function matvecWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
-  const T = s.T;
-  const loop = s.vec4
-    ? `
-  let xBase = p.xOffset / 4u;
-  let wBase = n * p.vecK;
-  for (var k = lid; k < p.vecK; k += ${MATVEC_WG}u) {
-    let wv = vec4<f32>(w[wBase + k]);
-    for (var t = 0u; t < ${T}u; t++) {
-      acc[t] += dot(wv, x[xBase + t * p.vecK + k]);
+  const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
+  const [len, xi, xStart] = s.vec4
+    ? ["p.vecK", "xBase", "p.xOffset / 4u"]
+    : ["p.K", "xBase", "p.xOffset"];
+  const conv = s.vec4 ? "vec4<f32>" : "f32";
+  const mul = (a: string, b: string) => s.vec4 ? `dot(${a}, ${b})` : `${a} * ${b}`;
+  const body = [
+    ...Array.from({ length: R }, (_, r) => `    let w${r} = ${conv}(w[wRow${r} + k]);`),
+    ...Array.from({ length: T }, (_, t) =>
+      `    { let xv = x[${xi} + ${t}u * ${len} + k]; ` +
+      Array.from({ length: R }, (_, r) => `acc${t}_${r} += ${mul(`w${r}`, "xv")};`).join(" ") +
+      " }"),
+  ].join("\n");
+  // Few partials: tree-reduce them (log2 steps). Many: invocation j sums partial row j serially.
+  const tree = `  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+${unrolled(P, (e) => `      red[${e * S}u + lid] += red[${e * S}u + lid + s];`)}
     }
-  }`
-    : `
-  let wBase = n * p.K;
-  for (var k = lid; k < p.K; k += ${MATVEC_WG}u) {
-    let wv = f32(w[wBase + k]);
-    for (var t = 0u; t < ${T}u; t++) {
-      acc[t] += wv * x[p.xOffset + t * p.K + k];
-    }
+    workgroupBarrier();
+  }
+  if (lid < ${P}u && n0 + lid % ${R}u < p.N) { store(lid / ${R}u, n0 + lid % ${R}u, red[lid * ${S}u]); }`;
+  const serial = `  for (var j = lid; j < ${P}u; j += ${MATVEC_WG}u) {
+    var sum = 0.0;
+    for (var i = 0u; i < ${MATVEC_WG}u; i++) { sum += red[j * ${S}u + i]; }
+    let n = n0 + j % ${R}u;
+    if (n < p.N) { store(j / ${R}u, n, sum); }
   }`;
+  const reduceHow = P <= TREE_MAX_PARTIALS
+    ? "tree-reduced"
+    : `summed row by row\n// (invocation j < ${P} sums row j)`;
   const el = s.vec4 ? "vec4<f32>" : "f32";
   const wel = s.vec4 ? "vec4<WT>" : "WT";
   return /* wgsl */ `${header(s)}
-// Matrix-vector path, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns output column n
-// (weight row n). Invocation i loads ${s.vec4 ? "vec4 " : ""}elements i, i + ${MATVEC_WG}, ... of
-// that weight row once and multiplies them into all ${T} activation rows, keeping ${T} partial
-// sums; the partials are then tree-reduced in workgroup memory. The loop bound masks ragged K;
+// Matrix-vector path, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns ${R} output
+// column(s) n0 .. n0+${R - 1} (weight rows). Invocation i loads ${s.vec4 ? "vec4 " : ""}elements
+// i, i + ${MATVEC_WG}, ... of those weight rows once and multiplies them into all ${T} activation
+// rows (each x load serves ${R} weight rows), keeping ${P} partial sums in registers. The partials
+// go to workgroup memory [${P}, ${S}] (padded against bank conflicts) and are ${reduceHow}.
+// The loop bound masks ragged K; weight rows past N are clamped when loaded and not stored;
 // workgroups past N (2-D grid rounding) return.
 @group(0) @binding(0) var<storage, read> x: array<${el}>;  // x: [T, K] f32 at xOffset
 @group(0) @binding(1) var<storage, read> w: array<${wel}>; // w: [N, K] ${s.dtype}
 
-var<workgroup> red: array<f32, ${T * MATVEC_WG}>; // red: [T, ${MATVEC_WG}] partial sums
+var<workgroup> red: array<f32, ${P * S}>; // red: [T*R, ${S}] partial sums
 
 @compute @workgroup_size(${MATVEC_WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
-  let n = wg.y * nwg.x + wg.x;
-  if (n >= p.N) { return; } // uniform per workgroup: safe before the barriers
-  var acc: array<f32, ${T}>;
-  ${loop}
-  for (var t = 0u; t < ${T}u; t++) { red[t * ${MATVEC_WG}u + lid] = acc[t]; }
-  workgroupBarrier();
-  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-      for (var t = 0u; t < ${T}u; t++) {
-        red[t * ${MATVEC_WG}u + lid] += red[t * ${MATVEC_WG}u + lid + s];
-      }
-    }
-    workgroupBarrier();
+  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
+  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barrier
+  let xBase = ${xStart};
+${
+    Array.from({ length: R }, (_, r) => `  let wRow${r} = min(n0 + ${r}u, p.N - 1u) * ${len};`)
+      .join("\n")
   }
-  for (var t = lid; t < ${T}u; t += ${MATVEC_WG}u) { store(t, n, red[t * ${MATVEC_WG}u]); }
+${unrolled(P, (e) => `  var acc${Math.floor(e / R)}_${e % R} = 0.0;`)}
+  for (var k = lid; k < ${len}; k += ${MATVEC_WG}u) {
+${body}
+  }
+${unrolled(P, (e) => `  red[${e * S}u + lid] = acc${Math.floor(e / R)}_${e % R};`)}
+  workgroupBarrier();
+${P <= TREE_MAX_PARTIALS ? tree : serial}
 }
 `;
+}
+
+/** `n` generated source lines (the micro-tile is unrolled so accumulators stay in registers). */
+function unrolled(n: number, line: (i: number) => string): string {
+  return Array.from({ length: n }, (_, i) => line(i)).join("\n");
 }
 
 /** WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). */
@@ -150,7 +179,7 @@ export function tiledWgsl(s: MatmulSpec): string {
 // a ${TILE_M}x${TILE_K} tile of x and a ${TILE_N}x${TILE_K} tile of W in workgroup memory
 // (${loads} elements each, K fastest so global loads coalesce; stored k-major so the inner loop
 // reads consecutive addresses). Elements past T, N or K are staged as 0. Invocation (tx, ty)
-// accumulates the ${MICRO}x${MICRO} outputs (ty + ${TILED_WG_Y}i, tx + ${TILED_WG_X}j); stores
+// accumulates (in unrolled registers) the ${MICRO}x${MICRO} outputs (ty + ${TILED_WG_Y}i, tx + ${TILED_WG_X}j); stores
 // past T or N are masked.
 @group(0) @binding(0) var<storage, read> x: array<f32>; // x: [T, K] f32 at xOffset
 @group(0) @binding(1) var<storage, read> w: array<WT>;  // w: [N, K] ${s.dtype}
@@ -163,7 +192,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u
         @builtin(local_invocation_index) lid: u32) {
   let m0 = wg.y * ${TILE_M}u;
   let n0 = wg.x * ${TILE_N}u;
-  var acc: array<array<f32, ${MICRO}>, ${MICRO}>;
+${unrolled(MICRO * MICRO, (e) => `  var acc${Math.floor(e / MICRO)}${e % MICRO} = 0.0;`)}
   for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
     for (var r = 0u; r < ${loads}u; r++) {
       let e = lid + r * ${TILED_WG_X * TILED_WG_Y}u;
@@ -179,22 +208,24 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u
     }
     workgroupBarrier();
     for (var kk = 0u; kk < ${TILE_K}u; kk++) {
-      var a: array<f32, ${MICRO}>;
-      var b: array<f32, ${MICRO}>;
-      for (var i = 0u; i < ${MICRO}u; i++) { a[i] = xs[kk * ${TILE_M}u + l.y + i * ${TILED_WG_Y}u]; }
-      for (var j = 0u; j < ${MICRO}u; j++) { b[j] = ws[kk * ${TILE_N}u + l.x + j * ${TILED_WG_X}u]; }
-      for (var i = 0u; i < ${MICRO}u; i++) {
-        for (var j = 0u; j < ${MICRO}u; j++) { acc[i][j] = fma(a[i], b[j], acc[i][j]); }
-      }
+${unrolled(MICRO, (i) => `      let a${i} = xs[kk * ${TILE_M}u + l.y + ${i * TILED_WG_Y}u];`)}
+${unrolled(MICRO, (j) => `      let b${j} = ws[kk * ${TILE_N}u + l.x + ${j * TILED_WG_X}u];`)}
+${
+    unrolled(MICRO * MICRO, (e) => {
+      const i = Math.floor(e / MICRO), j = e % MICRO;
+      return `      acc${i}${j} = fma(a${i}, b${j}, acc${i}${j});`;
+    })
+  }
     }
     workgroupBarrier();
   }
-  for (var i = 0u; i < ${MICRO}u; i++) {
-    let t = m0 + l.y + i * ${TILED_WG_Y}u;
-    for (var j = 0u; j < ${MICRO}u; j++) {
-      let n = n0 + l.x + j * ${TILED_WG_X}u;
-      if (t < p.T && n < p.N) { store(t, n, acc[i][j]); }
-    }
+${
+    unrolled(MICRO * MICRO, (e) => {
+      const i = Math.floor(e / MICRO), j = e % MICRO;
+      return `  if (m0 + l.y + ${i * TILED_WG_Y}u < p.T && n0 + l.x + ${j * TILED_WG_X}u < p.N) {
+    store(m0 + l.y + ${i * TILED_WG_Y}u, n0 + l.x + ${j * TILED_WG_X}u, acc${i}${j});
+  }`;
+    })
   }
 }
 `;
@@ -260,10 +291,10 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
     }
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
-      `matmul.matvec.${specKey}.T${T}.vec${vec4 ? 4 : 1}.wg${MATVEC_WG}`,
+      `matmul.matvec.${specKey}.T${T}.r${matvecRows(T)}.vec${vec4 ? 4 : 1}.wg${MATVEC_WG}`,
       () => matvecWgsl({ ...spec, T, vec4 }),
     );
-    workgroups = grid2d(N, gpu.limits.maxComputeWorkgroupsPerDimension);
+    workgroups = grid2d(Math.ceil(N / matvecRows(T)), gpu.limits.maxComputeWorkgroupsPerDimension);
   } else {
     pipeline = await gpu.pipeline(
       `matmul.tiled.${specKey}.m${TILE_M}.n${TILE_N}.k${TILE_K}.r${MICRO}`,

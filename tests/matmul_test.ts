@@ -145,7 +145,8 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
 }
 
 gpuTest("matmul matvec spreads N > 65535 output columns over a 2-D grid", async (gpu) => {
-  await check(gpu, { T: 2, K: 4, N: 65537 + 70, dtype: "f32", path: "matvec" });
+  await check(gpu, { T: 2, K: 4, N: 65537 + 70, dtype: "f32", path: "matvec" }); // 1 row/group
+  await check(gpu, { T: 3, K: 4, N: 4 * 65535 + 9, dtype: "f32", path: "matvec" }); // 4 rows/group
 });
 
 gpuTest("matmul matvec refuses T above MATVEC_MAX_T", async (gpu) => {
