@@ -174,5 +174,8 @@ export class Engine {
   async dispose(): Promise<void> {
     await this.#request({ id: this.#nextId++, type: "dispose" }).catch(() => {});
     this.#worker.terminate();
+    // Give the worker thread time to unwind its (already destroyed) GPU objects before the
+    // caller may exit the process: Vulkan drivers crash when torn down under a live thread.
+    await new Promise((r) => setTimeout(r, 50));
   }
 }

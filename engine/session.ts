@@ -190,13 +190,15 @@ export class Session {
     };
   }
 
-  /** Frees every GPU object and the device. */
-  dispose(): void {
+  /** Frees every GPU object and the device; resolves once the device is gone. */
+  async dispose(): Promise<void> {
     for (const d of this.#decoders.values()) d.destroy();
     this.#draft?.destroy();
     this.#target.destroy();
     this.#store.destroy();
+    await this.#gpu.device.queue.onSubmittedWorkDone();
     this.#gpu.destroy();
+    await this.#gpu.device.lost;
   }
 }
 

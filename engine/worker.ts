@@ -49,10 +49,11 @@ self.onmessage = async (ev: MessageEvent<Request>) => {
         cancelled.add(req.target);
         break;
       case "dispose":
-        session?.dispose();
+        // Destroy the device and wait until wgpu has processed it before replying: the caller
+        // may exit the process right after, and a driver torn down mid-destruction crashes.
+        await session?.dispose();
         session = undefined;
         send({ id: req.id, type: "result", value: null });
-        self.close();
         break;
     }
   } catch (e) {

@@ -115,10 +115,13 @@ gpuTest(
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
     const r = await spec.generate(prompt, 40, GREEDY, quiet, 6);
     assert.ok(r.accepted < r.proposed, "the test needs at least one rejection");
-    // The speculative run leaves the cache at prompt + tokens[0..n-2]; one more step on the last
-    // token must give the same logits as a fresh prefill of the whole accepted sequence.
+    // Cache rows 0 .. P+n-2 must hold exactly prompt + tokens[0..n-2], although rejected draft
+    // rows were written there on the way; one more step on the last token must then give the
+    // logits of a fresh prefill of the whole accepted sequence (a wrong row moves logits by ~10;
+    // the f16 cache and the two kernel paths' summation orders by ~1e-3).
     const seq = [...prompt, ...r.tokens];
     const V = t.config.vocabSize;
+    t.setPosition(seq.length - 1);
     const last = gpu.upload("test.last", new Uint32Array([seq[seq.length - 1]]));
     await gpu.run("step", await t.plan(1, { buffer: last, offset: 0 }, "last"));
     const afterSpec = new Float32Array(await gpu.read(t.logits, 0, V * 4));
@@ -126,7 +129,7 @@ gpuTest(
     t.setPosition(0);
     await gpu.run("fresh", await t.plan(seq.length, { buffer: all, offset: 0 }, "last"));
     const fresh = new Float32Array(await gpu.read(t.logits, 0, V * 4));
-    assertClose("logits after rollback vs fresh", afterSpec, fresh, { nmse: 1e-8, maxAbs: 1e-3 });
+    assertClose("logits after rollback vs fresh", afterSpec, fresh, { nmse: 1e-6, maxAbs: 2e-2 });
     spec.destroy();
     destroy();
   },
