@@ -30,6 +30,7 @@ export type {
 export { Gpu, GpuError, requestGpu } from "./engine/gpu.ts";
 export type { Dispatch, GpuFeatures, GpuLimits, RequestGpuOptions } from "./engine/gpu.ts";
 export { loadModel } from "./models/load.ts";
+export type { LoadModelOptions } from "./models/load.ts";
 export { loadTokenizerFile } from "./models/tokenizer.ts";
 export { FormatError } from "./models/types.ts";
 export type {

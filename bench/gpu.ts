@@ -16,7 +16,7 @@ import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
 import { profileDispatches, type ProfileRow } from "./profile.ts";
 import { benchMatmul, formatMatmulRows, LARGE_CASES, PYCODE_CASES } from "./matmul_cases.ts";
-import { type DraftLength, type Speculation } from "../engine/decode.ts";
+import type { DraftLength, Speculation } from "../engine/decode.ts";
 
 const CODE = `import os
 import sys

@@ -141,16 +141,18 @@ export class Gpu {
   async scoped<T>(label: string, fn: () => T): Promise<T> {
     this.device.pushErrorScope("out-of-memory");
     this.device.pushErrorScope("validation");
-    let value: T;
+    let value: T | undefined, thrown: unknown;
     try {
       value = fn();
-    } finally {
-      const validation = await this.device.popErrorScope();
-      const oom = await this.device.popErrorScope();
-      if (oom) throw new GpuError(label, `out of memory: ${oom.message}`);
-      if (validation) throw new GpuError(label, validation.message);
+    } catch (e) {
+      thrown = e;
     }
-    return value;
+    const validation = await this.device.popErrorScope();
+    const oom = await this.device.popErrorScope();
+    if (oom) throw new GpuError(label, `out of memory: ${oom.message}`);
+    if (validation) throw new GpuError(label, validation.message);
+    if (thrown !== undefined) throw thrown;
+    return value as T;
   }
 
   /** Creates a labelled buffer; throws a clear error if it exceeds the device's limits. */
@@ -202,7 +204,8 @@ export class Gpu {
    * Reads `size` bytes of `buffer` from `offset` back to the host. Slow (>= ~11 ms per call on
    * Deno, see DESIGN.md): keep it off hot paths.
    */
-  async read(buffer: GPUBuffer, offset = 0, size = buffer.size - offset): Promise<ArrayBuffer> {
+  async read(buffer: GPUBuffer, offset: number = 0, size?: number): Promise<ArrayBuffer> {
+    size ??= buffer.size - offset;
     const staging = this.buffer(
       `${buffer.label}.readback`,
       size,

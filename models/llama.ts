@@ -6,8 +6,8 @@
  *
  * @module
  */
-import { type Dispatch, type Gpu } from "../engine/gpu.ts";
-import { type StoredTensor, WeightStore } from "../engine/weights.ts";
+import type { Dispatch, Gpu } from "../engine/gpu.ts";
+import type { StoredTensor, WeightStore } from "../engine/weights.ts";
 import type { HostTensor, LoadedModel, ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
 import { createRmsnorm } from "../kernels/rmsnorm.ts";

@@ -13,10 +13,15 @@ export type RopeLayout = "interleaved" | "rotate-half";
 
 /** Llama 3.1-style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`). */
 export interface RopeScaling {
+  /** The scaling rule (only Llama 3's). */
   readonly type: "llama3";
+  /** Divisor of low frequencies. */
   readonly factor: number;
+  /** Wavelengths above originalMaxPositionEmbeddings / lowFreqFactor are fully scaled. */
   readonly lowFreqFactor: number;
+  /** Wavelengths below originalMaxPositionEmbeddings / highFreqFactor are kept. */
   readonly highFreqFactor: number;
+  /** Context length the model was pretrained with. */
   readonly originalMaxPositionEmbeddings: number;
 }
 
@@ -82,9 +87,13 @@ export type DType =
  * `blk.N.ffn_gate.weight`, `blk.N.ffn_up.weight`, `blk.N.ffn_down.weight`.
  */
 export interface HostTensor {
+  /** Canonical name. */
   readonly name: string;
+  /** Storage type of `data`. */
   readonly dtype: DType;
+  /** Shape, outermost first. */
   readonly shape: readonly number[];
+  /** Raw little-endian bytes. */
   readonly data: Uint8Array;
 }
 
