@@ -135,14 +135,16 @@ async function benchSpeculative(
   targetPath: string,
   draftPath: string,
   tokens: number,
+  tokenizer?: string,
 ): Promise<SpecRow[]> {
-  const th = await loadModel(targetPath), dh = await loadModel(draftPath);
+  const th = await loadModel(targetPath, { tokenizer }),
+    dh = await loadModel(draftPath, { tokenizer });
   const tok = th.tokenizer!;
   const store = new WeightStore(gpu);
   const maxSeq = Math.min(th.config.maxSeqLen, dh.config.maxSeqLen, 1024);
   const t = await LlamaGpu.create(gpu, store, th, { label: "target", maxSeq });
   const d = await LlamaGpu.create(gpu, store, dh, { label: "draft", maxSeq });
-  const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }));
+  const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }).slice(0, 64));
   const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
   const quiet = { onTokens: () => {}, cancelled: () => false };
   const configs: [string, Speculation, DraftLength][] = [
@@ -217,6 +219,7 @@ if (import.meta.main) {
       model: { type: "string", multiple: true },
       target: { type: "string" },
       draft: { type: "string" },
+      tokenizer: { type: "string" },
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
@@ -274,7 +277,13 @@ if (import.meta.main) {
   }
   if (values.target && values.draft) {
     console.log(`speculative vs plain: ${values.target} with draft ${values.draft}`);
-    const rows = await benchSpeculative(gpu, values.target, values.draft, Number(values.tokens));
+    const rows = await benchSpeculative(
+      gpu,
+      values.target,
+      values.draft,
+      Number(values.tokens),
+      values.tokenizer,
+    );
     report.speculative = rows;
     console.log(
       `\ngreedy decoding, ${PROMPTS.length} prompts x ${values.tokens} tokens, one process`,

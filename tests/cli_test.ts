@@ -162,3 +162,44 @@ Deno.test({
     assert.equal(obj.tokens.length, 16);
   },
 });
+
+Deno.test({
+  name: "Ctrl-C (SIGINT) during generate stops it cleanly with the stats so far",
+  ignore: noGpu,
+  async fn() {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        MOD,
+        "generate",
+        "--model",
+        stories,
+        "--tokenizer",
+        tok512,
+        "--prompt-tokens",
+        "1",
+        "--max-tokens",
+        "500",
+        "--temperature",
+        "0",
+      ],
+      env: { XDG_RUNTIME_DIR: Deno.env.get("XDG_RUNTIME_DIR") ?? "/tmp", NO_COLOR: "1" },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const reader = child.stdout.getReader();
+    let text = "";
+    while (text.length < 20) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += new TextDecoder().decode(value);
+    }
+    child.kill("SIGINT");
+    while (!(await reader.read()).done) { /* drain */ }
+    const { code } = await child.status;
+    const stderr = new TextDecoder().decode(await new Response(child.stderr).arrayBuffer());
+    assert.equal(code, 130, stderr);
+    assert.match(stderr, /stopped: cancelled/);
+  },
+});
