@@ -13,6 +13,7 @@ import {
 import { readLlama2c } from "../models/llama2c.ts";
 import { BLOCK_INFO, tensorBytes } from "../models/quant.ts";
 import { type DType, FormatError, type HostTensor, type ModelConfig } from "../models/types.ts";
+import { assertFormatError } from "./fixtures.ts";
 
 const MODELS = new URL("../../shared/models/", import.meta.url);
 
@@ -40,22 +41,6 @@ function randomBytes(n: number, seed: number): Uint8Array {
 
 function f32Bytes(values: number[]): Uint8Array {
   return new Uint8Array(new Float32Array(values).buffer);
-}
-
-/** Asserts that `fn` throws a FormatError naming `file` and matching `pattern`. */
-function assertFormatError(fn: () => unknown, file: string, pattern: RegExp, what: string): void {
-  try {
-    fn();
-  } catch (e) {
-    if (!(e instanceof FormatError)) throw new Error(`${what}: expected a FormatError, got ${e}`);
-    assert.ok(
-      e.message.startsWith(`${file}: `),
-      `${what}: message does not name the file: ${e.message}`,
-    );
-    assert.match(e.message, pattern, what);
-    return;
-  }
-  assert.fail(`${what}: no error thrown`);
 }
 
 /** The value as an array, or a test failure. */

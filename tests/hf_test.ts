@@ -8,6 +8,7 @@ import {
 } from "../models/safetensors.ts";
 import { f16ToF32, tensorToF32 } from "../models/convert.ts";
 import { FormatError, type ModelConfig } from "../models/types.ts";
+import { assertFormatErrorAsync } from "./fixtures.ts";
 
 const PAIR = new URL("../../shared/models/pycode-pair/", import.meta.url);
 
@@ -19,26 +20,6 @@ async function fixtureDir(name: string): Promise<string> {
     throw new Error(`fixture ${path} is missing (see shared/models/MANIFEST.md): ${e}`);
   }
   return path;
-}
-
-/** Asserts that `fn` rejects with a FormatError whose message names `file` and matches `what`. */
-async function assertFormatError(
-  fn: () => unknown,
-  file: string,
-  what: RegExp,
-  label: string,
-): Promise<void> {
-  try {
-    await fn();
-  } catch (e) {
-    if (!(e instanceof FormatError)) {
-      throw new Error(`${label}: expected a FormatError, got ${(e as Error)?.name}: ${e}`);
-    }
-    assert.ok(e.message.startsWith(`${file}: `), `${label}: message lacks ${file}: ${e.message}`);
-    assert.match(e.message, what, label);
-    return;
-  }
-  assert.fail(`${label}: no error`);
 }
 
 // A tiny Llama-style config and matching f32 weights, written to temporary folders.
@@ -206,14 +187,19 @@ Deno.test("readHfConfig() names the file and field of every bad value", async ()
     [{ bos_token_id: -1 }, /"bos_token_id" must be a token id/],
   ];
   for (const [patch, what] of cases) {
-    await assertFormatError(
+    await assertFormatErrorAsync(
       () => readHfConfig({ ...TINY, ...patch }, "dir/config.json"),
       "dir/config.json",
       what,
       JSON.stringify(patch),
     );
   }
-  await assertFormatError(() => readHfConfig([1], "c.json"), "c.json", /not a JSON object/, "[1]");
+  await assertFormatErrorAsync(
+    () => readHfConfig([1], "c.json"),
+    "c.json",
+    /not a JSON object/,
+    "[1]",
+  );
 });
 
 Deno.test("loadHfFolder() loads the pycode pair: 60.9M and 10.6M params, tied, f16", async () => {
@@ -345,7 +331,7 @@ Deno.test("loadHfFolder() names the file and tensor when weights disagree with c
   for (const [files, what] of cases) {
     const dir = await writeFolder({ "config.json": TINY, ...files });
     try {
-      await assertFormatError(
+      await assertFormatErrorAsync(
         () => loadHfFolder(dir),
         join(dir, "model.safetensors"),
         what,
@@ -357,7 +343,7 @@ Deno.test("loadHfFolder() names the file and tensor when weights disagree with c
   }
   const empty = await writeFolder({ "config.json": TINY });
   try {
-    await assertFormatError(
+    await assertFormatErrorAsync(
       () => loadHfFolder(empty),
       empty,
       /neither model.safetensors nor/,
@@ -389,7 +375,7 @@ Deno.test("loadHfFolder() rejects truncated and invalid config.json and index fi
     ) => [...new Set(Array.from({ length: 40 }, (_, i) => Math.floor((n - 1) * i / 39)))];
     for (const n of cuts(configBytes.length)) {
       await Deno.writeFile(configPath, configBytes.subarray(0, n));
-      await assertFormatError(
+      await assertFormatErrorAsync(
         () => loadHfFolder(dir),
         configPath,
         /not valid UTF-8 JSON/,
@@ -397,11 +383,16 @@ Deno.test("loadHfFolder() rejects truncated and invalid config.json and index fi
       );
     }
     await Deno.writeFile(configPath, new Uint8Array([0x7b, 0xff, 0x7d]));
-    await assertFormatError(() => loadHfFolder(dir), configPath, /not valid UTF-8/, "config bytes");
+    await assertFormatErrorAsync(
+      () => loadHfFolder(dir),
+      configPath,
+      /not valid UTF-8/,
+      "config bytes",
+    );
     await Deno.writeFile(configPath, configBytes);
     for (const n of cuts(indexBytes.length)) {
       await Deno.writeFile(indexPath, indexBytes.subarray(0, n));
-      await assertFormatError(
+      await assertFormatErrorAsync(
         () => loadHfFolder(dir),
         indexPath,
         /not valid UTF-8 JSON/,
@@ -434,7 +425,7 @@ Deno.test("loadHfFolder() rejects truncated and invalid config.json and index fi
     ];
     for (const [index, what, file] of indexCases) {
       await Deno.writeTextFile(indexPath, JSON.stringify(index));
-      await assertFormatError(() => loadHfFolder(dir), file, what, JSON.stringify(index));
+      await assertFormatErrorAsync(() => loadHfFolder(dir), file, what, JSON.stringify(index));
     }
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -480,7 +471,7 @@ Deno.test("loadHfFolder() rejects real weights whose safetensors header has a fl
         if (inMeta) {
           assert.equal((await loadHfFolder(tmp)).tensors.size, 29);
         } else {
-          await assertFormatError(() => loadHfFolder(tmp), file, /tensor "/, `flip at ${at}`);
+          await assertFormatErrorAsync(() => loadHfFolder(tmp), file, /tensor "/, `flip at ${at}`);
           counts.loader++;
         }
       }

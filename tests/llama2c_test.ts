@@ -1,7 +1,7 @@
 import assert from "@specdec/assert";
 import { readLlama2c } from "../models/llama2c.ts";
 import { tensorToF32 } from "../models/convert.ts";
-import { FormatError } from "../models/types.ts";
+import { assertFormatError } from "./fixtures.ts";
 
 const STORIES = new URL("../../shared/models/icppWorld-icpp_llm/stories260K.bin", import.meta.url);
 const XS = new URL("../../shared/models/saltyduckegg-llama2xs.c/model.bin", import.meta.url);
@@ -12,21 +12,6 @@ async function readFixture(url: URL): Promise<Uint8Array> {
   } catch (e) {
     throw new Error(`fixture ${url.pathname} is missing (see shared/models/MANIFEST.md): ${e}`);
   }
-}
-
-/** Asserts that `fn` throws a FormatError whose message names `file` and matches `what`. */
-function assertFormatError(fn: () => unknown, file: string, what: RegExp, label: string) {
-  try {
-    fn();
-  } catch (e) {
-    if (!(e instanceof FormatError)) {
-      throw new Error(`${label}: expected a FormatError, got ${(e as Error)?.name}: ${e}`);
-    }
-    assert.ok(e.message.startsWith(`${file}: `), `${label}: message lacks the file: ${e.message}`);
-    assert.match(e.message, what, label);
-    return;
-  }
-  assert.fail(`${label}: no error`);
 }
 
 /** The header of a llama2.c file as seven int32 values. */

@@ -2,7 +2,7 @@ import assert from "@specdec/assert";
 import { join } from "@specdec/path";
 import { countParams, findFolderTokenizer, loadModel } from "../models/load.ts";
 import { formatInspect, formatParams, inspectModel } from "../models/inspect.ts";
-import { FormatError } from "../models/types.ts";
+import { assertFormatErrorAsync } from "./fixtures.ts";
 
 const MODELS = new URL("../../shared/models/", import.meta.url);
 
@@ -14,21 +14,6 @@ async function fixture(relative: string): Promise<string> {
     throw new Error(`fixture ${path} is missing (see shared/models/MANIFEST.md): ${e}`);
   }
   return path;
-}
-
-/** Asserts that `fn` rejects with a FormatError whose message names `file` and matches `what`. */
-async function assertFormatError(fn: () => Promise<unknown>, file: string, what: RegExp) {
-  try {
-    await fn();
-  } catch (e) {
-    if (!(e instanceof FormatError)) {
-      throw new Error(`expected a FormatError, got ${(e as Error)?.name}: ${e}`);
-    }
-    assert.ok(e.message.startsWith(`${file}: `), `message lacks ${file}: ${e.message}`);
-    assert.match(e.message, what);
-    return;
-  }
-  assert.fail(`no error for ${file}`);
 }
 
 Deno.test("loadModel() loads the pycode pair with their SentencePiece tokenizers", async () => {
@@ -72,23 +57,23 @@ Deno.test("loadModel() names the path and the supported formats for anything els
   try {
     const pt = join(dir, "model.pt");
     await Deno.writeTextFile(pt, "x");
-    await assertFormatError(
+    await assertFormatErrorAsync(
       () => loadModel(pt),
       pt,
       /unsupported model file "model.pt": expected a Hugging Face folder .*\.gguf.*llama2\.c/,
     );
     const st = join(dir, "model.safetensors");
     await Deno.writeTextFile(st, "x");
-    await assertFormatError(() => loadModel(st), st, /pass the folder .* config\.json/);
+    await assertFormatErrorAsync(() => loadModel(st), st, /pass the folder .* config\.json/);
     const missing = join(dir, "nope.bin");
-    await assertFormatError(() => loadModel(missing), missing, /no such file or folder/);
-    await assertFormatError(() => loadModel(dir), dir, /no config\.json here/);
+    await assertFormatErrorAsync(() => loadModel(missing), missing, /no such file or folder/);
+    await assertFormatErrorAsync(() => loadModel(dir), dir, /no config\.json here/);
     const bin = join(dir, "bad.bin");
     await Deno.writeFile(bin, new Uint8Array(40));
-    await assertFormatError(() => loadModel(bin), bin, /header field dim = 0/);
+    await assertFormatErrorAsync(() => loadModel(bin), bin, /header field dim = 0/);
     const gguf = join(dir, "bad.gguf");
     await Deno.writeFile(gguf, new Uint8Array(40));
-    await assertFormatError(() => loadModel(gguf), gguf, /./);
+    await assertFormatErrorAsync(() => loadModel(gguf), gguf, /./);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -1,7 +1,7 @@
 import assert from "@specdec/assert";
 import { encodeSafetensors, MAX_HEADER_BYTES, readSafetensors } from "../models/safetensors.ts";
 import { bf16ToF32, f16ToF32, tensorToF32 } from "../models/convert.ts";
-import { FormatError } from "../models/types.ts";
+import { assertFormatError } from "./fixtures.ts";
 
 const DRAFT = new URL("../../shared/models/pycode-pair/draft/model.safetensors", import.meta.url);
 
@@ -14,21 +14,6 @@ async function readFixture(url: URL): Promise<Uint8Array> {
 }
 
 const f32Bytes = (a: number[]) => new Uint8Array(new Float32Array(a).buffer);
-
-/** Asserts that `fn` throws a FormatError whose message names `file` and matches `what`. */
-function assertFormatError(fn: () => unknown, file: string, what: RegExp, label: string) {
-  try {
-    fn();
-  } catch (e) {
-    if (!(e instanceof FormatError)) {
-      throw new Error(`${label}: expected a FormatError, got ${(e as Error)?.name}: ${e}`);
-    }
-    assert.ok(e.message.startsWith(`${file}: `), `${label}: message lacks the file: ${e.message}`);
-    assert.match(e.message, what, label);
-    return;
-  }
-  assert.fail(`${label}: no error`);
-}
 
 Deno.test("readSafetensors() returns views into the file for f32, f16 and bf16 tensors", () => {
   const bytes = encodeSafetensors([
