@@ -347,11 +347,6 @@ export async function requestGpu(options: RequestGpuOptions = {}): Promise<Gpu> 
   });
 }
 
-/** Rounds `n` up to a multiple of `m`. */
-export function roundUp(n: number, m: number): number {
-  return Math.ceil(n / m) * m;
-}
-
 /** Splits `n` workgroups into (x, y) within the per-dimension limit (for very large dispatches). */
 export function grid2d(n: number, maxPerDim = 65535): [number, number, number] {
   if (n <= maxPerDim) return [n, 1, 1];

@@ -13,7 +13,13 @@
  *
  * @module
  */
-import { ByteStreamDecoder, concatBytes, PairQueue, PieceType } from "./sentencepiece.ts";
+import {
+  ByteStreamDecoder,
+  checkTokenId,
+  concatBytes,
+  PairQueue,
+  PieceType,
+} from "./sentencepiece.ts";
 import { FormatError, type StreamDecoder, type Tokenizer } from "./types.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -276,21 +282,14 @@ export class BpeTokenizer implements Tokenizer {
 
   /** The stored piece of token `id`. */
   piece(id: number): string {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     return this.pieces[id];
   }
 
   /** The {@linkcode PieceType} of token `id`. */
   type(id: number): number {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     return this.types[id];
-  }
-
-  /** Throws a RangeError unless `id` is a token id. */
-  private checkId(id: number): void {
-    if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
-      throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.vocabSize - 1})`);
-    }
   }
 
   /** Encodes `text`; adds BOS first only when `options.bos` is true. */
@@ -378,7 +377,7 @@ export class BpeTokenizer implements Tokenizer {
   decode(ids: readonly number[]): string {
     const parts: Uint8Array[] = [];
     for (const id of ids) {
-      this.checkId(id);
+      checkTokenId(id, this.vocabSize);
       parts.push(this.outBytes[id]);
     }
     return new TextDecoder("utf-8", { ignoreBOM: true }).decode(concatBytes(parts));
@@ -387,7 +386,7 @@ export class BpeTokenizer implements Tokenizer {
   /** A fresh streaming decoder (emits exactly {@linkcode decode}'s text in total). */
   decoder(): StreamDecoder {
     return new ByteStreamDecoder((id) => {
-      this.checkId(id);
+      checkTokenId(id, this.vocabSize);
       return this.outBytes[id];
     });
   }

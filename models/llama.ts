@@ -251,6 +251,18 @@ export class LlamaGpu {
       scratch = createAttentionScratch(g, `${L}.attn.T${T}`, shape, plan);
       this.#scratch.set(T, scratch);
     }
+    // xb[first .. first+rows) = rmsnorm(x[first .. first+rows)) * weight.
+    const norm = (label: string, weight: StoredTensor, first = 0, rows = T) =>
+      createRmsnorm(g, {
+        label,
+        x: a.x,
+        xOffset: first * c.dim,
+        w: weight.buffer,
+        y: a.xb,
+        T: rows,
+        D: c.dim,
+        eps: c.normEps,
+      });
     // x = embedding rows of the T input tokens.
     d.push(
       await createEmbedding(g, {
@@ -288,17 +300,7 @@ export class LlamaGpu {
           ...extra,
         });
       // Attention block: xb = rmsnorm(x); q, k, v = xb·Wq, xb·Wk, xb·Wv (+ bias).
-      d.push(
-        await createRmsnorm(g, {
-          label: `${P}.attn_norm`,
-          x: a.x,
-          w: w.attnNorm.buffer,
-          y: a.xb,
-          T,
-          D: c.dim,
-          eps: c.normEps,
-        }),
-      );
+      d.push(await norm(`${P}.attn_norm`, w.attnNorm));
       d.push(await mm("attn.q", a.xb, w.q, a.q, c.dim, qDim, { bias: w.qBias?.buffer }));
       d.push(await mm("attn.k", a.xb, w.k, a.k, c.dim, kvDim, { bias: w.kBias?.buffer }));
       d.push(await mm("attn.v", a.xb, w.v, a.v, c.dim, kvDim, { bias: w.vBias?.buffer }));
@@ -351,17 +353,7 @@ export class LlamaGpu {
       // x += att·Wo (residual fused into the product).
       d.push(await mm("attn.o", a.att, w.o, a.x, qDim, c.dim, { accumulate: true }));
       // Feed-forward block: x += (silu(xb·Wgate) * (xb·Wup))·Wdown with xb = rmsnorm(x).
-      d.push(
-        await createRmsnorm(g, {
-          label: `${P}.ffn_norm`,
-          x: a.x,
-          w: w.ffnNorm.buffer,
-          y: a.xb,
-          T,
-          D: c.dim,
-          eps: c.normEps,
-        }),
-      );
+      d.push(await norm(`${P}.ffn_norm`, w.ffnNorm));
       d.push(await mm("ffn.gate_up", a.xb, w.gateUp, a.gu, c.dim, 2 * c.ffnDim));
       d.push(
         await createSwiglu(g, {
@@ -380,18 +372,7 @@ export class LlamaGpu {
     // logits = rmsnorm(x)·Wcls for the last row (prefill, decode) or every row (verify).
     if (rows !== "none") {
       const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
-      d.push(
-        await createRmsnorm(g, {
-          label: `${L}.output_norm`,
-          x: a.x,
-          xOffset: first * c.dim,
-          w: this.#outNorm.buffer,
-          y: a.xb,
-          T: n,
-          D: c.dim,
-          eps: c.normEps,
-        }),
-      );
+      d.push(await norm(`${L}.output_norm`, this.#outNorm, first, n));
       d.push(
         await createMatmul(g, {
           label: `${L}.classifier`,

@@ -269,27 +269,20 @@ export class SentencePieceTokenizer implements Tokenizer {
 
   /** The stored piece of token `id`. */
   piece(id: number): string {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     return this.pieces[id];
   }
 
   /** The {@linkcode PieceType} of token `id`. */
   type(id: number): number {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     return this.types[id];
   }
 
   /** The score of token `id`. */
   score(id: number): number {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     return this.scores[id];
-  }
-
-  /** Throws a RangeError unless `id` is a token id. */
-  private checkId(id: number): void {
-    if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
-      throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.vocabSize - 1})`);
-    }
   }
 
   /** Applies sentencepiece's normalization (whitespace handling only; identity rule). */
@@ -369,7 +362,7 @@ export class SentencePieceTokenizer implements Tokenizer {
    * dummy prefix) is dropped, once, as sentencepiece does.
    */
   private tokenBytes(id: number, atStart: boolean): Uint8Array {
-    this.checkId(id);
+    checkTokenId(id, this.vocabSize);
     const b = this.pieceBytes[id];
     const t = this.types[id];
     if (
@@ -588,4 +581,11 @@ export function sentencePieceFromLlama2c(
     throw new FormatError(fileName, `${pieces.length} tokens; <unk>, <s>, </s> are required`);
   }
   return new SentencePieceTokenizer({ pieces, scores, unkId: 0, bosId: 1, eosId: 2 }, fileName);
+}
+
+/** Throws a RangeError unless `id` is a token id of a `vocabSize`-token vocabulary. */
+export function checkTokenId(id: number, vocabSize: number): void {
+  if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
+    throw new RangeError(`token id ${id} is outside the vocabulary (0..${vocabSize - 1})`);
+  }
 }

@@ -9,6 +9,7 @@ import {
 } from "../engine/speculative_math.ts";
 import { acceptRef, createAccept } from "../kernels/accept.ts";
 import { gpuTest, randomArray } from "./harness.ts";
+import { PAIRS, TRIALS } from "./spec_cases.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 const TEST_DOMAIN = 99;
@@ -172,32 +173,6 @@ gpuTest(
     assert.deepEqual([...got.tokens.subarray(10, 11)], [3]);
   },
 );
-
-// p/q pairs over V = 8 (as in speculative_math_test.ts).
-const PAIRS: { name: string; p: number[]; q: number[] }[] = [
-  {
-    name: "p and q differ",
-    p: [0.3, 0.05, 0.1, 0.2, 0.05, 0.15, 0.1, 0.05],
-    q: [0.1, 0.2, 0.05, 0.3, 0.05, 0.1, 0.05, 0.15],
-  },
-  {
-    name: "q has zeros where p has mass",
-    p: [0.1, 0.2, 0.15, 0.05, 0.2, 0.1, 0.1, 0.1],
-    q: [0.5, 0.5, 0, 0, 0, 0, 0, 0],
-  },
-  {
-    name: "p has zeros where q has mass",
-    p: [0, 0.4, 0, 0.3, 0, 0.2, 0, 0.1],
-    q: [0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125],
-  },
-  {
-    name: "q equals p",
-    p: [0.05, 0.1, 0.15, 0.2, 0.2, 0.15, 0.1, 0.05],
-    q: [0.05, 0.1, 0.15, 0.2, 0.2, 0.15, 0.1, 0.05],
-  },
-];
-
-const TRIALS = 20000;
 
 for (const pair of PAIRS) {
   gpuTest(

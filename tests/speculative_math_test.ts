@@ -12,6 +12,7 @@ import {
   SAMPLE_DOMAIN,
   sampleFrom,
 } from "../engine/speculative_math.ts";
+import { PAIRS, TRIALS } from "./spec_cases.ts";
 
 const f32 = (xs: number[]) => new Float32Array(xs);
 const logs = (ps: number[]) => f32(ps.map((p) => Math.log(p)));
@@ -178,31 +179,6 @@ Deno.test("acceptDraft() accepts when q(x) = 0 < p(x), rejects when p(x) = 0", (
   );
 });
 
-// p/q pairs for the distribution tests (V = 8).
-const PAIRS: { name: string; p: number[]; q: number[] }[] = [
-  {
-    name: "p and q differ",
-    p: [0.3, 0.05, 0.1, 0.2, 0.05, 0.15, 0.1, 0.05],
-    q: [0.1, 0.2, 0.05, 0.3, 0.05, 0.1, 0.05, 0.15],
-  },
-  {
-    name: "q has zeros where p has mass",
-    p: [0.1, 0.2, 0.15, 0.05, 0.2, 0.1, 0.1, 0.1],
-    q: [0.5, 0.5, 0, 0, 0, 0, 0, 0],
-  },
-  {
-    name: "p has zeros where q has mass",
-    p: [0, 0.4, 0, 0.3, 0, 0.2, 0, 0.1],
-    q: [0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125],
-  },
-  {
-    name: "q equals p",
-    p: [0.05, 0.1, 0.15, 0.2, 0.2, 0.15, 0.1, 0.05],
-    q: [0.05, 0.1, 0.15, 0.2, 0.2, 0.15, 0.1, 0.05],
-  },
-];
-
-const TRIALS = 20000;
 const TEST_DOMAIN = 99;
 
 for (const pair of PAIRS) {
