@@ -43,6 +43,40 @@ export type {
   StreamDecoder,
   Tokenizer,
 } from "./models/types.ts";
+export type { WeightFormat } from "./kernels/qformats.ts";
+export { WEIGHT_FORMATS } from "./kernels/qformats.ts";
+export type { KvDType } from "./kernels/kv_write.ts";
+export { parseKeep, planQuant, QUANT_REQUESTS } from "./engine/quant_plan.ts";
+export type {
+  KeepGroup,
+  QuantPlanOptions,
+  QuantRequest,
+  TensorChoice,
+} from "./engine/quant_plan.ts";
+export { quantizeToGguf } from "./engine/quantize.ts";
+export type { QuantizeOptions, QuantizeResult } from "./engine/quantize.ts";
+export { formatPlanTable, planConfigurations } from "./engine/planner.ts";
+export type { PlanRequest, PlanRow } from "./engine/planner.ts";
+export {
+  estimateVram,
+  formatBytes,
+  parseBytes,
+  VRAM_CATEGORIES,
+  vramTotal,
+} from "./engine/vram.ts";
+export type {
+  AdapterFacts,
+  PlannedModel,
+  VramBytes,
+  VramCategory,
+  VramSetup,
+} from "./engine/vram.ts";
+export { perplexity, PERPLEXITY_DEFINITION, perplexityTokens } from "./engine/perplexity.ts";
+export type { PerplexityOptions, PerplexityResult } from "./engine/perplexity.ts";
+export { LlamaGpu } from "./models/llama.ts";
+export type { LlamaGpuOptions, LogitRows, TokenSource } from "./models/llama.ts";
+export { WeightStore } from "./engine/weights.ts";
+export type { StoredFormat, StoredTensor } from "./engine/weights.ts";
 export { main } from "./engine/cli.ts";
 
 import { main } from "./engine/cli.ts";

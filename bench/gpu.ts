@@ -122,7 +122,8 @@ export interface SpecRow {
   identical: boolean;
 }
 
-const PROMPTS = [
+/** Code prompts the decoding benchmarks share. */
+export const PROMPTS = [
   CODE,
   "import numpy as np\n\n\ndef softmax(x, axis=-1):\n",
   'class Stack:\n    """A last-in first-out stack."""\n\n    def __init__(self):\n',

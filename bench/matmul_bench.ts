@@ -1,5 +1,6 @@
 /**
- * Matmul benchmarks at the pycode target's sizes: `deno bench -A bench/matmul_bench.ts`.
+ * Matmul benchmarks at the pycode target's sizes (f16, f32 and the block formats q8_0, q4_0,
+ * nf4): `deno bench -A bench/matmul_bench.ts`.
  *
  * First {@linkcode benchMatmul} measures every case (GPU timestamps when the device has them,
  * many dispatches per timed pass); its table of weight bandwidth (GB/s) per path is printed at the
@@ -11,14 +12,16 @@
  */
 import { requestGpu } from "../engine/gpu.ts";
 import { createMatmul } from "../kernels/matmul.ts";
-import { benchMatmul, formatMatmulRows, PYCODE_CASES } from "./matmul_cases.ts";
+import { weightBytes } from "../kernels/qformats.ts";
+import { benchMatmul, formatMatmulRows, PYCODE_CASES, QUANT_CASES } from "./matmul_cases.ts";
 
 /** Most dispatches per submission. */
 const PER_SUBMIT = 50;
 
 const gpu = await requestGpu();
 const rw = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-const rows = await benchMatmul(gpu, PYCODE_CASES, PER_SUBMIT, 500);
+const quant = QUANT_CASES.filter((c) => c.K === 576); // the pycode sizes; large ones: bench/gpu.ts
+const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...quant], PER_SUBMIT, 500);
 
 for (const r of rows) {
   const label = `bench.${r.name}.T${r.T}.${r.dtype}`;
@@ -26,7 +29,7 @@ for (const r of rows) {
   const d = await createMatmul(gpu, {
     label,
     x: gpu.buffer(`${label}.x`, r.T * r.K * 4, rw),
-    w: gpu.buffer(`${label}.w`, r.N * r.K * (r.dtype === "f16" ? 2 : 4), rw),
+    w: gpu.buffer(`${label}.w`, weightBytes(r.dtype, r.N, r.K), rw),
     y: gpu.buffer(`${label}.y`, r.T * r.N * 4, rw),
     dtype: r.dtype,
     T: r.T,

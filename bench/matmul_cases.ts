@@ -8,6 +8,7 @@
  */
 import type { Gpu } from "../engine/gpu.ts";
 import { createMatmul, type MatmulPath, matmulPath, type WeightDType } from "../kernels/matmul.ts";
+import { formatBlock, weightBytes } from "../kernels/qformats.ts";
 
 /** One product to time: y[T, N] = x[T, K] · W[N, K]^T. */
 export interface MatmulCase {
@@ -19,7 +20,7 @@ export interface MatmulCase {
   K: number;
   /** Output width. */
   N: number;
-  /** Weight storage type. */
+  /** Weight format (any `WeightFormat`; block formats need K % block == 0). */
   dtype: WeightDType;
   /** Force a path; default matmulPath(T). */
   path?: MatmulPath;
@@ -77,7 +78,23 @@ export const LARGE_CASES: readonly MatmulCase[] = cases(
   ["f16"],
 );
 
-const WEIGHT_BYTES = { f16: 2, f32: 4 } as const;
+/**
+ * Block formats at decode and verify sizes (T = 1, 8): the pycode target's products in q8_0,
+ * q4_0 and nf4 (576 is not a multiple of 256, so no K-quants there) and the 7B/8B-class products
+ * in every block format.
+ */
+export const QUANT_CASES: readonly MatmulCase[] = [
+  ...cases(
+    [["ffn.up 576→1536", 576, 1536], ["lm_head 576→32000", 576, 32000]],
+    [1, 8],
+    ["q8_0", "q4_0", "nf4"],
+  ),
+  ...cases(
+    [["ffn.up 4096→14336", 4096, 14336], ["ffn.down 14336→4096", 14336, 4096]],
+    [1, 8],
+    ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"],
+  ),
+].filter((c) => c.K % formatBlock(c.dtype) === 0);
 
 /**
  * Times each case (cases needing f16 are skipped on devices without it). Each case gets one
@@ -102,7 +119,7 @@ export async function benchMatmul(
     if (c.dtype === "f16" && !gpu.features.f16) continue;
     const path = c.path ?? matmulPath(c.T);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
-    const wBytes = c.N * c.K * WEIGHT_BYTES[c.dtype];
+    const wBytes = weightBytes(c.dtype, c.N, c.K);
     // Buffers are zero-filled: values do not change the work a dense product does.
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);
     const w = gpu.buffer(`${label}.w`, wBytes, rw);

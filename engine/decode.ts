@@ -78,6 +78,24 @@ export interface DecodeResult {
 /** Cycles per submission at most (bounded by the timestamp query set too). */
 const MAX_CYCLES = 64;
 
+/**
+ * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
+ * draft distributions, run state and readback buffers) for `maxSeq` rows and a vocabulary of
+ * `vocab`; `speculative` adds the draft distributions and, with `timestamps`, the query buffers.
+ */
+export function decoderBytes(
+  maxSeq: number,
+  vocab: number,
+  speculative: boolean,
+  timestamps: boolean,
+): number {
+  const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
+  let n = maxSeq * 4 + 2 * (MAX_DRAFT + 1) * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
+  n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + (RUN_SLOTS + maxSeq + 1) * 4;
+  if (speculative && timestamps) n += 2 * 4 * MAX_CYCLES * 8;
+  return n;
+}
+
 /** Drives one target model's (and optionally a draft's) GPU-resident generation. */
 export class Decoder {
   readonly #gpu: Gpu;

@@ -100,6 +100,8 @@ export class Gpu {
   #pipelines = new Map<string, Promise<GPUComputePipeline>>();
   #pending: GpuError | undefined;
   #lost: GpuError | undefined;
+  #allocated = 0;
+  #uniformBytes = 0;
 
   /** Wraps an already created device; use {@linkcode requestGpu} instead. */
   constructor(device: GPUDevice, adapterName: string, features: GpuFeatures) {
@@ -122,6 +124,19 @@ export class Gpu {
     device.lost.then((info) => {
       this.#lost = new GpuError("device", `device lost (${info.reason}): ${info.message}`);
     });
+  }
+
+  /**
+   * Bytes of every non-uniform buffer created through this object so far (weights, caches,
+   * scratch, staging), counted when created. The VRAM planner's figures are checked against it.
+   */
+  get allocatedBytes(): number {
+    return this.#allocated;
+  }
+
+  /** Bytes of the small uniform (params) buffers created so far, kept apart from the above. */
+  get uniformBytes(): number {
+    return this.#uniformBytes;
   }
 
   /** Throws the first GPU error seen since the last check (uncaptured errors, device loss). */
@@ -165,6 +180,8 @@ export class Gpu {
     }
     // WebGPU needs sizes to be multiples of 4 for copies and mapping.
     const padded = Math.max(4, Math.ceil(size / 4) * 4);
+    if (usage & GPUBufferUsage.UNIFORM) this.#uniformBytes += padded;
+    else this.#allocated += padded;
     return this.device.createBuffer({ label, size: padded, usage });
   }
 

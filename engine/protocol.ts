@@ -4,6 +4,10 @@
  *
  * @module
  */
+import type { KeepGroup, QuantRequest } from "./quant_plan.ts";
+import type { KvDType } from "../kernels/kv_write.ts";
+import type { WeightFormat } from "../kernels/qformats.ts";
+import type { VramBytes } from "./vram.ts";
 
 /** Options for loading a model pair. */
 export interface LoadOptions {
@@ -19,6 +23,23 @@ export interface LoadOptions {
   maxSeq?: number;
   /** Use f32 weights and KV cache even where `shader-f16` exists. */
   noF16?: boolean;
+  /** Quantize the target's weights at load (mixed plan, see `keep`); default: as loaded. */
+  quant?: QuantRequest;
+  /** Quantize the draft's weights at load; default: `quant` (q4_0 for a self-draft). */
+  draftQuant?: QuantRequest;
+  /** Groups kept at higher precision when quantizing; default embed, output, first, last. */
+  keep?: KeepGroup[];
+  /** Format of the kept groups; default q8_0 for 4-bit quantization, f16 otherwise. */
+  keepFormat?: WeightFormat;
+  /** Draft with a quantized copy of the target itself (`--spec self`). */
+  selfDraft?: boolean;
+  /** KV-cache precision; default f16 (f32 without shader-f16). */
+  kv?: KvDType;
+  /**
+   * VRAM budget in bytes: pick the most precise configuration that fits (formats and KV not
+   * given explicitly are chosen), or refuse before allocating with the table of options.
+   */
+  vram?: number;
 }
 
 /** Sampling and stopping options for one generation. */
@@ -61,8 +82,10 @@ export interface GenerateStats {
   ttft_ms: number;
   /** Why it stopped. */
   stop_reason: StopReason;
-  /** GPU bytes allocated (weights, KV caches, activations, decode buffers). */
+  /** GPU bytes allocated (the sum of `vram`). */
   vram_bytes: number;
+  /** GPU bytes by category, from the buffers actually created. */
+  vram: VramBytes;
   /** Proposal source used. */
   spec: "model" | "ngram" | "none";
   /** Accepted draft tokens / proposed draft tokens (0 without speculation). */
@@ -93,8 +116,15 @@ export interface GenerateChunk {
 export interface ModelInfo {
   /** Adapter description. */
   adapter: string;
-  /** Whether f16 weights/KV are in use. */
+  /** Whether the KV cache is f16. */
   f16: boolean;
+  /** KV-cache element type. */
+  kv: KvDType;
+  /** Stored tensors per weight format, per model. */
+  formats: {
+    target: Partial<Record<WeightFormat, number>>;
+    draft?: Partial<Record<WeightFormat, number>>;
+  };
   /** Model context length. */
   maxSeqLen: number;
   /** Allocated KV rows. */
@@ -104,7 +134,7 @@ export interface ModelInfo {
   /** Whether a draft model is loaded. */
   draft: boolean;
   /** GPU bytes allocated by category. */
-  vram: Record<string, number>;
+  vram: VramBytes;
 }
 
 /** Main thread → worker. */

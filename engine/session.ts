@@ -8,6 +8,15 @@ import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
 import { Decoder, type Speculation } from "./decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
+import { planQuant } from "./quant_plan.ts";
+import {
+  formatPlanTable,
+  planConfigurations,
+  type PlanRequest,
+  selfDraftFormats,
+} from "./planner.ts";
+import { estimateVram, formatBytes, type VramBytes, vramTotal } from "./vram.ts";
+import type { WeightFormat } from "../kernels/qformats.ts";
 import { loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
 import type {
@@ -26,6 +35,8 @@ export class Session {
   readonly #draft: LlamaGpu | undefined;
   readonly #decoders = new Map<string, Decoder>();
   readonly #tokenizer: Tokenizer | undefined;
+  /** The planner's figures for this setup, computed before anything was allocated. */
+  readonly planned: VramBytes;
 
   private constructor(
     gpu: Gpu,
@@ -33,7 +44,9 @@ export class Session {
     target: LlamaGpu,
     draft: LlamaGpu | undefined,
     tokenizer: Tokenizer | undefined,
+    planned: VramBytes,
   ) {
+    this.planned = planned;
     this.#gpu = gpu;
     this.#store = store;
     this.#target = target;
@@ -68,23 +81,129 @@ export class Session {
     }
     const gpu = await requestGpu({ disableF16: options.noF16 });
     progress(`GPU: ${gpu.adapterName}${gpu.features.f16 ? " (shader-f16)" : ""}`);
+    try {
+      return await Session.#upload(gpu, options, host, draftHost, maxSeq, progress);
+    } catch (e) {
+      gpu.destroy();
+      throw e;
+    }
+  }
+
+  static async #upload(
+    gpu: Gpu,
+    options: LoadOptions,
+    host: LoadedModel,
+    draftHost: LoadedModel | undefined,
+    maxSeq: number,
+    progress: (msg: string) => void,
+  ): Promise<Session> {
+    const f16 = gpu.features.f16 && !options.noF16;
+    if (options.kv === "f16" && !f16) {
+      throw new Error(
+        "--kv f16 needs the shader-f16 feature (this device or --no-f16 rules it out)",
+      );
+    }
+    const self = options.selfDraft === true;
+    const req: PlanRequest = {
+      target: host,
+      draft: draftHost,
+      self,
+      quant: options.quant,
+      draftQuant: options.draftQuant,
+      keep: options.keep,
+      keepFormat: options.keepFormat,
+      kv: options.kv ?? (options.vram === undefined ? (f16 ? "f16" : "f32") : undefined),
+      ctx: maxSeq,
+      budget: options.vram,
+      speculative: self || draftHost !== undefined,
+      adapter: {
+        maxBufferSize: gpu.limits.maxBufferSize,
+        maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
+        maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
+        timestamps: gpu.features.timestamp,
+      },
+      f16,
+    };
+    let targetFormats: ReadonlyMap<string, WeightFormat>;
+    let draftFormats: ReadonlyMap<string, WeightFormat> | undefined;
+    let kv = req.kv!;
+    let planned: VramBytes | undefined;
+    if (options.vram !== undefined) {
+      // Pick the most precise configuration that fits, or refuse before allocating anything.
+      const rows = await planConfigurations(req);
+      const pick = rows.find((r) => r.chosen);
+      if (!pick) {
+        throw new Error(
+          `nothing fits ${formatBytes(options.vram)} at a context of ${maxSeq}; the options:\n` +
+            formatPlanTable(rows, req),
+        );
+      }
+      targetFormats = pick.targetFormats;
+      draftFormats = pick.draftFormats;
+      kv = pick.kv;
+      planned = pick.bytes;
+      progress(
+        `VRAM plan: ${pick.quant ?? "weights as loaded"}${
+          pick.draftFormats ? `, draft ${pick.draftQuant ?? "as loaded"}` : ""
+        }, ${kv} KV cache: ${formatBytes(pick.total)} of ${formatBytes(options.vram)}`,
+      );
+    } else {
+      const formats = (m: LoadedModel, quant = options.quant) =>
+        new Map(
+          [...planQuant(m.config, m.tensors, {
+            quant,
+            keep: options.keep,
+            keepFormat: options.keepFormat,
+            f16,
+          })].map(([n, c]) => [n, c.format]),
+        );
+      targetFormats = formats(host);
+      if (self) {
+        draftFormats = selfDraftFormats(host, targetFormats, options.draftQuant ?? "q4_0", req);
+      } else if (draftHost) draftFormats = formats(draftHost, options.draftQuant ?? options.quant);
+      const draftModel = self ? host : draftHost;
+      const est = await estimateVram({
+        ...req,
+        target: { model: host, formats: targetFormats },
+        draft: draftModel && draftFormats
+          ? { model: draftModel, formats: draftFormats }
+          : undefined,
+        kv,
+      }, maxSeq);
+      if (est.problems.length > 0) {
+        throw new Error(`this setup exceeds the adapter's limits: ${est.problems.join("; ")}`);
+      }
+      planned = est.bytes;
+    }
     const store = new WeightStore(gpu);
-    progress(`uploading ${host.tensors.size} target tensors`);
+    progress(
+      `uploading ${host.tensors.size} target tensors (${formatBytes(planned.target_weights)})`,
+    );
     const target = await LlamaGpu.create(gpu, store, host, {
       label: "target",
       maxSeq,
       noF16: options.noF16,
+      formats: targetFormats,
+      kv,
     });
     let draft: LlamaGpu | undefined;
-    if (draftHost) {
-      progress(`uploading ${draftHost.tensors.size} draft tensors`);
-      draft = await LlamaGpu.create(gpu, store, draftHost, {
+    const draftModel = self ? host : draftHost;
+    if (draftModel) {
+      progress(
+        `uploading ${self ? "the self-draft" : "draft"} tensors (${
+          formatBytes(planned.draft_weights)
+        } more)`,
+      );
+      draft = await LlamaGpu.create(gpu, store, draftModel, {
         label: "draft",
         maxSeq,
         noF16: options.noF16,
+        formats: draftFormats,
+        kv,
       });
     }
-    return new Session(gpu, store, target, draft, host.tokenizer ?? draftHost?.tokenizer);
+    const tokenizer = host.tokenizer ?? draftHost?.tokenizer;
+    return new Session(gpu, store, target, draft, tokenizer, planned);
   }
 
   #decoder(spec: "model" | "ngram" | "none"): Decoder {
@@ -101,24 +220,38 @@ export class Session {
     return d;
   }
 
+  /** Bytes of every non-uniform GPU buffer this session has created (see `Gpu.allocatedBytes`). */
+  get allocatedBytes(): number {
+    return this.#gpu.allocatedBytes;
+  }
+
+  /** GPU bytes by category, from the buffers actually created (see `engine/vram.ts`). */
+  vram(): VramBytes {
+    const t = this.#target, d = this.#draft;
+    let staging = 0;
+    for (const dec of this.#decoders.values()) staging += dec.bytes;
+    return {
+      target_weights: this.#store.bytesOf("target"),
+      draft_weights: this.#store.bytesOf("draft"),
+      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0),
+      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0),
+      staging,
+    };
+  }
+
   /** Facts about the loaded models, including GPU bytes by category. */
   info(): ModelInfo {
     const t = this.#target, d = this.#draft;
-    let decode = 0;
-    for (const dec of this.#decoders.values()) decode += dec.bytes;
     return {
       adapter: this.#gpu.adapterName,
       f16: t.kvType === "f16",
+      kv: t.kvType,
       maxSeqLen: t.config.maxSeqLen,
       kvRows: t.maxSeq,
       vocabSize: t.config.vocabSize,
       draft: d !== undefined,
-      vram: {
-        weights: this.#store.bytes,
-        kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0),
-        activations: t.bytes.activations + (d?.bytes.activations ?? 0),
-        decode,
-      },
+      formats: { target: { ...t.formats }, ...(d ? { draft: { ...d.formats } } : {}) },
+      vram: this.vram(),
     };
   }
 
@@ -178,7 +311,8 @@ export class Session {
       decode_tok_s: r.tokens.length > 1 ? (r.tokens.length - 1) / (r.decodeMs / 1000) : 0,
       ttft_ms: ttft,
       stop_reason: r.stop,
-      vram_bytes: Object.values(info.vram).reduce((a, b) => a + b, 0),
+      vram_bytes: vramTotal(info.vram),
+      vram: info.vram,
       spec,
       acceptance_rate: r.proposed ? r.accepted / r.proposed : 0,
       proposed_tokens: r.proposed,

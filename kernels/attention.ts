@@ -5,8 +5,10 @@
  *   s in 0 .. pos+t (query row t sits at position pos+t), scale = 1/sqrt(headDim).
  *
  * `pos` is read on the GPU from `state[0]`. Cache layout: `[layers, maxSeq, nKvHeads, headDim]`
- * (f16 or f32), one buffer for K and one for V shared by all layers. Cache rows past `pos+T-1`
- * are never read, so KV rollback is moving `pos` back.
+ * (f16 or f32; q8: int8 values 4 per word, then one f32 scale per head vector, see kv_write.ts),
+ * one buffer for K and one for V shared by all layers. Every variant reads the cache through
+ * `loadK`/`loadV`, which dequantize a q8 vec4 (int8 x scale) as it is loaded: no separate
+ * dequantize pass. Cache rows past `pos+T-1` are never read, so KV rollback is moving `pos` back.
  *
  * Three variants, chosen by {@linkcode attentionUsesSplitK} unless forced by name:
  * - "flash": one workgroup per (kv head, block of BQ query rows); K/V tiles of KT keys staged in
@@ -19,7 +21,7 @@
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
-import type { KvDType } from "./kv_write.ts";
+import { checkKvCache, type KvDType } from "./kv_write.ts";
 
 /** Invocations per workgroup of the flash kernels. */
 export const ATTN_WG = 64;
@@ -128,6 +130,33 @@ const LOG2E = 1.4426950408889634;
 /** Running-max start: finite, so exp2(m_old - m_new) never becomes exp2(-inf + inf) = NaN. */
 const NEG = "-3.0e38";
 
+/** WGSL element type of a cache binding: vec4 of f16/f32, or u32 words (4 int8) for q8. */
+function cacheElem(dtype: KvDType): string {
+  return dtype === "q8" ? "u32" : `vec4<${dtype}>`;
+}
+
+/**
+ * WGSL `loadK(gi)` / `loadV(gi)`: vec4 number gi of a cache as f32 (gi counts vec4s of values
+ * from the start of the buffer). q8: word gi holds 4 int8 (byte j = element j, sign-extended by
+ * the arithmetic shift), times the scale of its head vector, word scaleBase + gi / HD4.
+ */
+function loaders(dtype: KvDType): string {
+  if (dtype !== "q8") {
+    return `fn loadK(gi: u32) -> vec4<f32> { return vec4<f32>(kCache[gi]); }
+fn loadV(gi: u32) -> vec4<f32> { return vec4<f32>(vCache[gi]); }`;
+  }
+  return `fn unpackQ8(w: u32) -> vec4<f32> {
+  let b = bitcast<vec4<i32>>(vec4<u32>(w) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+  return vec4<f32>(b);
+}
+fn loadK(gi: u32) -> vec4<f32> {
+  return unpackQ8(kCache[gi]) * bitcast<f32>(kCache[p.scaleBase + gi / HD4]);
+}
+fn loadV(gi: u32) -> vec4<f32> {
+  return unpackQ8(vCache[gi]) * bitcast<f32>(vCache[p.scaleBase + gi / HD4]);
+}`;
+}
+
 /** Shared WGSL head: enable f16, the params struct. */
 function header(dtype: KvDType): string {
   return `${dtype === "f16" ? "enable f16;" : ""}
@@ -140,6 +169,7 @@ struct Params {
   rowVec4: u32,    // nKv * headDim / 4: vec4s per cache row
   rows: u32,       // T * group: query rows per kv head
   scale: f32,      // log2(e) / sqrt(headDim): scores are kept in the log2 domain
+  scaleBase: u32,  // q8: layers * maxSeq * nKv * headDim / 4, first word of the scale region
 }`;
 }
 
@@ -153,19 +183,22 @@ export function attentionFlashWgsl(
   const split = plan.variant === "flash-split";
   const NS = plan.nSplits;
   const ACC = Math.ceil(BQ * HD4 / WG);
-  const DT = `vec4<${dtype}>`;
+  const DT = cacheElem(dtype);
+  const layout = dtype === "q8" ? " int8 x4, then scales [layers, maxSeq, nKv] f32" : "";
   return /* wgsl */ `${header(dtype)}
 // Flash attention${split ? ", split-K (flash-decoding) first pass" : ""}. Workgroup (x, y, z) =
 // (row block, kv head, key chunk) owns BQ=${BQ} query rows of kv head y, row r = t*group + g for
 // query head y*group + g, and the keys [kBegin, kEnd) of chunk z (${NS} chunk(s); chunk size is
 // derived on the GPU from pos so empty chunks cost nothing). ${WG} invocations loop over K/V tiles
-// of KT=${KT} keys: all load the tile (vec4 per invocation, keys past kEnd read as 0, never out of
+// of KT=${KT} keys: all load the tile (vec4 per invocation${
+    dtype === "q8" ? ", dequantized as loaded" : ""
+  }, keys past kEnd read as 0, never out of
 // range), compute the BQ x KT scores, BQ invocations do the online softmax of their row, and each
 // invocation owns ${ACC} vec4 of the BQ x headDim accumulator. Keys past a row's own end
 // (pos + t + 1) get weight 0: rows beyond pos+T-1 of the cache are never loaded.
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;   // q: [T, nHeads, ${headDim}] f32
-@group(0) @binding(1) var<storage, read> kCache: array<${DT}>;  // [layers, maxSeq, nKv, ${headDim}] ${dtype}
-@group(0) @binding(2) var<storage, read> vCache: array<${DT}>;  // [layers, maxSeq, nKv, ${headDim}] ${dtype}
+@group(0) @binding(1) var<storage, read> kCache: array<${DT}>;  // [layers, maxSeq, nKv, ${headDim}] ${dtype}${layout}
+@group(0) @binding(2) var<storage, read> vCache: array<${DT}>;  // same layout as kCache
 @group(0) @binding(3) var<storage, read> state: array<u32>;     // state[0] = pos
 ${
     split
@@ -185,6 +218,8 @@ const KT = ${KT}u;
 const WG = ${WG}u;
 const NS = ${NS}u;
 const ACC = ${ACC}u;
+
+${loaders(dtype)}
 
 var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], pre-scaled
 var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
@@ -236,8 +271,8 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
       var vx = vec4<f32>(0.0);
       if (s < kEnd) {
         let gi = kvBase + s * p.rowVec4 + e % HD4;
-        kx = vec4<f32>(kCache[gi]);
-        vx = vec4<f32>(vCache[gi]);
+        kx = loadK(gi);
+        vx = loadV(gi);
       }
       Ks[e] = kx;
       Vs[e] = vx;
@@ -355,13 +390,21 @@ export function attentionNaiveWgsl(headDim: number, dtype: KvDType): string {
 // invocations past T*nHeads return. Each reads its keys 0 .. pos+t straight from the cache twice:
 // once for the max score, once for the weights and the weighted sum of V.
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;   // q: [T, nHeads, ${headDim}] f32
-@group(0) @binding(1) var<storage, read> kCache: array<vec4<${dtype}>>; // [layers, maxSeq, nKv, ${headDim}]
-@group(0) @binding(2) var<storage, read> vCache: array<vec4<${dtype}>>; // [layers, maxSeq, nKv, ${headDim}]
+@group(0) @binding(1) var<storage, read> kCache: array<${
+    cacheElem(dtype)
+  }>; // [layers, maxSeq, nKv, ${headDim}] ${dtype}${
+    dtype === "q8" ? " int8 x4, then scales [layers, maxSeq, nKv] f32" : ""
+  }
+@group(0) @binding(2) var<storage, read> vCache: array<${
+    cacheElem(dtype)
+  }>; // same layout as kCache
 @group(0) @binding(3) var<storage, read> state: array<u32>;     // state[0] = pos
 @group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>; // out: [T, nHeads, ${headDim}]
 @group(0) @binding(5) var<uniform> p: Params;
 
 const HD4 = ${HD4}u;
+
+${loaders(dtype)}
 
 @compute @workgroup_size(${ATTN_SIMPLE_WG})
 fn main(@builtin(global_invocation_id) g: vec3u) {
@@ -375,17 +418,17 @@ fn main(@builtin(global_invocation_id) g: vec3u) {
   var m = ${NEG};
   for (var s = 0u; s < end; s++) {
     var d = 0.0;
-    for (var c = 0u; c < HD4; c++) { d += dot(qv[c], vec4<f32>(kCache[base + s * p.rowVec4 + c])); }
+    for (var c = 0u; c < HD4; c++) { d += dot(qv[c], loadK(base + s * p.rowVec4 + c)); }
     m = max(m, d);
   }
   var l = 0.0;
   var acc: array<vec4<f32>, HD4>;
   for (var s = 0u; s < end; s++) {
     var d = 0.0;
-    for (var c = 0u; c < HD4; c++) { d += dot(qv[c], vec4<f32>(kCache[base + s * p.rowVec4 + c])); }
+    for (var c = 0u; c < HD4; c++) { d += dot(qv[c], loadK(base + s * p.rowVec4 + c)); }
     let w = exp2(d - m);
     l += w;
-    for (var c = 0u; c < HD4; c++) { acc[c] += w * vec4<f32>(vCache[base + s * p.rowVec4 + c]); }
+    for (var c = 0u; c < HD4; c++) { acc[c] += w * loadV(base + s * p.rowVec4 + c); }
   }
   for (var c = 0u; c < HD4; c++) {
     out[i * HD4 + c] = select(vec4<f32>(0.0), acc[c] / l, l > 0.0);
@@ -402,18 +445,41 @@ export interface AttentionScratch {
   readonly ml: GPUBuffer;
 }
 
-/** Allocates the split-K scratch for `plan` and `shape` (tiny placeholders when not split). */
+/** Bytes of the two split-K scratch buffers (acc, ml) `plan` needs; [4, 4] placeholders if unsplit. */
+function scratchSizes(shape: AttentionShape, plan: AttentionPlan): [number, number] {
+  if (plan.variant !== "flash-split") return [4, 4];
+  const rows = plan.nSplits * shape.T * shape.nHeads;
+  return [rows * shape.headDim * 4, rows * 8];
+}
+
+/**
+ * Bytes of both buffers {@linkcode createAttentionScratch} makes for `shape` and `plan` (a
+ * multiple of 4 each, so exactly what `gpu.buffer` allocates): the partial accumulators and
+ * (m, l) pairs of a "flash-split" plan, two 4-byte placeholders for the other variants.
+ * A scratch shared by several plans (one per T) must be as large as the LARGEST of their
+ * values: nSplits * T peaks at small T, not at the largest T.
+ */
+export function attentionScratchBytes(shape: AttentionShape, plan: AttentionPlan): number {
+  const [acc, ml] = scratchSizes(shape, plan);
+  return acc + ml;
+}
+
+/**
+ * Allocates the split-K scratch for `plan` and `shape` (4-byte placeholders when not split);
+ * {@linkcode attentionScratchBytes} bytes in all. {@linkcode createAttention} accepts any
+ * scratch at least this large, so one scratch can serve several plans.
+ */
 export function createAttentionScratch(
   gpu: Gpu,
   label: string,
   shape: AttentionShape,
   plan: AttentionPlan,
 ): AttentionScratch {
-  const rows = plan.nSplits * shape.T * shape.nHeads;
+  const [acc, ml] = scratchSizes(shape, plan);
   const usage = GPUBufferUsage.STORAGE;
   return {
-    acc: gpu.buffer(`${label}.partial_acc`, rows * shape.headDim * 4, usage),
-    ml: gpu.buffer(`${label}.partial_ml`, rows * 8, usage),
+    acc: gpu.buffer(`${label}.partial_acc`, acc, usage),
+    ml: gpu.buffer(`${label}.partial_ml`, ml, usage),
   };
 }
 
@@ -423,9 +489,9 @@ export interface AttentionArgs extends AttentionShape {
   label: string;
   /** q: [T, nHeads, headDim] f32 (after RoPE). */
   q: GPUBuffer;
-  /** K cache: [layers, maxSeq, nKvHeads, headDim] of `dtype`. */
+  /** K cache: [layers, maxSeq, nKvHeads, headDim] of `dtype` (q8: then scales), `kvCacheBytes`. */
   kCache: GPUBuffer;
-  /** V cache: [layers, maxSeq, nKvHeads, headDim] of `dtype`. */
+  /** V cache: same layout as `kCache`. */
   vCache: GPUBuffer;
   /** state: array<u32>, state[0] = pos (tokens cached before this forward). */
   state: GPUBuffer | GPUBufferBinding;
@@ -433,32 +499,25 @@ export interface AttentionArgs extends AttentionShape {
   out: GPUBuffer;
   /** Element type of both caches. */
   dtype: KvDType;
-  /** Layer to attend over. */
+  /** Layers in the cache buffers (places the q8 scale region; checked for every dtype). */
+  layers: number;
+  /** Layer to attend over, in [0, layers). */
   layer: number;
   /** Force a kernel by name (bench, tests); default: {@linkcode attentionPlan}'s choice. */
   variant?: AttentionVariant;
-  /** Split-K scratch to reuse (from {@linkcode createAttentionScratch} with the same plan). */
+  /** Split-K scratch to reuse: from {@linkcode createAttentionScratch}, this plan's or larger. */
   scratch?: AttentionScratch;
 }
 
 function checkShape(label: string, a: AttentionArgs): void {
-  for (const f of ["T", "nHeads", "nKvHeads", "headDim", "maxSeq"] as const) {
+  for (const f of ["T", "nHeads"] as const) {
     if (!Number.isInteger(a[f]) || a[f] < 1) {
       throw new Error(`${label}: ${f} must be a positive integer, got ${a[f]}`);
     }
   }
-  if (a.headDim % 4 !== 0) {
-    throw new Error(`${label}: headDim must be a multiple of 4, got ${a.headDim}`);
-  }
+  checkKvCache(label, a);
   if (a.nHeads % a.nKvHeads !== 0) {
     throw new Error(`${label}: nHeads ${a.nHeads} is not a multiple of nKvHeads ${a.nKvHeads}`);
-  }
-  const need = (a.layer + 1) * a.maxSeq * a.nKvHeads * a.headDim * (a.dtype === "f16" ? 2 : 4);
-  if (!Number.isInteger(a.layer) || a.layer < 0 || a.kCache.size < need || a.vCache.size < need) {
-    throw new Error(
-      `${label}: layer ${a.layer} needs caches of at least ${need} bytes, got K ${a.kCache.size}` +
-        ` and V ${a.vCache.size}`,
-    );
   }
 }
 
@@ -476,7 +535,7 @@ export async function createAttention(gpu: Gpu, args: AttentionArgs): Promise<Di
   const plan = attentionPlan(args, gpu.limits.maxComputeWorkgroupStorageSize, args.variant);
   const group = args.nHeads / args.nKvHeads;
   const rowVec4 = args.nKvHeads * headDim / 4;
-  const raw = new ArrayBuffer(32);
+  const raw = new ArrayBuffer(48); // 9 fields, padded to 16 bytes
   new Uint32Array(raw).set([
     args.T,
     args.nHeads,
@@ -487,6 +546,7 @@ export async function createAttention(gpu: Gpu, args: AttentionArgs): Promise<Di
     args.T * group,
   ]);
   new Float32Array(raw)[7] = LOG2E / Math.sqrt(headDim);
+  new Uint32Array(raw)[8] = args.layers * args.maxSeq * rowVec4;
   const params = gpu.uniform(`${label}.params`, new Uint8Array(raw));
   const common = [args.q, args.kCache, args.vCache, args.state];
 
@@ -521,9 +581,12 @@ export async function createAttention(gpu: Gpu, args: AttentionArgs): Promise<Di
   }
 
   const scratch = args.scratch ?? createAttentionScratch(gpu, label, args, plan);
-  const need = plan.nSplits * args.T * args.nHeads * headDim * 4;
-  if (scratch.acc.size < need || scratch.ml.size < need / headDim * 2) {
-    throw new Error(`${label}: split-K scratch too small for ${plan.nSplits} splits`);
+  const [needAcc, needMl] = scratchSizes(args, plan);
+  if (scratch.acc.size < needAcc || scratch.ml.size < needMl) {
+    throw new Error(
+      `${label}: split-K scratch of ${scratch.acc.size} + ${scratch.ml.size} bytes is too small` +
+        ` for ${plan.nSplits} splits of T=${args.T} (needs ${needAcc} + ${needMl})`,
+    );
   }
   const first: Dispatch = {
     label: `${label}.partial`,
@@ -580,7 +643,8 @@ export interface AttentionRefShape {
 
 /**
  * CPU reference: two-pass softmax attention of `q` ([T, nHeads, headDim]) over the caches
- * ([layers, maxSeq, nKvHeads, headDim], f32 values; pass f16-rounded values for an f16 cache).
+ * ([layers, maxSeq, nKvHeads, headDim], f32 values; pass f16-rounded values for an f16 cache and
+ * the dequantized values, `kvDequantizeRef`, for a q8 cache).
  * Returns out: [T, nHeads, headDim]. Computed in f64.
  */
 export function attentionRef(

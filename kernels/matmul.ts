@@ -9,12 +9,17 @@
  * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
  *   in workgroup memory.
  *
+ * Both paths take weights in every {@linkcode WeightFormat} and dequantize them inside the kernel
+ * (`kernels/qformats.ts` holds the layouts and the WGSL decoders); for block formats K must be a
+ * multiple of the block.
+ *
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
+import { formatBlock, isBlockFormat, type WeightFormat, weightWgsl } from "./qformats.ts";
 
-/** Storage type of a weight matrix. */
-export type WeightDType = "f32" | "f16";
+/** Storage format of a weight matrix (an alias of {@linkcode WeightFormat}). */
+export type WeightDType = WeightFormat;
 
 /** Which kernel computes a product. */
 export type MatmulPath = "matvec" | "tiled";
@@ -50,7 +55,7 @@ export function matmulPath(T: number): MatmulPath {
 
 /** Specialization values baked into a matmul shader (all part of its pipeline key). */
 interface MatmulSpec {
-  dtype: WeightDType;
+  dtype: WeightFormat;
   bias: boolean;
   accumulate: boolean;
 }
@@ -65,6 +70,7 @@ struct Params {
   xOffset: u32, // element offset of x[0, 0] in the x buffer
   yOffset: u32, // element offset of y[0, 0] in the y buffer
   vecK: u32,    // K / 4 (matvec vec4 path only)
+  nb: u32,      // blocks of W: N * K / block (block formats only)
 }
 @group(0) @binding(3) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>; // y: [T, N] f32 at yOffset
@@ -99,6 +105,7 @@ export function matvecRows(T: number): number {
  * otherwise as scalars, so any K works.
  */
 export function matvecWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
+  if (isBlockFormat(s.dtype)) return matvecBlockWgsl(s);
   const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
   const [len, xi, xStart] = s.vec4
     ? ["p.vecK", "xBase", "p.xOffset / 4u"]
@@ -112,23 +119,6 @@ export function matvecWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string
       Array.from({ length: R }, (_, r) => `acc${t}_${r} += ${mul(`w${r}`, "xv")};`).join(" ") +
       " }"),
   ].join("\n");
-  // Few partials: tree-reduce them (log2 steps). Many: invocation j sums partial row j serially.
-  const tree = `  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-${unrolled(P, (e) => `      red[${e * S}u + lid] += red[${e * S}u + lid + s];`)}
-    }
-    workgroupBarrier();
-  }
-  if (lid < ${P}u && n0 + lid % ${R}u < p.N) { store(lid / ${R}u, n0 + lid % ${R}u, red[lid * ${S}u]); }`;
-  const serial = `  for (var j = lid; j < ${P}u; j += ${MATVEC_WG}u) {
-    var sum = 0.0;
-    for (var i = 0u; i < ${MATVEC_WG}u; i++) { sum += red[j * ${S}u + i]; }
-    let n = n0 + j % ${R}u;
-    if (n < p.N) { store(j / ${R}u, n, sum); }
-  }`;
-  const reduceHow = P <= TREE_MAX_PARTIALS
-    ? "tree-reduced"
-    : `summed row by row\n// (invocation j < ${P} sums row j)`;
   const el = s.vec4 ? "vec4<f32>" : "f32";
   const wel = s.vec4 ? "vec4<WT>" : "WT";
   return /* wgsl */ `${header(s)}
@@ -136,7 +126,7 @@ ${unrolled(P, (e) => `      red[${e * S}u + lid] += red[${e * S}u + lid + s];`)}
 // column(s) n0 .. n0+${R - 1} (weight rows). Invocation i loads ${s.vec4 ? "vec4 " : ""}elements
 // i, i + ${MATVEC_WG}, ... of those weight rows once and multiplies them into all ${T} activation
 // rows (each x load serves ${R} weight rows), keeping ${P} partial sums in registers. The partials
-// go to workgroup memory [${P}, ${S}] (padded against bank conflicts) and are ${reduceHow}.
+// go to workgroup memory [${P}, ${S}] (padded against bank conflicts) and are ${reduceHow(T)}.
 // The loop bound masks ragged K; weight rows past N are clamped when loaded and not stored;
 // workgroups past N (2-D grid rounding) return.
 @group(0) @binding(0) var<storage, read> x: array<${el}>;  // x: [T, K] f32 at xOffset
@@ -158,11 +148,111 @@ ${unrolled(P, (e) => `  var acc${Math.floor(e / R)}_${e % R} = 0.0;`)}
   for (var k = lid; k < ${len}; k += ${MATVEC_WG}u) {
 ${body}
   }
-${unrolled(P, (e) => `  red[${e * S}u + lid] = acc${Math.floor(e / R)}_${e % R};`)}
-  workgroupBarrier();
-${P <= TREE_MAX_PARTIALS ? tree : serial}
+${reduceWgsl(T)}
 }
 `;
+}
+
+/** How {@linkcode reduceWgsl} combines the partial sums (for the shader's opening comment). */
+function reduceHow(T: number): string {
+  const P = T * matvecRows(T);
+  return P <= TREE_MAX_PARTIALS
+    ? "tree-reduced"
+    : `summed row by row\n// (invocation j < ${P} sums row j)`;
+}
+
+/**
+ * The matvec epilogue: partial sums `acc{t}_{r}` of each invocation go to workgroup memory and
+ * are reduced over the workgroup, then stored to y[t, n0 + r].
+ */
+function reduceWgsl(T: number): string {
+  const R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
+  // Few partials: tree-reduce them (log2 steps). Many: invocation j sums partial row j serially.
+  const tree = `  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+${unrolled(P, (e) => `      red[${e * S}u + lid] += red[${e * S}u + lid + s];`)}
+    }
+    workgroupBarrier();
+  }
+  if (lid < ${P}u && n0 + lid % ${R}u < p.N) { store(lid / ${R}u, n0 + lid % ${R}u, red[lid * ${S}u]); }`;
+  const serial = `  for (var j = lid; j < ${P}u; j += ${MATVEC_WG}u) {
+    var sum = 0.0;
+    for (var i = 0u; i < ${MATVEC_WG}u; i++) { sum += red[j * ${S}u + i]; }
+    let n = n0 + j % ${R}u;
+    if (n < p.N) { store(j / ${R}u, n, sum); }
+  }`;
+  return `${unrolled(P, (e) => `  red[${e * S}u + lid] = acc${Math.floor(e / R)}_${e % R};`)}
+  workgroupBarrier();
+${P <= TREE_MAX_PARTIALS ? tree : serial}`;
+}
+
+/**
+ * WGSL of the matrix-vector path for a block format: the same workgroup shape and reduction as
+ * {@linkcode matvecWgsl}, but the K loop walks the weight rows in decode units (one u32 of
+ * quants each, see `wUnit` in `kernels/qformats.ts`) and dequantizes in registers.
+ */
+function matvecBlockWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
+  const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
+  const G = blockGroups(s.dtype);
+  const xLoad = s.vec4
+    ? "return x[p.xOffset / 4u + t * p.vecK + k4];"
+    : `let i = p.xOffset + t * p.K + 4u * k4;
+  return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);`;
+  const groups = Array.from({ length: G }, (_, g) =>
+    `    { let k4 = kx + wUnitK4(j, ${g}u);
+${
+      unrolled(T, (t) =>
+        `      { let xv = xq(${t}u, k4); ` +
+        Array.from({ length: R }, (_, r) => `acc${t}_${r} += dot(d${r}[${g}], xv);`).join(" ") +
+        " }")
+    }
+    }`).join("\n");
+  return /* wgsl */ `${header(s)}${weightWgsl(s.dtype)}
+// Matrix-vector path, ${s.dtype}, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns ${R}
+// output column(s) n0 .. n0+${R - 1} (weight rows). A row is K / W_BLOCK blocks of W_UNITS decode
+// units; invocation i decodes units i, i + ${MATVEC_WG}, ... of each of its rows (one u32 of quants
+// per unit: consecutive invocations load consecutive words, so every quant byte is read once per
+// workgroup, coalesced; the block's scales come from cache) into W_GROUPS vec4s, and multiplies
+// them into all ${T} activation rows (each x load serves ${R} weight rows), keeping ${P} partial
+// sums in registers. The partials go to workgroup memory [${P}, ${S}] and are ${reduceHow(T)}.
+// K is a whole number of blocks (checked on the host), so units never straddle K; weight rows
+// past N are clamped when loaded and not stored; workgroups past N (2-D grid rounding) return.
+@group(0) @binding(0) var<storage, read> x: array<${
+    s.vec4 ? "vec4<f32>" : "f32"
+  }>; // x: [T, K] f32 at xOffset
+
+var<workgroup> red: array<f32, ${P * S}>; // red: [T*R, ${S}] partial sums
+
+// x[t, 4 k4 .. 4 k4 + 3]
+fn xq(t: u32, k4: u32) -> vec4<f32> {
+  ${xLoad}
+}
+
+@compute @workgroup_size(${MATVEC_WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  wInit(lid);
+  workgroupBarrier();
+  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
+  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barrier
+  let bpr = p.K / W_BLOCK; // blocks per weight row
+${unrolled(R, (r) => `  let b0_${r} = min(n0 + ${r}u, p.N - 1u) * bpr;`)}
+${unrolled(P, (e) => `  var acc${Math.floor(e / R)}_${e % R} = 0.0;`)}
+  for (var u = lid; u < bpr * W_UNITS; u += ${MATVEC_WG}u) {
+    let kb = u / W_UNITS;
+    let j = u % W_UNITS;
+    let kx = kb * (W_BLOCK / 4u); // vec4 index of the block's first value in an x row
+${unrolled(R, (r) => `    let d${r} = wUnit(b0_${r} + kb, j, p.nb);`)}
+${groups}
+  }
+${reduceWgsl(T)}
+}
+`;
+}
+
+/** vec4 groups per decode unit of a block format (W_GROUPS in its WGSL). */
+function blockGroups(f: WeightFormat): number {
+  return { q8_0: 1, q4_0: 2, nf4: 2, q4_k: 2, q6_k: 4 }[f as "q8_0"] ?? 0;
 }
 
 /** `n` generated source lines (the micro-tile is unrolled so accumulators stay in registers). */
@@ -170,19 +260,44 @@ function unrolled(n: number, line: (i: number) => string): string {
   return Array.from({ length: n }, (_, i) => line(i)).join("\n");
 }
 
-/** WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). */
+/**
+ * WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). Block
+ * formats dequantize while staging the W tile: each invocation decodes 4 consecutive k of one
+ * weight row (`w4` of `kernels/qformats.ts`).
+ */
 export function tiledWgsl(s: MatmulSpec): string {
   const loads = (TILE_M * TILE_K) / (TILED_WG_X * TILED_WG_Y);
+  const block = isBlockFormat(s.dtype);
+  // W staging: float formats load element by element with the x tile; block formats decode
+  // one vec4 per invocation (TILE_N * TILE_K / 4 == invocations, K a multiple of TILE_K).
+  const wScalar = `      var wv = 0.0;
+      if (n0 + row < p.N && k < p.K) { wv = f32(w[(n0 + row) * p.K + k]); }
+      ws[kk * ${TILE_N}u + row] = wv;
+`;
+  const wBlock = `    {
+      let row = lid / ${TILE_K / 4}u;
+      let kk = (lid % ${TILE_K / 4}u) * 4u;
+      var wv = vec4<f32>(0.0);
+      if (n0 + row < p.N) { wv = w4((n0 + row) * p.K + k0 + kk, p.nb); }
+${unrolled(4, (c) => `      ws[(kk + ${c}u) * ${TILE_N}u + row] = wv[${c}];`)}
+    }
+`;
   return /* wgsl */ `${header(s)}
 // Tiled path: workgroup (bx, by) owns y[by*${TILE_M} .. +${TILE_M}, bx*${TILE_N} .. +${TILE_N}].
 // For each depth-${TILE_K} slab of K, its ${TILED_WG_X * TILED_WG_Y} invocations stage
-// a ${TILE_M}x${TILE_K} tile of x and a ${TILE_N}x${TILE_K} tile of W in workgroup memory
+// a ${TILE_M}x${TILE_K} tile of x and a ${TILE_N}x${TILE_K} tile of W (${
+    block ? "dequantized from " + s.dtype + ", a vec4 of one row per invocation" : s.dtype
+  }) in workgroup memory
 // (${loads} elements each, K fastest so global loads coalesce; stored k-major so the inner loop
 // reads consecutive addresses). Elements past T, N or K are staged as 0. Invocation (tx, ty)
 // accumulates (in unrolled registers) the ${MICRO}x${MICRO} outputs (ty + ${TILED_WG_Y}i, tx + ${TILED_WG_X}j); stores
 // past T or N are masked.
 @group(0) @binding(0) var<storage, read> x: array<f32>; // x: [T, K] f32 at xOffset
-@group(0) @binding(1) var<storage, read> w: array<WT>;  // w: [N, K] ${s.dtype}
+${
+    block
+      ? weightWgsl(s.dtype)
+      : `@group(0) @binding(1) var<storage, read> w: array<WT>;  // w: [N, K] ${s.dtype}`
+  }
 
 var<workgroup> xs: array<f32, ${TILE_M * TILE_K}>; // xs: [${TILE_K}, ${TILE_M}] (k-major)
 var<workgroup> ws: array<f32, ${TILE_N * TILE_K}>; // ws: [${TILE_K}, ${TILE_N}] (k-major)
@@ -190,7 +305,7 @@ var<workgroup> ws: array<f32, ${TILE_N * TILE_K}>; // ws: [${TILE_K}, ${TILE_N}]
 @compute @workgroup_size(${TILED_WG_X}, ${TILED_WG_Y})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u,
         @builtin(local_invocation_index) lid: u32) {
-  let m0 = wg.y * ${TILE_M}u;
+${block ? "  wInit(lid);\n  workgroupBarrier();\n" : ""}  let m0 = wg.y * ${TILE_M}u;
   let n0 = wg.x * ${TILE_N}u;
 ${unrolled(MICRO * MICRO, (e) => `  var acc${Math.floor(e / MICRO)}${e % MICRO} = 0.0;`)}
   for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
@@ -202,11 +317,8 @@ ${unrolled(MICRO * MICRO, (e) => `  var acc${Math.floor(e / MICRO)}${e % MICRO} 
       var xv = 0.0;
       if (m0 + row < p.T && k < p.K) { xv = x[p.xOffset + (m0 + row) * p.K + k]; }
       xs[kk * ${TILE_M}u + row] = xv;
-      var wv = 0.0;
-      if (n0 + row < p.N && k < p.K) { wv = f32(w[(n0 + row) * p.K + k]); }
-      ws[kk * ${TILE_N}u + row] = wv;
-    }
-    workgroupBarrier();
+${block ? "" : wScalar}    }
+${block ? wBlock : ""}    workgroupBarrier();
     for (var kk = 0u; kk < ${TILE_K}u; kk++) {
 ${unrolled(MICRO, (i) => `      let a${i} = xs[kk * ${TILE_M}u + l.y + ${i * TILED_WG_Y}u];`)}
 ${unrolled(MICRO, (j) => `      let b${j} = ws[kk * ${TILE_N}u + l.x + ${j * TILED_WG_X}u];`)}
@@ -239,10 +351,13 @@ export interface MatmulArgs {
   x: GPUBuffer;
   /** Element offset of x[0, 0] in `x` (to bind a row range of a larger buffer); default 0. */
   xOffset?: number;
-  /** w: [N, K] weights (out, in), row-major, in `dtype`. */
+  /** w: [N, K] weights (out, in), row-major, in `dtype`'s GPU layout (`encodeWeights`). */
   w: GPUBuffer;
-  /** Storage type of `w`; "f16" needs the `shader-f16` feature. */
-  dtype: WeightDType;
+  /**
+   * Format of `w` (see `kernels/qformats.ts`); "f16" needs the `shader-f16` feature; block
+   * formats need K to be a multiple of their block.
+   */
+  dtype: WeightFormat;
   /** Optional bias: [N] f32 (Qwen2 Q/K/V). */
   bias?: GPUBuffer;
   /** y: [T, N] f32 output, starting at element `yOffset`. Must not alias `x`. */
@@ -280,6 +395,15 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   if (dtype === "f16" && !gpu.features.f16) {
     throw new RangeError(`${args.label}: f16 weights need the shader-f16 feature`);
   }
+  const block = formatBlock(dtype);
+  if (K % block !== 0) {
+    throw new RangeError(
+      `${args.label}: K=${K} is not a multiple of the ${dtype} block size ${block}`,
+    );
+  }
+  if (block > 1 && N * K > 0xffffffff) {
+    throw new RangeError(`${args.label}: ${N}x${K} ${dtype} weights exceed 2^32 values`);
+  }
   const path = args.path ?? matmulPath(T);
   const spec: MatmulSpec = { dtype, bias: !!args.bias, accumulate: !!args.accumulate };
   const specKey = `${dtype}.bias${+spec.bias}.acc${+spec.accumulate}`;
@@ -308,7 +432,7 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   }
   const params = gpu.uniform(
     `${args.label}.params`,
-    new Uint32Array([T, K, N, xOffset, yOffset, K >>> 2, 0, 0]),
+    new Uint32Array([T, K, N, xOffset, yOffset, K >>> 2, block > 1 ? (N * K) / block : 0, 0]),
   );
   const buffers = [args.x, args.w, args.y, params];
   if (args.bias) buffers.push(args.bias);

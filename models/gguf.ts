@@ -913,6 +913,10 @@ export interface GgufTokenizerData {
   readonly merges?: readonly string[];
   /** `tokenizer.ggml.unknown_token_id`. */
   readonly unknownId?: number;
+  /** `tokenizer.ggml.add_space_prefix` (SentencePiece's add_dummy_prefix; readers default true). */
+  readonly addSpacePrefix?: boolean;
+  /** `tokenizer.ggml.remove_extra_whitespaces` (SentencePiece; readers default false). */
+  readonly removeExtraWhitespaces?: boolean;
 }
 
 /** Options for {@linkcode modelToGguf}. */
@@ -932,8 +936,9 @@ export interface ModelToGgufOptions {
  * not representable), optional tokenizer keys, and every tensor in map order in its own dtype.
  * Q/K rows (and biases) are permuted to the architecture's RoPE layout (interleaved for llama,
  * rotate-half for qwen2), so the written file's layout is always the one llama.cpp expects.
- * Throws a `RangeError` for what GGUF metadata cannot express (Llama 3 RoPE scaling, more than
- * two EOS ids).
+ * Whole rows move, so block-quantized Q/K weights (any dtype whose rows hold whole blocks) are
+ * permuted without being dequantized. Throws a `RangeError` for what GGUF metadata cannot
+ * express (Llama 3 RoPE scaling, more than two EOS ids).
  *
  * @example
  * ```ts ignore
@@ -1005,6 +1010,15 @@ export function modelToGguf(
     }
     if (tok.unknownId !== undefined) {
       meta.push(["tokenizer.ggml.unknown_token_id", u32(tok.unknownId)]);
+    }
+    if (tok.addSpacePrefix !== undefined) {
+      meta.push(["tokenizer.ggml.add_space_prefix", { type: "bool", value: tok.addSpacePrefix }]);
+    }
+    if (tok.removeExtraWhitespaces !== undefined) {
+      meta.push([
+        "tokenizer.ggml.remove_extra_whitespaces",
+        { type: "bool", value: tok.removeExtraWhitespaces },
+      ]);
     }
   }
   if (config.bosId !== undefined) meta.push(["tokenizer.ggml.bos_token_id", u32(config.bosId)]);

@@ -13,13 +13,10 @@ import { createEmbedding } from "../kernels/embedding.ts";
 import { createRmsnorm } from "../kernels/rmsnorm.ts";
 import { createMatmul } from "../kernels/matmul.ts";
 import { createRope, ropeInvFreq } from "../kernels/rope.ts";
-import { createKvWrite, type KvDType, kvDType } from "../kernels/kv_write.ts";
-import {
-  attentionPlan,
-  type AttentionScratch,
-  createAttention,
-  createAttentionScratch,
-} from "../kernels/attention.ts";
+import { createKvWrite, kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
+import { attentionPlan, type AttentionScratch, createAttention } from "../kernels/attention.ts";
+import type { WeightFormat } from "../kernels/qformats.ts";
+import { planQuant } from "../engine/quant_plan.ts";
 import { createSwiglu } from "../kernels/swiglu.ts";
 import { createAdvance } from "../kernels/advance.ts";
 
@@ -35,6 +32,35 @@ export interface LlamaGpuOptions {
   maxLogitRows?: number;
   /** Store weights and KV cache in f32 even where `shader-f16` exists. */
   noF16?: boolean;
+  /**
+   * Stored format of each tensor, by canonical name (fused gate/up follows `ffn_gate`); default:
+   * the plan {@linkcode planQuant} makes without a quantization request (formats as loaded).
+   */
+  formats?: ReadonlyMap<string, WeightFormat>;
+  /** KV-cache element type; default f16 where `shader-f16` exists (and not `noF16`), else f32. */
+  kv?: KvDType;
+}
+
+/** Sizes that fix a model's non-weight GPU buffers. */
+export interface LlamaBufferShape {
+  /** KV-cache rows. */
+  maxSeq: number;
+  /** Most rows per forward. */
+  maxT: number;
+  /** Most logit rows per forward. */
+  maxLogitRows: number;
+  /** KV element type. */
+  kvType: KvDType;
+  /** The device's workgroup memory (picks the attention plans, hence the split-K scratch). */
+  maxWorkgroupStorage: number;
+}
+
+/** One tensor as the forward pass uploads it: its plan name and the host tensor. */
+export interface UploadTensor {
+  /** Name in the quantization plan (gate/up fused under `blk.N.ffn_gate.weight`). */
+  readonly planName: string;
+  /** The tensor to upload (gate and up rows concatenated for the fused product). */
+  readonly tensor: HostTensor;
 }
 
 /** Per-layer weights in the store. Shapes as `[out, in]`. */
@@ -81,8 +107,13 @@ export class LlamaGpu {
   readonly kvType: KvDType;
   /** Bytes of the store's tensors this model uses (shared ones counted for each model). */
   readonly weightBytes: number;
-  /** GPU bytes by category: "kv", "activations" (weights are in the store). */
-  readonly bytes: { kv: number; activations: number };
+  /** Stored tensors per format (fused gate/up counted once). */
+  readonly formats: Readonly<Partial<Record<WeightFormat, number>>>;
+  /**
+   * GPU bytes by category, as allocated: "kv" (both caches) and "scratch" (activations, logits,
+   * attention partials, position state, RoPE table). Weights are in the store.
+   */
+  readonly bytes: { kv: number; scratch: number };
 
   readonly #gpu: Gpu;
   readonly #label: string;
@@ -94,14 +125,14 @@ export class LlamaGpu {
   readonly #vCache: GPUBuffer;
   readonly #invFreq: GPUBuffer;
   readonly #act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h", GPUBuffer>;
+  readonly #scratch: AttentionScratch;
   readonly #plans = new Map<string, Promise<Dispatch[]>>();
   readonly #sourceIds = new Map<GPUBuffer, number>(); // token buffers by identity, for plan keys
-  readonly #scratch = new Map<number, AttentionScratch>();
 
   private constructor(
     gpu: Gpu,
     config: ModelConfig,
-    opts: Required<Omit<LlamaGpuOptions, "noF16">> & { kvType: KvDType },
+    opts: LlamaBufferShape & { label: string },
     weights: {
       embedding: StoredTensor;
       classifier: StoredTensor;
@@ -123,36 +154,44 @@ export class LlamaGpu {
     const used = new Set<StoredTensor>([weights.embedding, weights.classifier, weights.outNorm]);
     for (const l of weights.layers) for (const t of Object.values(l)) if (t) used.add(t);
     this.weightBytes = [...used].reduce((a, t) => a + t.bytes, 0);
-    const c = config, S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC;
-    const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = opts.maxT;
-    const kvBytes = c.nLayers * opts.maxSeq * kvDim * (opts.kvType === "f16" ? 2 : 4);
-    // K/V caches: [layers, maxSeq, nKvHeads, headDim] of kvType.
-    this.#kCache = gpu.buffer(`${opts.label}.kv.k`, kvBytes, S);
-    this.#vCache = gpu.buffer(`${opts.label}.kv.v`, kvBytes, S);
+    const formats: Partial<Record<WeightFormat, number>> = {};
+    for (const t of used) formats[t.format] = (formats[t.format] ?? 0) + 1;
+    this.formats = formats;
+    const sizes = llamaBufferSizes(config, opts);
+    const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC;
+    // K/V caches: [layers, maxSeq, nKvHeads, headDim] of kvType (q8: int8 + per-row scales).
+    this.#kCache = gpu.buffer(`${opts.label}.kv.k`, sizes.kvCache, S);
+    this.#vCache = gpu.buffer(`${opts.label}.kv.v`, sizes.kvCache, S);
     this.state = gpu.buffer(`${opts.label}.state`, 16, S | GPUBufferUsage.COPY_DST);
-    const act = (name: string, elems: number) =>
-      gpu.buffer(`${opts.label}.act.${name}`, elems * 4, S);
+    const act = (name: keyof typeof sizes.act) =>
+      gpu.buffer(`${opts.label}.act.${name}`, sizes.act[name], S);
     this.#act = {
-      x: act("x", T * c.dim), // residual stream [T, dim]
-      xb: act("xb", T * c.dim), // normed input of a sublayer [T, dim]
-      q: act("q", T * qDim), // [T, nHeads, headDim]
-      k: act("k", T * kvDim), // [T, nKvHeads, headDim]
-      v: act("v", T * kvDim), // [T, nKvHeads, headDim]
-      att: act("att", T * qDim), // attention output [T, nHeads, headDim]
-      gu: act("gu", T * 2 * c.ffnDim), // [T, 2*ffnDim]: gate, then up
-      h: act("h", T * c.ffnDim), // silu(gate) * up [T, ffnDim]
+      x: act("x"), // residual stream [T, dim]
+      xb: act("xb"), // normed input of a sublayer [T, dim]
+      q: act("q"), // [T, nHeads, headDim]
+      k: act("k"), // [T, nKvHeads, headDim]
+      v: act("v"), // [T, nKvHeads, headDim]
+      att: act("att"), // attention output [T, nHeads, headDim]
+      gu: act("gu"), // [T, 2*ffnDim]: gate, then up
+      h: act("h"), // silu(gate) * up [T, ffnDim]
     };
-    this.logits = act("logits", opts.maxLogitRows * c.vocabSize);
+    this.logits = act("logits"); // [maxLogitRows, vocab]
     this.#invFreq = gpu.upload(
       `${opts.label}.rope.inv_freq`,
-      ropeInvFreq(c.headDim, c.ropeTheta, c.ropeScaling),
+      ropeInvFreq(config.headDim, config.ropeTheta, config.ropeScaling),
     );
-    let actBytes = this.state.size + this.#invFreq.size;
-    for (const b of [...Object.values(this.#act), this.logits]) actBytes += b.size;
-    this.bytes = { kv: 2 * kvBytes, activations: actBytes };
+    // Split-K attention partials, sized for the largest plan of any T and shared by all plans.
+    this.#scratch = {
+      acc: gpu.buffer(`${opts.label}.attn.partial_acc`, sizes.attnAcc, GPUBufferUsage.STORAGE),
+      ml: gpu.buffer(`${opts.label}.attn.partial_ml`, sizes.attnMl, GPUBufferUsage.STORAGE),
+    };
+    this.bytes = { kv: 2 * this.#kCache.size, scratch: sizes.scratch };
   }
 
-  /** Uploads `model`'s weights into `store` (as `opts.label`) and allocates cache and scratch. */
+  /**
+   * Uploads `model`'s weights into `store` (as `opts.label`), each in the format `opts.formats`
+   * gives it, and allocates cache and scratch.
+   */
   static async create(
     gpu: Gpu,
     store: WeightStore,
@@ -160,47 +199,50 @@ export class LlamaGpu {
     opts: LlamaGpuOptions,
   ): Promise<LlamaGpu> {
     const c = model.config;
-    const f32 = opts.noF16 ? "f32" : "auto";
-    const get = (name: string): HostTensor => {
-      const t = model.tensors.get(name);
-      if (!t) throw new Error(`${model.source}: tensor "${name}" is missing`);
-      return t;
-    };
-    const add = (t: HostTensor, norm = false) => store.add(opts.label, t, norm ? "f32" : f32);
+    const f16 = gpu.features.f16 && !opts.noF16;
+    const formats = opts.formats ??
+      new Map([...planQuant(c, model.tensors, { f16 })].map(([n, t]) => [n, t.format]));
+    const stored = new Map<string, StoredTensor>();
+    for (const { planName, tensor } of uploadList(model)) {
+      const format = formats.get(planName);
+      if (!format) throw new Error(`${model.source}: no stored format planned for ${planName}`);
+      if (format === "f16" && !f16) {
+        throw new Error(`${planName}: f16 weights need the shader-f16 feature`);
+      }
+      stored.set(tensor.name, await store.add(opts.label, tensor, format));
+    }
+    const get = (name: string) => stored.get(name)!;
     const layers: LayerWeights[] = [];
     for (let l = 0; l < c.nLayers; l++) {
       const p = `blk.${l}.`;
-      const bias = (n: string) => c.qkvBias ? add(get(p + n + ".bias"), true) : undefined;
       layers.push({
-        attnNorm: await add(get(p + "attn_norm.weight"), true),
-        q: await add(get(p + "attn_q.weight")),
-        k: await add(get(p + "attn_k.weight")),
-        v: await add(get(p + "attn_v.weight")),
-        qBias: await bias("attn_q"),
-        kBias: await bias("attn_k"),
-        vBias: await bias("attn_v"),
-        o: await add(get(p + "attn_output.weight")),
-        ffnNorm: await add(get(p + "ffn_norm.weight"), true),
-        gateUp: await add(
-          concatRows(
-            `${p}ffn_gate_up.weight`,
-            get(p + "ffn_gate.weight"),
-            get(p + "ffn_up.weight"),
-          ),
-        ),
-        down: await add(get(p + "ffn_down.weight")),
+        attnNorm: get(p + "attn_norm.weight"),
+        q: get(p + "attn_q.weight"),
+        k: get(p + "attn_k.weight"),
+        v: get(p + "attn_v.weight"),
+        qBias: stored.get(p + "attn_q.bias"),
+        kBias: stored.get(p + "attn_k.bias"),
+        vBias: stored.get(p + "attn_v.bias"),
+        o: get(p + "attn_output.weight"),
+        ffnNorm: get(p + "ffn_norm.weight"),
+        gateUp: get(p + "ffn_gate_up.weight"),
+        down: get(p + "ffn_down.weight"),
       });
     }
-    const embedding = await add(get("token_embd.weight"));
-    const classifier = c.tiedEmbeddings ? embedding : await add(get("output.weight"));
-    const outNorm = await add(get("output_norm.weight"), true);
-    const kvType = opts.noF16 ? "f32" : kvDType(gpu);
+    const embedding = get("token_embd.weight");
+    const classifier = c.tiedEmbeddings ? embedding : get("output.weight");
+    const outNorm = get("output_norm.weight");
+    const kvType = opts.kv ?? (opts.noF16 ? "f32" : kvDType(gpu));
+    if (kvType === "f16" && !gpu.features.f16) {
+      throw new Error(`${opts.label}: an f16 KV cache needs the shader-f16 feature`);
+    }
     const full = {
       label: opts.label,
       maxSeq: opts.maxSeq,
       maxT: opts.maxT ?? 128,
       maxLogitRows: opts.maxLogitRows ?? 17,
       kvType,
+      maxWorkgroupStorage: gpu.limits.maxComputeWorkgroupStorageSize,
     };
     return await gpu.scoped(
       `${opts.label} buffers`,
@@ -245,12 +287,7 @@ export class LlamaGpu {
       headDim: c.headDim,
       maxSeq: this.maxSeq,
     };
-    let scratch = this.#scratch.get(T);
-    if (!scratch) {
-      const plan = attentionPlan(shape, g.limits.maxComputeWorkgroupStorageSize);
-      scratch = createAttentionScratch(g, `${L}.attn.T${T}`, shape, plan);
-      this.#scratch.set(T, scratch);
-    }
+    const scratch = this.#scratch;
     // xb[first .. first+rows) = rmsnorm(x[first .. first+rows)) * weight.
     const norm = (label: string, weight: StoredTensor, first = 0, rows = T) =>
       createRmsnorm(g, {
@@ -326,6 +363,7 @@ export class LlamaGpu {
         vCache: this.#vCache,
         state: this.state,
         dtype: this.kvType,
+        layers: c.nLayers,
         layer: l,
       };
       d.push(
@@ -402,11 +440,94 @@ export class LlamaGpu {
       b.destroy();
     }
     for (const b of Object.values(this.#act)) b.destroy();
-    for (const s of this.#scratch.values()) {
-      s.acc.destroy();
-      s.ml.destroy();
-    }
+    this.#scratch.acc.destroy();
+    this.#scratch.ml.destroy();
   }
+}
+
+const uploads = new WeakMap<LoadedModel, UploadTensor[]>();
+
+/**
+ * The tensors {@linkcode LlamaGpu.create} uploads, in order, with gate and up fused into one
+ * `[2*ffnDim, dim]` matrix per layer. Memoized per model, so the VRAM planner and the upload
+ * hash the same host arrays once.
+ */
+export function uploadList(model: LoadedModel): UploadTensor[] {
+  let list = uploads.get(model);
+  if (list) return list;
+  const c = model.config;
+  const get = (name: string): HostTensor => {
+    const t = model.tensors.get(name);
+    if (!t) throw new Error(`${model.source}: tensor "${name}" is missing`);
+    return t;
+  };
+  list = [];
+  const add = (name: string) => list!.push({ planName: name, tensor: get(name) });
+  for (let l = 0; l < c.nLayers; l++) {
+    const p = `blk.${l}.`;
+    add(p + "attn_norm.weight");
+    for (const m of ["attn_q", "attn_k", "attn_v"]) {
+      add(`${p}${m}.weight`);
+      if (c.qkvBias) add(`${p}${m}.bias`);
+    }
+    add(p + "attn_output.weight");
+    add(p + "ffn_norm.weight");
+    list.push({
+      planName: p + "ffn_gate.weight",
+      tensor: concatRows(
+        `${p}ffn_gate_up.weight`,
+        get(p + "ffn_gate.weight"),
+        get(p + "ffn_up.weight"),
+      ),
+    });
+    add(p + "ffn_down.weight");
+  }
+  add("token_embd.weight");
+  if (!c.tiedEmbeddings) add("output.weight");
+  add("output_norm.weight");
+  uploads.set(model, list);
+  return list;
+}
+
+/**
+ * Exact byte sizes of the non-weight buffers a {@linkcode LlamaGpu} allocates for `shape`: one
+ * KV cache (K or V), each activation, the split-K attention partials (the largest any T up to
+ * maxT needs) and their total as "scratch". The VRAM planner uses the same function.
+ */
+export function llamaBufferSizes(c: ModelConfig, shape: LlamaBufferShape): {
+  kvCache: number;
+  act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h" | "logits", number>;
+  attnAcc: number;
+  attnMl: number;
+  scratch: number;
+} {
+  const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = shape.maxT;
+  const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
+  const act = {
+    x: T * c.dim * 4,
+    xb: T * c.dim * 4,
+    q: T * qDim * 4,
+    k: T * kvDim * 4,
+    v: T * kvDim * 4,
+    att: T * qDim * 4,
+    gu: T * 2 * c.ffnDim * 4,
+    h: T * c.ffnDim * 4,
+    logits: shape.maxLogitRows * c.vocabSize * 4,
+  };
+  let attnAcc = 4, attnMl = 4;
+  for (let t = 1; t <= T; t++) {
+    const s = { T: t, nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim };
+    const plan = attentionPlan({ ...s, maxSeq: shape.maxSeq }, shape.maxWorkgroupStorage);
+    if (plan.variant !== "flash-split") continue; // the other kernels use no partials
+    const rows = plan.nSplits * t * c.nHeads;
+    attnAcc = Math.max(attnAcc, rows * c.headDim * 4);
+    attnMl = Math.max(attnMl, rows * 8);
+  }
+  const state = 16, invFreq = pad4((c.headDim / 2) * 4);
+  let scratch = state + invFreq + attnAcc + attnMl;
+  for (const n of Object.values(act)) scratch += pad4(n);
+  const kvCache = pad4(kvCacheBytes(shape.kvType, c.nLayers, shape.maxSeq, c.nKvHeads, c.headDim));
+  return { kvCache, act, attnAcc, attnMl, scratch };
 }
 
 /** `[a; b]`: rows of `a` then rows of `b` (same dtype and row width), as one host tensor. */

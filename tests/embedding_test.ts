@@ -1,5 +1,11 @@
 import { createEmbedding, embeddingRef } from "../kernels/embedding.ts";
 import type { WeightDType } from "../kernels/matmul.ts";
+import {
+  decodeWeights,
+  encodeWeights,
+  formatBlock,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
 import { assertClose, gpuTest, randomArray, rng, roundF16 } from "./harness.ts";
 import assert from "@specdec/assert";
 
@@ -85,4 +91,69 @@ gpuTest("embedding split into two row ranges writes each token from its range", 
   });
   await gpu.run("test", [lo, hi]);
   assertClose("split", new Float32Array(await gpu.read(x)), embeddingRef(table, D, tokens), EXACT);
+});
+
+// Block formats: the GPU dequantizes to the values decodeWeights() gives (an f16 scale times a
+// small integer or a codebook value: one f32 rounding), except that a GPU may fuse q4_k's
+// `d*sc*q - dmin*m` into one rounding: max-abs <= 1e-6 on values of magnitude <= 1.
+const DEQUANT = { nmse: 1e-12, maxAbs: 1e-6 };
+
+for (const f of ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] as WeightFormat[]) {
+  gpuTest(`embedding ${f} dequantizes the gathered rows in-kernel`, async (gpu) => {
+    const b = formatBlock(f);
+    for (const [V, D] of [[1, b], [7, 3 * b], [67, b === 256 ? 512 : 5 * 64]]) {
+      const bytes = encodeWeights(f, randomArray(V * D, V * D, 0.8), V, D);
+      const table = decodeWeights(f, bytes, V, D);
+      const tb = gpu.upload("table", bytes);
+      for (const T of [1, 5, 17]) {
+        const r = rng(T * V + 3);
+        const tokens = Uint32Array.from({ length: T }, () => Math.floor(r() * V));
+        tokens[0] = V - 1;
+        const tokOff = 2, xOff = 3;
+        const tokBuf = new Uint32Array(tokOff + T);
+        tokBuf.set(tokens, tokOff);
+        const xInit = new Float32Array(xOff + T * D + 1).fill(-8);
+        const x = gpu.upload("x", xInit, RW);
+        const d = await createEmbedding(gpu, {
+          label: "test.embedding",
+          table: tb,
+          dtype: f,
+          V,
+          D,
+          tokens: gpu.upload("tokens", tokBuf),
+          tokensOffset: tokOff,
+          x,
+          xOffset: xOff,
+          T,
+        });
+        await gpu.run("test", [d]);
+        const want = xInit.slice();
+        want.set(embeddingRef(table, D, tokens), xOff);
+        assertClose(
+          `embedding ${f} V=${V} D=${D} T=${T}`,
+          new Float32Array(await gpu.read(x)),
+          want,
+          DEQUANT,
+        );
+      }
+    }
+  });
+}
+
+gpuTest("embedding refuses D that is not a multiple of the format's block", async (gpu) => {
+  const b = gpu.buffer("b", 4096, RW);
+  await assert.rejects(
+    () =>
+      createEmbedding(gpu, {
+        label: "embed",
+        table: b,
+        dtype: "q4_k",
+        V: 2,
+        D: 576,
+        tokens: b,
+        x: b,
+        T: 1,
+      }),
+    /embed: D=576 is not a multiple of the q4_k block size 256/,
+  );
 });

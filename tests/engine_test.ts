@@ -33,7 +33,7 @@ Deno.test({
     assert.deepEqual(tokens, ref.tokens.slice(1, 51));
     assert.ok(text.startsWith(ref.text.slice(0, 20).trimStart().slice(0, 10)), text);
     assert.equal(engine.lastStats?.generated_tokens, 50);
-    assert.ok(engine.info.vram.kv_cache > 0 && engine.info.vram.weights > 0);
+    assert.ok(engine.info.vram.kv_cache > 0 && engine.info.vram.target_weights > 0);
     await engine.dispose();
   },
 });

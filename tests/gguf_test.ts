@@ -11,7 +11,7 @@ import {
   writeGguf,
 } from "../models/gguf.ts";
 import { readLlama2c } from "../models/llama2c.ts";
-import { BLOCK_INFO, tensorBytes } from "../models/quant.ts";
+import { BLOCK_INFO, dequantize, quantize, tensorBytes } from "../models/quant.ts";
 import { type DType, FormatError, type HostTensor, type ModelConfig } from "../models/types.ts";
 import { assertFormatError } from "./fixtures.ts";
 
@@ -544,6 +544,87 @@ Deno.test("modelToGguf() stores a rotate-half llama as interleaved (permuted Q/K
   assert.deepEqual(back.tensors.get(k.name), permuteRopeRows(k, config.nKvHeads));
   assert.deepEqual(unpermuteRopeRows(back.tensors.get(k.name)!, config.nKvHeads), k);
   assert.deepEqual(back.tensors.get("blk.1.attn_v.weight"), tensors.get("blk.1.attn_v.weight"));
+});
+
+Deno.test("modelToGguf() permutes block-quantized Q/K rows whole (q8_0, q4_0, q4_k, q6_k)", () => {
+  const dims = { dim: 256, headDim: 32, nHeads: 8, nKvHeads: 2, ffnDim: 32 };
+  for (const dtype of ["q8_0", "q4_0", "q4_k", "q6_k"] as const) {
+    for (const [arch, from] of [["llama", "rotate-half"], ["qwen2", "interleaved"]] as const) {
+      const base = tinyModel({
+        ...dims,
+        architecture: arch,
+        ropeLayout: from,
+        qkvBias: arch === "qwen2",
+      });
+      const tensors = new Map(base.tensors);
+      for (const name of ["blk.0.attn_q.weight", "blk.1.attn_k.weight"]) {
+        const t = tensors.get(name)!, n = t.shape[0] * t.shape[1];
+        const values = new Float32Array(t.data.slice().buffer);
+        tensors.set(name, { ...t, dtype, data: quantize(dtype, values) });
+        assert.equal(values.length, n);
+      }
+      const back = ggufToModel(readGguf(modelToGguf(base.config, tensors), "q.gguf"), "q.gguf");
+      const what = `${dtype} ${arch}`;
+      assert.equal(back.config.ropeLayout, arch === "llama" ? "interleaved" : "rotate-half", what);
+      for (
+        const [name, heads] of [["blk.0.attn_q.weight", 8], ["blk.1.attn_k.weight", 2]] as const
+      ) {
+        const t = tensors.get(name)!, got = back.tensors.get(name)!;
+        const moved = arch === "llama" ? permuteRopeRows(t, heads) : unpermuteRopeRows(t, heads);
+        assert.equal(got.dtype, dtype, what);
+        assert.deepEqual(got.data, moved.data, `${what} ${name}`);
+        // The values are those of the source rows, moved as the f32 permutation moves them.
+        const rows = t.shape[0], cols = t.shape[1];
+        const src = dequantize(dtype, t.data, rows * cols);
+        const f32: HostTensor = { ...t, dtype: "f32", data: new Uint8Array(src.buffer) };
+        const wantRows = arch === "llama"
+          ? permuteRopeRows(f32, heads)
+          : unpermuteRopeRows(f32, heads);
+        assert.deepEqual(
+          dequantize(dtype, got.data, rows * cols),
+          new Float32Array(wantRows.data.slice().buffer),
+          `${what} ${name} values`,
+        );
+      }
+      assert.deepEqual(back.tensors.get("blk.0.attn_k.weight"), permuteOrNot(base, arch));
+    }
+  }
+});
+
+/** blk.0.attn_k.weight (f32) as the writer must store it for `arch`. */
+function permuteOrNot(
+  m: { config: ModelConfig; tensors: Map<string, HostTensor> },
+  arch: "llama" | "qwen2",
+): HostTensor {
+  const k = m.tensors.get("blk.0.attn_k.weight")!;
+  return arch === "llama"
+    ? permuteRopeRows(k, m.config.nKvHeads)
+    : unpermuteRopeRows(k, m.config.nKvHeads);
+}
+
+Deno.test("modelToGguf() writes the SentencePiece whitespace flags as tokenizer.ggml bools", () => {
+  const { config, tensors } = tinyModel();
+  const tokenizer = {
+    model: "llama",
+    tokens: ["<unk>", "<s>", "</s>"],
+    scores: [0, 0, 0],
+    addSpacePrefix: false,
+    removeExtraWhitespaces: true,
+  };
+  const g = readGguf(modelToGguf(config, tensors, { tokenizer }), "t.gguf");
+  assert.deepEqual(g.metadata.get("tokenizer.ggml.add_space_prefix"), {
+    type: "bool",
+    value: false,
+  });
+  assert.deepEqual(g.metadata.get("tokenizer.ggml.remove_extra_whitespaces"), {
+    type: "bool",
+    value: true,
+  });
+  const plain = readGguf(
+    modelToGguf(config, tensors, { tokenizer: { model: "llama", tokens: ["a"] } }),
+    "p.gguf",
+  );
+  assert.ok(!plain.metadata.has("tokenizer.ggml.add_space_prefix"));
 });
 
 Deno.test("permuteRopeRows() maps rotate-half pairs (i, i+h/2) to interleaved pairs (2i, 2i+1)", () => {

@@ -1,0 +1,510 @@
+/**
+ * Weight formats of stored matrices: sizes, host encoding to the GPU layout, the TS reference
+ * decoder of that layout, and the WGSL that kernels (matmul, embedding) include to decode weights
+ * in-kernel. The single source of truth for the weight store and the VRAM planner.
+ *
+ * A matrix is `[rows, cols]` (weights are `[out, in]`), row-major, quantized in blocks of
+ * {@linkcode formatBlock} consecutive values of a row (`cols` must be a multiple of the block).
+ * With `nb = rows * cols / block` blocks numbered row-major (block `b` holds values
+ * `b * block .. b * block + block - 1` of the flattened matrix), the GPU layouts are:
+ *
+ * - `f32` / `f16`: the values, 4 / 2 bytes each.
+ * - `q8_0` (blocks of 32): quants region `i8[nb * 32]` (block b's 32 bytes at `32b`, so value e
+ *   is byte e), then scales region `half[nb]` (block b's `d` at byte `32 nb + 2b`).
+ *   `y = d * q`.
+ * - `q4_0` (32): quants `u8[nb * 16]` (block b at `16b`, GGUF's nibble order: low nibble of byte
+ *   j = value j, high nibble = value j + 16), then scales `half[nb]` at `16 nb`.
+ *   `y = d * (nibble - 8)`.
+ * - `q4_k` (256): GGUF's 144-byte blocks unchanged (`d, dmin: half, scales: u8[12],
+ *   qs: u8[128]`; 4-byte aligned already).
+ * - `q6_k` (256): the first 208 bytes of each GGUF block (`ql: u8[128], qh: u8[64],
+ *   scales: i8[16]`) at `208b`, then the blocks' `d: half[nb]` at `208 nb`.
+ * - `nf4` (64, see `models/nf4.ts`): quants `u8[nb * 32]` (low nibble of byte j = value j, high
+ *   = value j + 32) at `32b`, then absmax scales `half[nb]` at `32 nb`. `y = d * NF4[index]`.
+ *
+ * So every word the kernels load is 4-byte aligned, quants of one row are contiguous (coalesced
+ * loads), and the byte count equals GGUF's (`nb * blockBytes`) plus padding to a multiple of 4
+ * (what `Gpu.upload` allocates). Because the scales trail the whole matrix, a row range of a
+ * block-format matrix is not a byte range: to split a large matrix (e.g. an embedding larger than
+ * one storage binding), encode each row range as its own matrix.
+ *
+ * @module
+ */
+import { dequantize, quantize, tensorBytes } from "../models/quant.ts";
+import { dequantizeNf4, NF4_BLOCK_BYTES, NF4_CODEBOOK, quantizeNf4 } from "../models/nf4.ts";
+
+/** Storage format of a weight matrix. */
+export type WeightFormat = "f32" | "f16" | "q8_0" | "q4_0" | "q4_k" | "q6_k" | "nf4";
+
+/** The weight formats that exist as GGUF tensor types. */
+export type GgufWeightFormat = "q8_0" | "q4_0" | "q4_k" | "q6_k" | "f16" | "f32";
+
+/** Every {@linkcode WeightFormat}. */
+export const WEIGHT_FORMATS: readonly WeightFormat[] = Object.freeze(
+  [
+    "f32",
+    "f16",
+    "q8_0",
+    "q4_0",
+    "q4_k",
+    "q6_k",
+    "nf4",
+  ] as const,
+);
+
+/** The WGSL binding (group 0) at which {@linkcode weightWgsl} declares the weights `w`. */
+export const WEIGHT_BINDING = 1;
+
+/** Block geometry: values per block, host/GGUF bytes per block, and how the GPU layout splits it. */
+interface Layout {
+  /** Values per block. */
+  readonly block: number;
+  /** Bytes per block in GGUF (or the nf4 host layout). */
+  readonly blockBytes: number;
+  /** Byte offset of the 2-byte f16 scale moved to the trailing region, or -1 (copied as is). */
+  readonly scaleAt: number;
+}
+
+const LAYOUT: Readonly<Record<WeightFormat, Layout>> = {
+  f32: { block: 1, blockBytes: 4, scaleAt: -1 },
+  f16: { block: 1, blockBytes: 2, scaleAt: -1 },
+  q8_0: { block: 32, blockBytes: 34, scaleAt: 0 },
+  q4_0: { block: 32, blockBytes: 18, scaleAt: 0 },
+  q4_k: { block: 256, blockBytes: 144, scaleAt: -1 },
+  q6_k: { block: 256, blockBytes: 210, scaleAt: 208 },
+  nf4: { block: 64, blockBytes: NF4_BLOCK_BYTES, scaleAt: 0 },
+};
+
+function layout(f: WeightFormat): Layout {
+  const l = LAYOUT[f];
+  if (!l) throw new RangeError(`unknown weight format "${f}" (known: ${WEIGHT_FORMATS})`);
+  return l;
+}
+
+/**
+ * Values per block: 1 for f32/f16, 32 for q8_0/q4_0, 256 for q4_k/q6_k, 64 for nf4.
+ *
+ * @example
+ * ```ts
+ * import { formatBlock } from "./qformats.ts";
+ * console.log(formatBlock("q4_k")); // 256
+ * ```
+ */
+export function formatBlock(f: WeightFormat): number {
+  return layout(f).block;
+}
+
+/**
+ * Whether `f` is block-quantized (every format but f32 and f16).
+ *
+ * @example
+ * ```ts
+ * import { isBlockFormat } from "./qformats.ts";
+ * console.log(isBlockFormat("f16"), isBlockFormat("nf4")); // false true
+ * ```
+ */
+export function isBlockFormat(f: WeightFormat): boolean {
+  return layout(f).block > 1;
+}
+
+/**
+ * Storage bits per weight, scales included: 32, 16, 8.5 (q8_0), 4.5 (q4_0, q4_k),
+ * 6.5625 (q6_k), 4.25 (nf4).
+ *
+ * @example
+ * ```ts
+ * import { bitsPerWeight } from "./qformats.ts";
+ * console.log(bitsPerWeight("q8_0")); // 8.5
+ * ```
+ */
+export function bitsPerWeight(f: WeightFormat): number {
+  const l = layout(f);
+  return (l.blockBytes * 8) / l.block;
+}
+
+/** Validates a matrix shape for `f` and returns its block count. */
+function blocks(f: WeightFormat, rows: number, cols: number): number {
+  const l = layout(f);
+  for (const [name, v] of [["rows", rows], ["cols", cols]] as const) {
+    if (!Number.isSafeInteger(v) || v < 1) {
+      throw new RangeError(`${f}: ${name}=${v} is not a positive integer`);
+    }
+  }
+  if (cols % l.block !== 0) {
+    throw new RangeError(`${f}: cols=${cols} is not a multiple of the block size ${l.block}`);
+  }
+  const nb = (rows * cols) / l.block;
+  if (!Number.isSafeInteger(nb * l.blockBytes)) {
+    throw new RangeError(`${f}: a ${rows}x${cols} matrix is too large`);
+  }
+  return nb;
+}
+
+/**
+ * Exact bytes of the GPU buffer that `gpu.upload()` creates for a `[rows, cols]` matrix in `f`
+ * (GGUF's byte count, padded to a multiple of 4). Throws a `RangeError` if `cols` is not a
+ * multiple of the block or a dimension is not a positive integer.
+ *
+ * @example
+ * ```ts
+ * import { weightBytes } from "./qformats.ts";
+ * console.log(weightBytes("q8_0", 3, 32)); // 104 (3 blocks * 34 = 102, padded)
+ * ```
+ */
+export function weightBytes(f: WeightFormat, rows: number, cols: number): number {
+  const raw = blocks(f, rows, cols) * layout(f).blockBytes;
+  return Math.max(4, Math.ceil(raw / 4) * 4);
+}
+
+/** GGUF / host block bytes -> GPU layout (scales moved to a trailing region), padded to 4. */
+function pack(f: WeightFormat, src: Uint8Array, nb: number, out: Uint8Array): Uint8Array {
+  const { blockBytes: S, scaleAt } = layout(f);
+  if (scaleAt < 0) {
+    out.set(src.subarray(0, nb * S));
+    return out;
+  }
+  const Q = S - 2, qFrom = scaleAt === 0 ? 2 : 0;
+  for (let b = 0; b < nb; b++) {
+    const o = b * S;
+    out.set(src.subarray(o + qFrom, o + qFrom + Q), b * Q);
+    out[nb * Q + 2 * b] = src[o + scaleAt];
+    out[nb * Q + 2 * b + 1] = src[o + scaleAt + 1];
+  }
+  return out;
+}
+
+/** GPU layout -> GGUF / host block bytes (the inverse of `pack`). */
+function unpack(f: WeightFormat, gpu: Uint8Array, nb: number): Uint8Array {
+  const { blockBytes: S, scaleAt } = layout(f);
+  if (scaleAt < 0) return gpu.slice(0, nb * S);
+  const out = new Uint8Array(nb * S);
+  const Q = S - 2, qTo = scaleAt === 0 ? 2 : 0;
+  for (let b = 0; b < nb; b++) {
+    const o = b * S;
+    out.set(gpu.subarray(b * Q, b * Q + Q), o + qTo);
+    out[o + scaleAt] = gpu[nb * Q + 2 * b];
+    out[o + scaleAt + 1] = gpu[nb * Q + 2 * b + 1];
+  }
+  return out;
+}
+
+/**
+ * Quantizes `values` (`[rows, cols]`, row-major) straight to the GPU layout of `f`; the result
+ * has {@linkcode weightBytes} bytes. For the GGUF formats it equals
+ * `packGguf(f, quantize(f, values), rows, cols)`, so a GGUF written by specdec loads back to
+ * identical GPU bytes.
+ *
+ * @example
+ * ```ts
+ * import { decodeWeights, encodeWeights } from "./qformats.ts";
+ * const w = Float32Array.from({ length: 64 }, (_, i) => i / 8 - 4);
+ * const gpuBytes = encodeWeights("q8_0", w, 2, 32);
+ * console.log(gpuBytes.length, Math.abs(decodeWeights("q8_0", gpuBytes, 2, 32)[9] - w[9]) < 0.02);
+ * // 68 true
+ * ```
+ */
+export function encodeWeights(
+  f: WeightFormat,
+  values: Float32Array,
+  rows: number,
+  cols: number,
+): Uint8Array {
+  const nb = blocks(f, rows, cols);
+  if (values.length !== rows * cols) {
+    throw new RangeError(`${f}: ${values.length} values given for a ${rows}x${cols} matrix`);
+  }
+  const out = new Uint8Array(weightBytes(f, rows, cols));
+  const host = f === "nf4" ? quantizeNf4(values) : quantize(f, values);
+  return pack(f, host, nb, out);
+}
+
+/**
+ * Converts GGUF tensor bytes of a `[rows, cols]` matrix (ggml's block layout) to the GPU layout
+ * (length {@linkcode weightBytes}). Throws a `RangeError` naming the expected size if `gguf` is
+ * not exactly the tensor's byte count.
+ *
+ * @example
+ * ```ts
+ * import { quantize } from "../models/quant.ts";
+ * import { packGguf } from "./qformats.ts";
+ * const gguf = quantize("q4_0", new Float32Array(64).fill(1));
+ * console.log(gguf.length, packGguf("q4_0", gguf, 1, 64).length); // 36 36
+ * ```
+ */
+export function packGguf(
+  f: GgufWeightFormat,
+  gguf: Uint8Array,
+  rows: number,
+  cols: number,
+): Uint8Array {
+  const nb = blocks(f, rows, cols);
+  const want = tensorBytes(f, rows * cols);
+  if (gguf.byteLength !== want) {
+    throw new RangeError(
+      `${f}: a ${rows}x${cols} tensor has ${want} bytes in GGUF, got ${gguf.byteLength}`,
+    );
+  }
+  return pack(f, gguf, nb, new Uint8Array(weightBytes(f, rows, cols)));
+}
+
+/**
+ * Converts GPU-layout bytes back to GGUF tensor bytes (for nf4: the host layout of
+ * `models/nf4.ts`); the inverse of {@linkcode packGguf}. Accepts the exact or the padded length.
+ *
+ * @example
+ * ```ts
+ * import { encodeWeights, unpackGpu } from "./qformats.ts";
+ * const g = encodeWeights("q6_k", new Float32Array(256).fill(0.5), 1, 256);
+ * console.log(g.length, unpackGpu("q6_k", g, 1, 256).length); // 212 210
+ * ```
+ */
+export function unpackGpu(
+  f: WeightFormat,
+  gpuBytes: Uint8Array,
+  rows: number,
+  cols: number,
+): Uint8Array {
+  const nb = blocks(f, rows, cols);
+  const raw = nb * layout(f).blockBytes, padded = weightBytes(f, rows, cols);
+  if (gpuBytes.byteLength < raw || gpuBytes.byteLength > padded) {
+    throw new RangeError(
+      `${f}: a ${rows}x${cols} matrix has ${raw} bytes (${padded} padded) in the GPU layout, ` +
+        `got ${gpuBytes.byteLength}`,
+    );
+  }
+  return unpack(f, gpuBytes, nb);
+}
+
+/**
+ * The TS reference dequantizer of the GPU layout: equals `dequantize(f, ggufBytes)` of
+ * `models/quant.ts` (or `dequantizeNf4`) bit for bit. Accepts the exact or the padded length.
+ *
+ * @example
+ * ```ts
+ * import { decodeWeights, encodeWeights } from "./qformats.ts";
+ * const w = new Float32Array([1, 2, 3, 4]);
+ * console.log([...decodeWeights("f16", encodeWeights("f16", w, 2, 2), 2, 2)]); // [1, 2, 3, 4]
+ * ```
+ */
+export function decodeWeights(
+  f: WeightFormat,
+  gpuBytes: Uint8Array,
+  rows: number,
+  cols: number,
+): Float32Array {
+  const host = unpackGpu(f, gpuBytes, rows, cols);
+  return f === "nf4" ? dequantizeNf4(host, rows * cols) : dequantize(f, host, rows * cols);
+}
+
+// ---- WGSL --------------------------------------------------------------------------------------
+
+/** WGSL helpers shared by the block formats. */
+const BLOCK_COMMON = /* wgsl */ `
+// f16 number i of the weight buffer (byte offset 2i), as f32.
+fn wHalf(i: u32) -> f32 { return unpack2x16float(w[i >> 1u])[i & 1u]; }
+// The four low / high nibbles of the bytes of q (byte 0 first), as f32.
+fn lo4(q: u32) -> vec4<f32> {
+  return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
+}
+fn hi4(q: u32) -> vec4<f32> {
+  return vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
+}
+fn w1(e: u32, nb: u32) -> f32 { return w4(e & ~3u, nb)[e & 3u]; }
+`;
+
+/** Decoders of each block format (see the module doc for the layouts). */
+const BLOCK_WGSL: Record<"q8_0" | "q4_0" | "q4_k" | "q6_k" | "nf4", string> = {
+  q8_0: /* wgsl */ `
+const W_BLOCK = 32u;
+const W_UNITS = 8u;  // a unit is one u32 of quants: 4 values
+const W_GROUPS = 1u;
+fn wInit(lid: u32) {}
+fn i8x4(q: u32) -> vec4<f32> {
+  return vec4<f32>(vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u),
+                             bitcast<i32>(q << 8u), bitcast<i32>(q)) >> vec4<u32>(24u));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 1> {
+  return array<vec4<f32>, 1>(wHalf(nb * 16u + b) * i8x4(w[b * 8u + j]));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j; }
+fn w4(e: u32, nb: u32) -> vec4<f32> { return wHalf(nb * 16u + e / 32u) * i8x4(w[e / 4u]); }
+`,
+  q4_0: /* wgsl */ `
+const W_BLOCK = 32u;
+const W_UNITS = 4u;  // a unit is one u32 of quants: values 4j.. (low nibbles), 16+4j.. (high)
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let d = wHalf(nb * 8u + b);
+  let q = w[b * 4u + j];
+  return array<vec4<f32>, 2>(d * (lo4(q) - 8.0), d * (hi4(q) - 8.0));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j + 4u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 32u;
+  let r = e % 32u;
+  let q = w[b * 4u + (r % 16u) / 4u];
+  return wHalf(nb * 8u + b) * (select(lo4(q), hi4(q), r >= 16u) - 8.0);
+}
+`,
+  nf4: /* wgsl */ `
+const W_BLOCK = 64u;
+const W_UNITS = 8u;  // a unit is one u32 of quants: values 4j.. (low nibbles), 32+4j.. (high)
+const W_GROUPS = 2u;
+var<workgroup> nf4Lut: array<f32, 16>; // the NF4 codebook, filled by wInit
+fn wInit(lid: u32) {
+  if (lid == 0u) {
+${NF4_CODEBOOK.map((c, i) => `    nf4Lut[${i}] = ${c.toPrecision(17)};`).join("\n")}
+  }
+}
+fn nf4x4(i: vec4<u32>) -> vec4<f32> {
+  return vec4<f32>(nf4Lut[i.x], nf4Lut[i.y], nf4Lut[i.z], nf4Lut[i.w]);
+}
+fn nf4Lo(q: u32) -> vec4<f32> {
+  return nf4x4(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
+}
+fn nf4Hi(q: u32) -> vec4<f32> {
+  return nf4x4(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let d = wHalf(nb * 16u + b);
+  let q = w[b * 8u + j];
+  return array<vec4<f32>, 2>(d * nf4Lo(q), d * nf4Hi(q));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 64u;
+  let r = e % 64u;
+  let q = w[b * 8u + (r % 32u) / 4u];
+  return wHalf(nb * 16u + b) * select(nf4Lo(q), nf4Hi(q), r >= 32u);
+}
+`,
+  q4_k: /* wgsl */ `
+const W_BLOCK = 256u;
+const W_UNITS = 32u; // a unit is one u32 of qs: group g = j/8, values g*64+4(j%8).. and +32
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+// The block header: words 0..3 of block b (d and dmin as f16, then the 12 scale bytes).
+fn kHeader(b: u32) -> vec4<u32> {
+  let o = b * 36u;
+  return vec4<u32>(w[o], w[o + 1u], w[o + 2u], w[o + 3u]);
+}
+// (d * scale, dmin * min) of sub-block s (0..7): ggml's get_scale_min_k4 on the header.
+fn kScaleMin(h: vec4<u32>, s: u32) -> vec2<f32> {
+  let sh = 8u * (s & 3u);
+  let a = (h.y >> sh) & 255u; // scales[s % 4]
+  let c = (h.z >> sh) & 255u; // scales[s % 4 + 4]
+  let e = (h.w >> sh) & 255u; // scales[s % 4 + 8]
+  let sm = select(vec2<u32>(a & 63u, c & 63u),
+                  vec2<u32>((e & 15u) | ((a >> 6u) << 4u), (e >> 4u) | ((c >> 6u) << 4u)),
+                  s >= 4u);
+  return unpack2x16float(h.x) * vec2<f32>(sm);
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let g = j / 8u;
+  let q = w[b * 36u + 4u + j];
+  let h = kHeader(b);
+  let s0 = kScaleMin(h, 2u * g);
+  let s1 = kScaleMin(h, 2u * g + 1u);
+  return array<vec4<f32>, 2>(s0.x * lo4(q) - s0.y, s1.x * hi4(q) - s1.y);
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 16u + j % 8u + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 256u;
+  let r = e % 256u;
+  let g = r / 64u;
+  let hi = (r % 64u) >= 32u;
+  let q = w[b * 36u + 4u + g * 8u + (r % 32u) / 4u];
+  let s = kScaleMin(kHeader(b), 2u * g + u32(hi));
+  return s.x * select(lo4(q), hi4(q), hi) - s.y;
+}
+`,
+  q6_k: /* wgsl */ `
+const W_BLOCK = 256u;
+const W_UNITS = 16u; // a unit: chunk c = j/8, l = 4(j%8): values c*128 + l.. + {0, 32, 64, 96}
+const W_GROUPS = 4u;
+fn wInit(lid: u32) {}
+// Signed scale s (0..15) of block b (the i8 scales at bytes 192..207 of its 208 bytes).
+fn q6Scale(b: u32, s: u32) -> f32 { return i8At(w[b * 52u + 48u + s / 4u], s % 4u); }
+// Signed byte i (0..3) of word v.
+fn i8At(v: u32, i: u32) -> f32 { return f32(bitcast<i32>(v << (24u - 8u * i)) >> 24u); }
+// The 4 six-bit values (minus 32) from nibbles of ql (low or high) and 2-bit fields of qh.
+fn q6x4(ql: u32, nibble: u32, qh: u32, shift: u32) -> vec4<f32> {
+  let l = (vec4<u32>(ql, ql >> 8u, ql >> 16u, ql >> 24u) >> vec4<u32>(nibble)) & vec4<u32>(15u);
+  let h = (vec4<u32>(qh, qh >> 8u, qh >> 16u, qh >> 24u) >> vec4<u32>(shift)) & vec4<u32>(3u);
+  return vec4<f32>(vec4<i32>(l | (h << vec4<u32>(4u))) - vec4<i32>(32));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 4> {
+  let d = wHalf(nb * 104u + b);
+  let c = j / 8u;
+  let i = j % 8u;
+  let qa = w[b * 52u + c * 16u + i];       // ql[l .. l+3]
+  let qb = w[b * 52u + c * 16u + 8u + i];  // ql[l+32 .. l+35]
+  let qh = w[b * 52u + 32u + c * 8u + i];  // qh[l .. l+3]
+  // Scales c*8 + i/4 + {0, 2, 4, 6}: bytes i/4 and i/4 + 2 of the chunk's two scale words.
+  let s0 = w[b * 52u + 48u + 2u * c];
+  let s1 = w[b * 52u + 49u + 2u * c];
+  let is = i / 4u;
+  return array<vec4<f32>, 4>(
+    (d * i8At(s0, is)) * q6x4(qa, 0u, qh, 0u),
+    (d * i8At(s0, is + 2u)) * q6x4(qb, 0u, qh, 2u),
+    (d * i8At(s1, is)) * q6x4(qa, 4u, qh, 4u),
+    (d * i8At(s1, is + 2u)) * q6x4(qb, 4u, qh, 6u));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 32u + j % 8u + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 256u;
+  let r = e % 256u;
+  let c = r / 128u;
+  let quarter = (r % 128u) / 32u;
+  let i = (r % 32u) / 4u;
+  let ql = w[b * 52u + c * 16u + (quarter & 1u) * 8u + i];
+  let qh = w[b * 52u + 32u + c * 8u + i];
+  let s = c * 8u + i / 4u + 2u * quarter;
+  return (wHalf(nb * 104u + b) * q6Scale(b, s)) * q6x4(ql, 4u * (quarter >> 1u), qh, 2u * quarter);
+}
+`,
+};
+
+/**
+ * WGSL snippet declaring the weights and their decoders, for kernels that read a `[rows, cols]`
+ * matrix in format `f`. Place it first in the module (for f16 it opens with `enable f16;`).
+ *
+ * It declares `w` at `@group(0) @binding(`{@linkcode WEIGHT_BINDING}`)` (read-only storage:
+ * `array<f32>` / `array<f16>` for the float formats, `array<u32>` for the block formats) and:
+ * - `const W_BLOCK: u32`: values per block (1 for f32/f16).
+ * - `fn wInit(lid: u32)`: call with `local_invocation_index` at the start of the entry point,
+ *   then `workgroupBarrier()`, before decoding (nf4 fills a workgroup codebook; others no-op).
+ * - `fn w4(e: u32, nb: u32) -> vec4<f32>`: flat elements e .. e+3 (`e = row * cols + k`,
+ *   `e % 4 == 0`); `nb = rows * cols / W_BLOCK` (ignored by f32/f16).
+ * - `fn w1(e: u32, nb: u32) -> f32`: flat element e.
+ * - Block formats only, for streaming a row: a row of `cols / W_BLOCK` blocks is `W_UNITS`
+ *   units per block; `fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, W_GROUPS>` decodes
+ *   unit j of (global) block b with one u32 load of quants; group g of it holds the block's
+ *   values `4 * wUnitK4(j, g) .. + 3`. Consecutive units read consecutive quant words.
+ *
+ * @example
+ * ```ts
+ * import { weightWgsl } from "./qformats.ts";
+ * console.log(weightWgsl("q4_0").includes("fn w4(")); // true
+ * ```
+ */
+export function weightWgsl(f: WeightFormat): string {
+  layout(f);
+  const decl = (t: string, shape: string) =>
+    `@group(0) @binding(${WEIGHT_BINDING}) var<storage, read> w: array<${t}>; // w: ${shape}`;
+  if (f === "f32" || f === "f16") {
+    return /* wgsl */ `${f === "f16" ? "enable f16;\n" : ""}
+${decl(f, `[rows, cols] ${f}`)}
+const W_BLOCK = 1u;
+fn wInit(lid: u32) {}
+fn w1(e: u32, nb: u32) -> f32 { return f32(w[e]); }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  return vec4<f32>(f32(w[e]), f32(w[e + 1u]), f32(w[e + 2u]), f32(w[e + 3u]));
+}
+`;
+  }
+  return `
+${decl("u32", `${f} GPU layout of [rows, cols] (kernels/qformats.ts): quants, then scales`)}
+${BLOCK_COMMON}${BLOCK_WGSL[f]}`;
+}

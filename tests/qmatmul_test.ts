@@ -1,0 +1,162 @@
+import { createMatmul, type MatmulPath, matmulRef } from "../kernels/matmul.ts";
+import {
+  decodeWeights,
+  encodeWeights,
+  formatBlock,
+  weightBytes,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
+import { assertClose, gpuTest, randomArray } from "./harness.ts";
+import type { Gpu } from "../engine/gpu.ts";
+import assert from "@specdec/assert";
+
+// Tolerance: the GPU dequantizes to the same f32 values as decodeWeights() (products of an f16
+// scale and a small integer are exact; q4_k's `d*sc*q - dmin*m` may differ by one rounding where
+// a GPU fuses it), so the error is f32 accumulation order over K <= 512: nmse <= 1e-10,
+// max-abs <= 2e-4 (outputs are up to ~10 in magnitude).
+const TOL = { nmse: 1e-10, maxAbs: 2e-4 };
+const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+const BLOCK_FORMATS: WeightFormat[] = ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"];
+const NS = [1, 7, 67];
+const MATVEC_TS = [1, 2, 3, 5, 16];
+const TILED_TS = [1, 2, 3, 5, 16, 17, 40];
+
+/** K values for `f`: 256 and 512 for the K formats; 32*3 and 64*5 (and one block) otherwise. */
+function ks(f: WeightFormat): number[] {
+  const b = formatBlock(f);
+  return b === 256 ? [256, 512] : [...new Set([b, 32 * 3, 64 * 5].filter((k) => k % b === 0))];
+}
+
+interface Case {
+  f: WeightFormat;
+  path: MatmulPath;
+  T: number;
+  K: number;
+  N: number;
+  bias?: boolean;
+  accumulate?: boolean;
+  xOffset?: number;
+  yOffset?: number;
+}
+
+/** Weights [N, K] encoded once per (f, N, K) and their reference decode. */
+const weightCache = new Map<string, { buf: GPUBuffer; ref: Float32Array }>();
+
+function weights(gpu: Gpu, f: WeightFormat, N: number, K: number) {
+  const key = `${f}.${N}.${K}`;
+  let w = weightCache.get(key);
+  if (!w) {
+    const bytes = encodeWeights(f, randomArray(N * K, N * 131 + K, 0.5), N, K);
+    const buf = gpu.upload(`w.${key}`, bytes);
+    assert.equal(buf.size, weightBytes(f, N, K), "weightBytes() is the uploaded size");
+    w = { buf, ref: decodeWeights(f, bytes, N, K) };
+    weightCache.set(key, w);
+  }
+  return w;
+}
+
+async function check(gpu: Gpu, c: Case): Promise<void> {
+  const { T, K, N } = c;
+  const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
+  const seed = T * 7919 + K * 31 + N;
+  const x = randomArray(T * K, seed);
+  const bias = c.bias ? randomArray(N, seed + 2) : undefined;
+  const yOld = c.accumulate ? randomArray(T * N, seed + 3) : undefined;
+  const xBuf = new Float32Array(xOff + T * K).fill(99);
+  xBuf.set(x, xOff);
+  const yInit = new Float32Array(yOff + T * N + 3).fill(-7); // sentinel around the output
+  if (yOld) yInit.set(yOld, yOff);
+  const w = weights(gpu, c.f, N, K);
+  const y = gpu.upload("y", yInit, RW);
+  const d = await createMatmul(gpu, {
+    label: "test.qmatmul",
+    x: gpu.upload("x", xBuf),
+    xOffset: xOff,
+    w: w.buf,
+    dtype: c.f,
+    bias: bias ? gpu.upload("bias", bias) : undefined,
+    y,
+    yOffset: yOff,
+    accumulate: c.accumulate,
+    T,
+    K,
+    N,
+    path: c.path,
+  });
+  await gpu.run("test", [d]);
+  const got = new Float32Array(await gpu.read(y));
+  const want = yInit.slice();
+  want.set(matmulRef(x, w.ref, T, K, N, bias, yOld), yOff);
+  assertClose(
+    `${c.path} ${c.f} T=${T} K=${K} N=${N} bias=${!!c.bias} acc=${!!c.accumulate} ` +
+      `xOffset=${xOff} yOffset=${yOff}`,
+    got,
+    want,
+    TOL,
+  );
+  y.destroy();
+}
+
+for (const f of BLOCK_FORMATS) {
+  gpuTest(`matmul matvec ${f} dequantizes in-kernel and matches the reference`, async (gpu) => {
+    for (const T of MATVEC_TS) {
+      for (const K of ks(f)) {
+        for (const N of NS) await check(gpu, { f, path: "matvec", T, K, N });
+      }
+    }
+  });
+
+  gpuTest(`matmul tiled ${f} dequantizes in-kernel and matches the reference`, async (gpu) => {
+    for (const T of TILED_TS) {
+      for (const K of ks(f)) {
+        for (const N of NS) await check(gpu, { f, path: "tiled", T, K, N });
+      }
+    }
+  });
+}
+
+for (const f of ["q4_0", "q6_k"] as WeightFormat[]) {
+  gpuTest(`matmul ${f} fuses bias and accumulate and honours x/y offsets on both paths`, async (
+    gpu,
+  ) => {
+    const K = formatBlock(f) === 256 ? 256 : 96;
+    for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+      for (const T of [1, 3, 16]) {
+        await check(gpu, { f, path, T, K, N: 67, bias: true });
+        await check(gpu, { f, path, T, K, N: 7, accumulate: true, yOffset: 5 });
+        await check(gpu, { f, path, T, K, N: 7, bias: true, accumulate: true });
+        await check(gpu, { f, path, T, K, N: 7, xOffset: 3 }); // scalar x loads
+        await check(gpu, { f, path, T, K, N: 7, xOffset: 8, yOffset: 1 });
+      }
+    }
+  });
+}
+
+gpuTest("matmul f32 and f16 weights from encodeWeights() match the reference", async (gpu) => {
+  for (const f of ["f32", "f16"] as WeightFormat[]) {
+    if (f === "f16" && !gpu.features.f16) continue;
+    for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+      for (const [T, K, N] of [[1, 67, 7], [5, 96, 67], [16, 3, 1]]) {
+        await check(gpu, { f, path, T, K, N });
+      }
+    }
+  }
+});
+
+gpuTest("matmul matvec q8_0 spreads N > 65535 output columns over a 2-D grid", async (gpu) => {
+  await check(gpu, { f: "q8_0", path: "matvec", T: 1, K: 32, N: 65535 + 9 });
+});
+
+gpuTest("matmul refuses K that is not a multiple of the format's block, naming the label", async (
+  gpu,
+) => {
+  const b = gpu.buffer("b", 4096, RW);
+  for (const [f, K] of [["q4_k", 576], ["q8_0", 48], ["nf4", 96]] as [WeightFormat, number][]) {
+    for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+      await assert.rejects(
+        () => createMatmul(gpu, { label: "L0.q", x: b, w: b, y: b, dtype: f, T: 1, K, N: 4, path }),
+        new RegExp(`L0\\.q: K=${K} is not a multiple of the ${f} block size ${formatBlock(f)}`),
+      );
+    }
+  }
+});
