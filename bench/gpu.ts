@@ -15,7 +15,13 @@ import { Decoder } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
 import { profileDispatches, type ProfileRow } from "./profile.ts";
-import { benchMatmul, formatMatmulRows, LARGE_CASES, PYCODE_CASES } from "./matmul_cases.ts";
+import {
+  benchMatmul,
+  formatMatmulRows,
+  LARGE_CASES,
+  PYCODE_CASES,
+  QUANT_CASES,
+} from "./matmul_cases.ts";
 import type { DraftLength, Speculation } from "../engine/decode.ts";
 
 const CODE = `import os
@@ -234,7 +240,7 @@ if (import.meta.main) {
   );
   const report: Record<string, unknown> = { device: gpu.adapterName };
   if (values.matmul) {
-    const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES], 50, 500);
+    const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
   }

@@ -27,6 +27,7 @@ import { PROMPTS } from "./gpu.ts";
 export interface QuantRow {
   format: string;
   weight_bytes: number;
+  draft_bytes: number;
   share_of_f16: number;
   vram_1024: number;
   ppl: number;
@@ -157,11 +158,19 @@ if (import.meta.main) {
     const spec = await decode(specDec, k);
     plainDec.destroy();
     specDec.destroy();
+    const withDraft = await estimateVram({
+      target: { model: th, formats: targetFormats },
+      draft: { model: draft.model, formats: draft.formats },
+      kv: "f16",
+      speculative: true,
+      adapter,
+    }, maxSeq);
     const weightBytes = vram.bytes.target_weights;
     if (name === "f16") f16Bytes = weightBytes;
     const row: QuantRow = {
       format: name,
       weight_bytes: weightBytes,
+      draft_bytes: withDraft.bytes.draft_weights,
       share_of_f16: f16Bytes ? weightBytes / f16Bytes : NaN,
       vram_1024: vramTotal(vram.bytes),
       ppl,
@@ -206,6 +215,7 @@ if (import.meta.main) {
     "format",
     "weights",
     "of f16",
+    "draft +",
     "VRAM@1024",
     "PPL",
     "KL",
@@ -220,6 +230,7 @@ if (import.meta.main) {
     r.format,
     formatBytes(r.weight_bytes),
     fmt(100 * r.share_of_f16, 1) + "%",
+    formatBytes(r.draft_bytes),
     formatBytes(r.vram_1024),
     fmt(r.ppl, 3),
     fmt(r.kl, 4),

@@ -9,7 +9,7 @@ import { gpuTest } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
 import { LlamaGpu } from "../models/llama.ts";
-import { loadHfFolder } from "../models/hf.ts";
+import { loadModel } from "../models/load.ts";
 import { planQuant, type QuantRequest } from "../engine/quant_plan.ts";
 import { perplexity, type PerplexityResult } from "../engine/perplexity.ts";
 import type { Gpu } from "../engine/gpu.ts";
@@ -19,11 +19,13 @@ const CTX = 128;
 const TOKENS = 3 * CTX; // three full windows
 
 /** Bounds (relative PPL increase over f16; mean KL from f16) defended by the measured values. */
+// Measured on lavapipe (384 tokens): q8_0 +0.04% (KL 0.00006), q4_0 +0.15% (KL 0.0169),
+// q4_k +0.25%, nf4 -0.71%. The 4-bit bounds allow about four times the largest change seen.
 const BOUNDS: Record<string, { ppl: number; kl?: number }> = {
-  q8_0: { ppl: 0.01, kl: 0.002 },
-  q4_0: { ppl: 0.12, kl: 0.08 },
-  q4_k: { ppl: 0.12 },
-  nf4: { ppl: 0.12 },
+  q8_0: { ppl: 0.01, kl: 0.001 },
+  q4_0: { ppl: 0.03, kl: 0.05 },
+  q4_k: { ppl: 0.03 },
+  nf4: { ppl: 0.03 },
 };
 
 async function run(
@@ -58,7 +60,7 @@ async function run(
 gpuTest(
   "pycode target on held-out code: q8_0 PPL within 1% of f16; 4-bit formats bounded",
   async (gpu) => {
-    const model = await loadHfFolder(await fixture("pycode-pair/target"));
+    const model = await loadModel(await fixture("pycode-pair/target"));
     const text = await Deno.readTextFile(new URL("./data/heldout_code.py", import.meta.url));
     const tokens = model.tokenizer!.encode(text, { bos: true }).slice(0, TOKENS);
     assert.equal(tokens.length, TOKENS);
@@ -71,7 +73,7 @@ gpuTest(
     });
     try {
       const f16 = await perplexity(gpu, reference, tokens, { ctx: CTX });
-      assert.ok(f16.ppl > 1 && f16.ppl < 20, `f16 PPL ${f16.ppl} is implausible for a code model`);
+      assert.ok(f16.ppl > 1 && f16.ppl < 60, `f16 PPL ${f16.ppl} is implausible for a code model`);
       const report = [`f16 ppl ${f16.ppl.toFixed(4)}`];
       for (const [quant, bound] of Object.entries(BOUNDS)) {
         const r = await run(
