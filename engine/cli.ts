@@ -197,7 +197,10 @@ object).
 
 ${COMMON_MODEL}
   --out <file.gguf>     output file
-${QUANT_FLAGS}
+  --quant <format>      q8_0, q4_0, q4_k, q6_k or f16 for every matrix but the kept groups (rows
+                        whose length is not a multiple of the block fall back: q4_k -> q4_0 -> f16)
+  --keep <groups>       kept at higher precision: embed,output,first,last (default) or none
+  --keep-format <fmt>   format of the kept groups (default q8_0 for 4-bit --quant, else f16)
   --json                one JSON object on stdout
   --help                this text`,
     flags: {
@@ -205,7 +208,9 @@ ${QUANT_FLAGS}
       tokenizer: { type: "string" },
       out: { type: "string" },
       json: { type: "boolean" },
-      ...QUANT_FLAG_SPECS,
+      quant: { type: "string" },
+      keep: { type: "string" },
+      "keep-format": { type: "string" },
     },
     run: runQuantize,
   },
@@ -472,7 +477,8 @@ function quantOptions(v: Record<string, unknown>): {
     try {
       keep = parseKeep(v.keep);
     } catch (e) {
-      throw new UsageError(`--keep: ${(e as Error).message}`);
+      const msg = (e as Error).message;
+      throw new UsageError(msg.startsWith("--keep") ? msg : `--keep: ${msg}`);
     }
   }
   const kv = v.kv;

@@ -43,6 +43,22 @@ Deno.test("generate rejects bad flags before loading anything", async () => {
     [["generate", "--model", stories, "--prompt", "a", "--max-tokens", "-3"], /--max-tokens/],
     [["generate", "--model", "/nonexistent/model.bin", "--prompt", "a"], /no such file/],
     [["frobnicate"], /unknown command "frobnicate"/],
+    [["generate", "--model", stories, "--prompt", "a", "--quant", "q3"], /--quant must be one of/],
+    [
+      ["generate", "--model", stories, "--prompt", "a", "--kv", "q4"],
+      /--kv must be f16, q8 or f32/,
+    ],
+    [["generate", "--model", stories, "--prompt", "a", "--vram", "6XB"], /--vram: cannot read/],
+    [["generate", "--model", stories, "--prompt", "a", "--keep", "embed,x"], /unknown group "x"/],
+    [
+      ["generate", "--model", stories, "--prompt", "a", "--spec", "self", "--draft", stories],
+      /drop --draft/,
+    ],
+    [
+      ["quantize", "--model", stories, "--quant", "nf4", "--out", "/tmp/x.gguf"],
+      /nf4 has no GGUF type/,
+    ],
+    [["perplexity", "--model", stories, "--file", "/nonexistent.txt"], /--file .* no such file/],
   ];
   for (const [args, re] of cases) {
     const r = await cli(...args);
@@ -52,7 +68,7 @@ Deno.test("generate rejects bad flags before loading anything", async () => {
 });
 
 Deno.test("every command prints its --help", async () => {
-  for (const cmd of ["generate", "tokenize", "inspect"]) {
+  for (const cmd of ["generate", "tokenize", "inspect", "plan", "perplexity", "quantize"]) {
     const r = await cli(cmd, "--help");
     assert.equal(r.code, 0);
     assert.match(r.stdout, new RegExp(`Usage: deno run -A mod.ts ${cmd}`));
@@ -201,5 +217,108 @@ Deno.test({
     const stderr = new TextDecoder().decode(await new Response(child.stderr).arrayBuffer());
     assert.equal(code, 130, stderr);
     assert.match(stderr, /stopped: cancelled/);
+  },
+});
+
+Deno.test({
+  name: "plan --json lists configurations with exact bytes and marks the one that fits",
+  ignore: noGpu,
+  fn: async () => {
+    const args = ["plan", "--model", stories, "--tokenizer", tok512, "--ctx", "128", "--json"];
+    const r = await cli(...args, "--vram", "1.2MiB");
+    assert.equal(r.code, 0, r.stderr);
+    const plan = JSON.parse(r.stdout);
+    const chosen = plan.configurations.filter((c: { chosen: boolean }) => c.chosen);
+    assert.equal(chosen.length, 1);
+    assert.ok(chosen[0].total <= 1.2 * 2 ** 20 && chosen[0].fits);
+    // Nothing fits 10 kB: exit 1, no row chosen.
+    const none = await cli(...args, "--vram", "10kB");
+    assert.equal(none.code, 1);
+    assert.ok(JSON.parse(none.stdout).configurations.every((c: { fits: boolean }) => !c.fits));
+  },
+});
+
+Deno.test({
+  name: "quantize writes a GGUF that generates exactly what --quant at load generates",
+  ignore: noGpu,
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const out = `${dir}/s-q8.gguf`;
+      const q = await cli(
+        "quantize",
+        "--model",
+        stories,
+        "--tokenizer",
+        tok512,
+        "--quant",
+        "q8_0",
+        "--out",
+        out,
+        "--json",
+      );
+      assert.equal(q.code, 0, q.stderr);
+      assert.ok(JSON.parse(q.stdout).bytes_out < JSON.parse(q.stdout).bytes_in);
+      const gen = ["--prompt-tokens", "1", "--temperature", "0", "--max-tokens", "40", "--json"];
+      const a = await cli("generate", "--model", out, ...gen);
+      const b = await cli(
+        "generate",
+        "--model",
+        stories,
+        "--tokenizer",
+        tok512,
+        "--quant",
+        "q8_0",
+        ...gen,
+      );
+      assert.equal(a.code, 0, a.stderr);
+      assert.equal(b.code, 0, b.stderr);
+      assert.deepEqual(JSON.parse(a.stdout).tokens, JSON.parse(b.stdout).tokens);
+      assert.equal(
+        JSON.parse(a.stdout).stats.vram.target_weights,
+        JSON.parse(b.stdout).stats.vram.target_weights,
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "perplexity --json --kl reports ppl, tokens_scored, kl and top1_agreement",
+  ignore: noGpu,
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const file = `${dir}/t.txt`;
+      await Deno.writeTextFile(
+        file,
+        "Once upon a time, there was a little girl named Lily. ".repeat(6),
+      );
+      const r = await cli(
+        "perplexity",
+        "--model",
+        stories,
+        "--tokenizer",
+        tok512,
+        "--file",
+        file,
+        "--ctx",
+        "32",
+        "--quant",
+        "q8_0",
+        "--kl",
+        "--json",
+      );
+      assert.equal(r.code, 0, r.stderr);
+      const j = JSON.parse(r.stdout);
+      assert.ok(j.ppl > 1 && j.ppl < 20, r.stdout); // the model knows this sentence
+      assert.ok(
+        j.tokens_scored > 60 && j.kl >= 0 && j.kl < 0.01 && j.top1_agreement > 0.9,
+        r.stdout,
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
   },
 });
