@@ -173,9 +173,10 @@ export class Engine {
   /** Releases the GPU and stops the worker. */
   async dispose(): Promise<void> {
     await this.#request({ id: this.#nextId++, type: "dispose" }).catch(() => {});
+    // The worker closes itself after replying; give its thread time to unwind its (already
+    // destroyed) GPU objects before the caller may exit the process (Vulkan/EGL teardown has
+    // crashed at exit under a live thread, more often on a loaded machine), then make sure.
+    await new Promise((r) => setTimeout(r, 250));
     this.#worker.terminate();
-    // Give the worker thread time to unwind its (already destroyed) GPU objects before the
-    // caller may exit the process: Vulkan drivers crash when torn down under a live thread.
-    await new Promise((r) => setTimeout(r, 50));
   }
 }

@@ -54,6 +54,9 @@ self.onmessage = async (ev: MessageEvent<Request>) => {
         await session?.dispose();
         session = undefined;
         send({ id: req.id, type: "result", value: null });
+        // End this thread from the inside, so it unwinds its GPU objects before the caller's
+        // terminate() (a Vulkan/EGL teardown racing a live thread has crashed at exit).
+        self.close();
         break;
     }
   } catch (e) {
