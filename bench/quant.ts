@@ -15,9 +15,9 @@ import { WeightStore } from "../engine/weights.ts";
 import { Decoder, type Speculation } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
-import { planQuant, type QuantRequest } from "../engine/quant_plan.ts";
+import { planFormats, type QuantRequest } from "../engine/quant_plan.ts";
 import { selfDraftFormats } from "../engine/planner.ts";
-import { estimateVram, formatBytes, vramTotal } from "../engine/vram.ts";
+import { adapterFacts, estimateVram, formatBytes, vramTotal } from "../engine/vram.ts";
 import { perplexity } from "../engine/perplexity.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
@@ -40,12 +40,11 @@ export interface QuantRow {
 }
 
 function formatsOf(m: LoadedModel, quant: QuantRequest | undefined, keep: "default" | "none") {
-  const plan = planQuant(m.config, m.tensors, {
+  return planFormats(m.config, m.tensors, {
     quant,
     keep: keep === "none" ? [] : undefined,
     f16: true,
   });
-  return new Map([...plan].map(([n, c]) => [n, c.format] as [string, WeightFormat]));
 }
 
 if (import.meta.main) {
@@ -81,12 +80,7 @@ if (import.meta.main) {
   console.log(
     `${gpu.adapterName}; perplexity on ${values.text} (${text.length} tokens, ctx ${ctx})`,
   );
-  const adapter = {
-    maxBufferSize: gpu.limits.maxBufferSize,
-    maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
-    maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
-    timestamps: gpu.features.timestamp,
-  };
+  const adapter = adapterFacts(gpu);
   const rowsT = Math.min(ctx, 128);
   const refStore = new WeightStore(gpu);
   const reference = await LlamaGpu.create(gpu, refStore, th, {

@@ -14,9 +14,9 @@ import type { Tokenizer } from "../models/types.ts";
 import { requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
 import { LlamaGpu } from "../models/llama.ts";
-import { type KeepGroup, parseKeep, planQuant, type QuantRequest } from "./quant_plan.ts";
+import { type KeepGroup, parseKeep, planFormats, type QuantRequest } from "./quant_plan.ts";
 import { formatPlanTable, planConfigurations, type PlanRequest } from "./planner.ts";
-import { formatBytes, parseBytes } from "./vram.ts";
+import { adapterFacts, formatBytes, parseBytes } from "./vram.ts";
 import { perplexity, PERPLEXITY_DEFINITION } from "./perplexity.ts";
 import { quantizeToGguf } from "./quantize.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
@@ -538,12 +538,7 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
       ctx,
       budget,
       speculative: self || draft !== undefined,
-      adapter: {
-        maxBufferSize: gpu.limits.maxBufferSize,
-        maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
-        maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
-        timestamps: gpu.features.timestamp,
-      },
+      adapter: adapterFacts(gpu),
       f16: gpu.features.f16,
     };
     const rows = await planConfigurations(req);
@@ -598,14 +593,12 @@ async function runPerplexity(v: Record<string, string | boolean | undefined>): P
   const store = new WeightStore(gpu);
   const f16 = gpu.features.f16 && !noF16;
   const formats = (quant: QuantRequest | undefined) =>
-    new Map(
-      [...planQuant(loaded.config, loaded.tensors, {
-        quant,
-        keep: q.keep,
-        keepFormat: q.keepFormat,
-        f16,
-      })].map(([n, c]) => [n, c.format]),
-    );
+    planFormats(loaded.config, loaded.tensors, {
+      quant,
+      keep: q.keep,
+      keepFormat: q.keepFormat,
+      f16,
+    });
   const rows = Math.min(ctx, 128);
   const make = (label: string, quant: QuantRequest | undefined, kv?: KvDType) =>
     LlamaGpu.create(gpu, store, loaded, {

@@ -9,7 +9,7 @@
 import type { LoadedModel } from "../models/types.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
-import { type KeepGroup, planQuant, type QuantRequest } from "./quant_plan.ts";
+import { type KeepGroup, planFormats, planQuant, type QuantRequest } from "./quant_plan.ts";
 import {
   type AdapterFacts,
   formatBytes,
@@ -84,13 +84,12 @@ function formatsOf(
   quant: QuantRequest | undefined,
   req: PlanRequest,
 ): Map<string, WeightFormat> {
-  const plan = planQuant(model.config, model.tensors, {
+  return planFormats(model.config, model.tensors, {
     quant,
     keep: req.keep,
     keepFormat: req.keepFormat,
     f16: req.f16,
   });
-  return new Map([...plan].map(([name, c]) => [name, c.format]));
 }
 
 /**

@@ -277,3 +277,12 @@ export function summarizePlan(plan: ReadonlyMap<string, TensorChoice>): PlanSumm
   }
   return { byFormat };
 }
+
+/** {@linkcode planQuant}'s formats alone, by tensor name (what `LlamaGpuOptions.formats` takes). */
+export function planFormats(
+  config: ModelConfig,
+  tensors: ReadonlyMap<string, HostTensor>,
+  opts: QuantPlanOptions,
+): Map<string, WeightFormat> {
+  return new Map([...planQuant(config, tensors, opts)].map(([n, c]) => [n, c.format]));
+}

@@ -8,14 +8,14 @@ import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
 import { Decoder, type Speculation } from "./decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
-import { planQuant } from "./quant_plan.ts";
+import { planFormats } from "./quant_plan.ts";
 import {
   formatPlanTable,
   planConfigurations,
   type PlanRequest,
   selfDraftFormats,
 } from "./planner.ts";
-import { estimateVram, formatBytes, type VramBytes, vramTotal } from "./vram.ts";
+import { adapterFacts, estimateVram, formatBytes, type VramBytes, vramTotal } from "./vram.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
@@ -116,12 +116,7 @@ export class Session {
       ctx: maxSeq,
       budget: options.vram,
       speculative: self || draftHost !== undefined,
-      adapter: {
-        maxBufferSize: gpu.limits.maxBufferSize,
-        maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
-        maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
-        timestamps: gpu.features.timestamp,
-      },
+      adapter: adapterFacts(gpu),
       f16,
     };
     let targetFormats: ReadonlyMap<string, WeightFormat>;
@@ -149,14 +144,12 @@ export class Session {
       );
     } else {
       const formats = (m: LoadedModel, quant = options.quant) =>
-        new Map(
-          [...planQuant(m.config, m.tensors, {
-            quant,
-            keep: options.keep,
-            keepFormat: options.keepFormat,
-            f16,
-          })].map(([n, c]) => [n, c.format]),
-        );
+        planFormats(m.config, m.tensors, {
+          quant,
+          keep: options.keep,
+          keepFormat: options.keepFormat,
+          f16,
+        });
       targetFormats = formats(host);
       if (self) {
         draftFormats = selfDraftFormats(host, targetFormats, options.draftQuant ?? "q4_0", req);

@@ -17,6 +17,7 @@
  * @module
  */
 import type { LoadedModel } from "../models/types.ts";
+import type { Gpu } from "./gpu.ts";
 import { llamaBufferSizes, uploadList } from "../models/llama.ts";
 import { storedBytes, tensorKey } from "./weights.ts";
 import { decoderBytes } from "./decode.ts";
@@ -61,6 +62,16 @@ export interface AdapterFacts {
   readonly maxComputeWorkgroupStorageSize: number;
   /** Whether timestamp queries exist (the speculative decoder then allocates query buffers). */
   readonly timestamps: boolean;
+}
+
+/** The facts of `gpu` the planner needs. */
+export function adapterFacts(gpu: Gpu): AdapterFacts {
+  return {
+    maxBufferSize: gpu.limits.maxBufferSize,
+    maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
+    maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
+    timestamps: gpu.features.timestamp,
+  };
 }
 
 /** Everything that fixes a session's GPU memory. */

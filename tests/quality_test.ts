@@ -10,7 +10,7 @@ import { fixture } from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
-import { planQuant, type QuantRequest } from "../engine/quant_plan.ts";
+import { planFormats, type QuantRequest } from "../engine/quant_plan.ts";
 import { perplexity, type PerplexityResult } from "../engine/perplexity.ts";
 import type { Gpu } from "../engine/gpu.ts";
 import type { LoadedModel } from "../models/types.ts";
@@ -36,12 +36,7 @@ async function run(
   reference?: LlamaGpu,
 ): Promise<PerplexityResult> {
   const store = new WeightStore(gpu);
-  const formats = new Map(
-    [...planQuant(model.config, model.tensors, { quant, f16: true })].map(([n, c]) => [
-      n,
-      c.format,
-    ]),
-  );
+  const formats = planFormats(model.config, model.tensors, { quant, f16: true });
   const m = await LlamaGpu.create(gpu, store, model, {
     label: quant ?? "f16",
     maxSeq: CTX,

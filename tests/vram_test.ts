@@ -8,7 +8,7 @@ import { gpuTest } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
 import { Session } from "../engine/session.ts";
 import type { GenerateOptions, LoadOptions } from "../engine/protocol.ts";
-import { formatBytes, parseBytes, vramTotal } from "../engine/vram.ts";
+import { adapterFacts, formatBytes, parseBytes, vramTotal } from "../engine/vram.ts";
 import { formatPlanTable, planConfigurations, type PlanRequest } from "../engine/planner.ts";
 import { loadModel } from "../models/load.ts";
 import { requestGpu } from "../engine/gpu.ts";
@@ -111,12 +111,7 @@ gpuTest(
       target,
       ctx: 96,
       speculative: false,
-      adapter: {
-        maxBufferSize: gpu.limits.maxBufferSize,
-        maxStorageBufferBindingSize: gpu.limits.maxStorageBufferBindingSize,
-        maxComputeWorkgroupStorageSize: gpu.limits.maxComputeWorkgroupStorageSize,
-        timestamps: gpu.features.timestamp,
-      },
+      adapter: adapterFacts(gpu),
       f16: gpu.features.f16,
     };
     gpu.destroy();
