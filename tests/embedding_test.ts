@@ -6,7 +6,8 @@ import {
   formatBlock,
   type WeightFormat,
 } from "../kernels/qformats.ts";
-import { assertClose, gpuTest, randomArray, rng, roundF16 } from "./harness.ts";
+import { assertClose, gpuTest, randomArray, rng, roundF16, type Tolerance } from "./harness.ts";
+import type { Gpu } from "../engine/gpu.ts";
 import assert from "@specdec/assert";
 
 // Tolerance: a copy (f16 tables compared with f16-rounded values): exact.
@@ -26,35 +27,7 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
         const table = roundF16(randomArray(V * D, V + D));
         const tb = gpu.upload("table", dtype === "f16" ? new Float16Array(table) : table);
         for (const T of [1, 2, 5, 17, 33]) {
-          const r = rng(T * V);
-          const tokens = Uint32Array.from({ length: T }, () => Math.floor(r() * V));
-          tokens[0] = V - 1; // the last row
-          const tokOff = 4, xOff = 2;
-          const tokBuf = new Uint32Array(tokOff + T);
-          tokBuf.set(tokens, tokOff);
-          const xInit = new Float32Array(xOff + T * D + 1).fill(-8);
-          const x = gpu.upload("x", xInit, RW);
-          const d = await createEmbedding(gpu, {
-            label: "test.embedding",
-            table: tb,
-            dtype,
-            V,
-            D,
-            tokens: gpu.upload("tokens", tokBuf),
-            tokensOffset: tokOff,
-            x,
-            xOffset: xOff,
-            T,
-          });
-          await gpu.run("test", [d]);
-          const want = xInit.slice();
-          want.set(embeddingRef(table, D, tokens), xOff);
-          assertClose(
-            `embedding ${dtype} V=${V} D=${D} T=${T}`,
-            new Float32Array(await gpu.read(x)),
-            want,
-            EXACT,
-          );
+          await checkGather(gpu, dtype, tb, table, V, D, T, rng(T * V), [4, 2], EXACT);
         }
       }
     },
@@ -106,35 +79,7 @@ for (const f of ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] as WeightFormat[]) {
       const table = decodeWeights(f, bytes, V, D);
       const tb = gpu.upload("table", bytes);
       for (const T of [1, 5, 17]) {
-        const r = rng(T * V + 3);
-        const tokens = Uint32Array.from({ length: T }, () => Math.floor(r() * V));
-        tokens[0] = V - 1;
-        const tokOff = 2, xOff = 3;
-        const tokBuf = new Uint32Array(tokOff + T);
-        tokBuf.set(tokens, tokOff);
-        const xInit = new Float32Array(xOff + T * D + 1).fill(-8);
-        const x = gpu.upload("x", xInit, RW);
-        const d = await createEmbedding(gpu, {
-          label: "test.embedding",
-          table: tb,
-          dtype: f,
-          V,
-          D,
-          tokens: gpu.upload("tokens", tokBuf),
-          tokensOffset: tokOff,
-          x,
-          xOffset: xOff,
-          T,
-        });
-        await gpu.run("test", [d]);
-        const want = xInit.slice();
-        want.set(embeddingRef(table, D, tokens), xOff);
-        assertClose(
-          `embedding ${f} V=${V} D=${D} T=${T}`,
-          new Float32Array(await gpu.read(x)),
-          want,
-          DEQUANT,
-        );
+        await checkGather(gpu, f, tb, table, V, D, T, rng(T * V + 3), [2, 3], DEQUANT);
       }
     }
   });
@@ -157,3 +102,49 @@ gpuTest("embedding refuses D that is not a multiple of the format's block", asyn
     /embed: D=576 is not a multiple of the q4_k block size 256/,
   );
 });
+
+/**
+ * Gathers T random rows (the first is the last row of the table) through the kernel, with ids at
+ * element offset `tokOff` and output at `xOff` inside sentinel-filled buffers, and compares with
+ * embeddingRef over the table's reference values.
+ */
+async function checkGather(
+  gpu: Gpu,
+  dtype: WeightFormat,
+  tb: GPUBuffer,
+  table: Float32Array,
+  V: number,
+  D: number,
+  T: number,
+  r: () => number,
+  [tokOff, xOff]: [number, number],
+  tol: Tolerance,
+): Promise<void> {
+  const tokens = Uint32Array.from({ length: T }, () => Math.floor(r() * V));
+  tokens[0] = V - 1; // the last row
+  const tokBuf = new Uint32Array(tokOff + T);
+  tokBuf.set(tokens, tokOff);
+  const xInit = new Float32Array(xOff + T * D + 1).fill(-8);
+  const x = gpu.upload("x", xInit, RW);
+  const d = await createEmbedding(gpu, {
+    label: "test.embedding",
+    table: tb,
+    dtype,
+    V,
+    D,
+    tokens: gpu.upload("tokens", tokBuf),
+    tokensOffset: tokOff,
+    x,
+    xOffset: xOff,
+    T,
+  });
+  await gpu.run("test", [d]);
+  const want = xInit.slice();
+  want.set(embeddingRef(table, D, tokens), xOff);
+  assertClose(
+    `embedding ${dtype} V=${V} D=${D} T=${T}`,
+    new Float32Array(await gpu.read(x)),
+    want,
+    tol,
+  );
+}

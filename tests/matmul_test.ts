@@ -6,8 +6,9 @@ import {
   MATVEC_MAX_T,
   type WeightDType,
 } from "../kernels/matmul.ts";
-import { assertClose, gpuTest, randomArray, roundF16 } from "./harness.ts";
+import { gpuTest, randomArray, roundF16 } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
+import { checkProduct } from "./matmul_check.ts";
 import assert from "@specdec/assert";
 
 // Tolerance, f32 and f16 weights alike (f16 is compared with the reference on f16-rounded
@@ -29,50 +30,15 @@ interface Case {
   yOffset?: number;
 }
 
-function name(c: Case): string {
-  return `${c.path} ${c.dtype} T=${c.T} K=${c.K} N=${c.N} bias=${!!c.bias} acc=${!!c
-    .accumulate} xOffset=${c.xOffset ?? 0} yOffset=${c.yOffset ?? 0}`;
-}
-
 async function check(gpu: Gpu, c: Case): Promise<void> {
-  const { T, K, N } = c;
-  const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
-  const seed = T * 1000003 + K * 1009 + N;
-  const x = randomArray(T * K, seed);
-  let w = randomArray(N * K, seed + 1);
-  const bias = c.bias ? randomArray(N, seed + 2) : undefined;
-  const yOld = c.accumulate ? randomArray(T * N, seed + 3) : undefined;
-  const xBuf = new Float32Array(xOff + T * K).fill(99);
-  xBuf.set(x, xOff);
-  // Fill y with a sentinel (or y_old) so writes outside [yOff, yOff + T*N) are detected.
-  const yInit = new Float32Array(yOff + T * N + 3).fill(-7);
-  if (yOld) yInit.set(yOld, yOff);
-  let wBuf: GPUBuffer;
+  const seed = c.T * 1000003 + c.K * 1009 + c.N;
+  let w = randomArray(c.N * c.K, seed + 1);
+  let buf: GPUBuffer;
   if (c.dtype === "f16") {
     w = roundF16(w);
-    wBuf = gpu.upload("w", new Float16Array(w));
-  } else wBuf = gpu.upload("w", w);
-  const y = gpu.upload("y", yInit, RW);
-  const d = await createMatmul(gpu, {
-    label: "test.matmul",
-    x: gpu.upload("x", xBuf),
-    xOffset: xOff,
-    w: wBuf,
-    dtype: c.dtype,
-    bias: bias ? gpu.upload("bias", bias) : undefined,
-    y,
-    yOffset: yOff,
-    accumulate: c.accumulate,
-    T,
-    K,
-    N,
-    path: c.path,
-  });
-  await gpu.run("test", [d]);
-  const got = new Float32Array(await gpu.read(y));
-  const want = yInit.slice();
-  want.set(matmulRef(x, w, T, K, N, bias, yOld), yOff);
-  assertClose(name(c), got, want, TOL);
+    buf = gpu.upload("w", new Float16Array(w));
+  } else buf = gpu.upload("w", w);
+  await checkProduct(gpu, c, { dtype: c.dtype, buf, ref: w }, seed, TOL);
 }
 
 Deno.test("matmulPath() picks matvec up to MATVEC_MAX_T rows and tiled above", () => {

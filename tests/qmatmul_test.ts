@@ -1,4 +1,4 @@
-import { createMatmul, type MatmulPath, matmulRef } from "../kernels/matmul.ts";
+import { createMatmul, type MatmulPath } from "../kernels/matmul.ts";
 import {
   decodeWeights,
   encodeWeights,
@@ -6,8 +6,9 @@ import {
   weightBytes,
   type WeightFormat,
 } from "../kernels/qformats.ts";
-import { assertClose, gpuTest, randomArray } from "./harness.ts";
+import { gpuTest, randomArray } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
+import { checkProduct } from "./matmul_check.ts";
 import assert from "@specdec/assert";
 
 // Tolerance: the GPU dequantizes to the same f32 values as decodeWeights() (products of an f16
@@ -56,45 +57,8 @@ function weights(gpu: Gpu, f: WeightFormat, N: number, K: number) {
 }
 
 async function check(gpu: Gpu, c: Case): Promise<void> {
-  const { T, K, N } = c;
-  const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
-  const seed = T * 7919 + K * 31 + N;
-  const x = randomArray(T * K, seed);
-  const bias = c.bias ? randomArray(N, seed + 2) : undefined;
-  const yOld = c.accumulate ? randomArray(T * N, seed + 3) : undefined;
-  const xBuf = new Float32Array(xOff + T * K).fill(99);
-  xBuf.set(x, xOff);
-  const yInit = new Float32Array(yOff + T * N + 3).fill(-7); // sentinel around the output
-  if (yOld) yInit.set(yOld, yOff);
-  const w = weights(gpu, c.f, N, K);
-  const y = gpu.upload("y", yInit, RW);
-  const d = await createMatmul(gpu, {
-    label: "test.qmatmul",
-    x: gpu.upload("x", xBuf),
-    xOffset: xOff,
-    w: w.buf,
-    dtype: c.f,
-    bias: bias ? gpu.upload("bias", bias) : undefined,
-    y,
-    yOffset: yOff,
-    accumulate: c.accumulate,
-    T,
-    K,
-    N,
-    path: c.path,
-  });
-  await gpu.run("test", [d]);
-  const got = new Float32Array(await gpu.read(y));
-  const want = yInit.slice();
-  want.set(matmulRef(x, w.ref, T, K, N, bias, yOld), yOff);
-  assertClose(
-    `${c.path} ${c.f} T=${T} K=${K} N=${N} bias=${!!c.bias} acc=${!!c.accumulate} ` +
-      `xOffset=${xOff} yOffset=${yOff}`,
-    got,
-    want,
-    TOL,
-  );
-  y.destroy();
+  const w = weights(gpu, c.f, c.N, c.K);
+  await checkProduct(gpu, c, { dtype: c.f, ...w }, c.T * 7919 + c.K * 31 + c.N, TOL);
 }
 
 for (const f of BLOCK_FORMATS) {
