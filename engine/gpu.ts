@@ -278,20 +278,20 @@ export class Gpu {
     }
   }
 
-  /** Creates a bind group for group 0 of `pipeline` with `buffers` bound at 0, 1, 2, ... */
+  /**
+   * Creates a bind group for group 0 of `pipeline` with `buffers` bound at 0, 1, 2, ...; an
+   * `undefined` entry leaves its binding out (an optional binding the shader does not declare).
+   */
   bindGroup(
     label: string,
     pipeline: GPUComputePipeline,
-    buffers: readonly (GPUBuffer | GPUBufferBinding)[],
+    buffers: readonly (GPUBuffer | GPUBufferBinding | undefined)[],
   ): GPUBindGroup {
-    return this.device.createBindGroup({
-      label,
-      layout: pipeline.getBindGroupLayout(0),
-      entries: buffers.map((b, i) => ({
-        binding: i,
-        resource: "buffer" in b ? b : { buffer: b },
-      })),
+    const entries: GPUBindGroupEntry[] = [];
+    buffers.forEach((b, i) => {
+      if (b) entries.push({ binding: i, resource: "buffer" in b ? b : { buffer: b } });
     });
+    return this.device.createBindGroup({ label, layout: pipeline.getBindGroupLayout(0), entries });
   }
 
   /** Encodes `dispatches` into one compute pass of `encoder`. */

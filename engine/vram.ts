@@ -109,7 +109,7 @@ export async function planWeights(setup: Pick<VramSetup, "target" | "draft" | "a
   const limit = setup.adapter.maxStorageBufferBindingSize;
   const add = async (m: PlannedModel) => {
     let bytes = 0;
-    for (const { planName, tensor } of uploadList(m.model)) {
+    for (const { planName, tensor } of uploadList(m.model, m.formats)) {
       const format = m.formats.get(planName);
       if (!format) throw new Error(`${m.model.source}: no stored format planned for ${planName}`);
       const key = await tensorKey(tensor, format);

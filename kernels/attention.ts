@@ -131,16 +131,17 @@ const LOG2E = 1.4426950408889634;
 const NEG = "-3.0e38";
 
 /** WGSL element type of a cache binding: vec4 of f16/f32, or u32 words (4 int8) for q8. */
-function cacheElem(dtype: KvDType): string {
+export function cacheElem(dtype: KvDType): string {
   return dtype === "q8" ? "u32" : `vec4<${dtype}>`;
 }
 
 /**
  * WGSL `loadK(gi)` / `loadV(gi)`: vec4 number gi of a cache as f32 (gi counts vec4s of values
  * from the start of the buffer). q8: word gi holds 4 int8 (byte j = element j, sign-extended by
- * the arithmetic shift), times the scale of its head vector, word scaleBase + gi / HD4.
+ * the arithmetic shift), times the scale of its head vector, word `p.scaleBase + gi / HD4`.
+ * Expects `kCache`, `vCache`, the constant `HD4` and, for q8, `p.scaleBase` in scope.
  */
-function loaders(dtype: KvDType): string {
+export function kvLoadersWgsl(dtype: KvDType): string {
   if (dtype !== "q8") {
     return `fn loadK(gi: u32) -> vec4<f32> { return vec4<f32>(kCache[gi]); }
 fn loadV(gi: u32) -> vec4<f32> { return vec4<f32>(vCache[gi]); }`;
@@ -219,7 +220,7 @@ const WG = ${WG}u;
 const NS = ${NS}u;
 const ACC = ${ACC}u;
 
-${loaders(dtype)}
+${kvLoadersWgsl(dtype)}
 
 var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], pre-scaled
 var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
@@ -404,7 +405,7 @@ export function attentionNaiveWgsl(headDim: number, dtype: KvDType): string {
 
 const HD4 = ${HD4}u;
 
-${loaders(dtype)}
+${kvLoadersWgsl(dtype)}
 
 @compute @workgroup_size(${ATTN_SIMPLE_WG})
 fn main(@builtin(global_invocation_id) g: vec3u) {

@@ -1,11 +1,17 @@
 /**
- * Linear layer: `y[T, N] = x[T, K] · W[N, K]^T (+ bias[N]) (+ y_old[T, N] when accumulating)`.
+ * Linear layer: `y[T, N] = x[T, K] · W[N, K]^T (+ bias[N]) (+ y_old[T, N] when accumulating)`,
+ * with two fusions the forward pass uses:
+ * - `norm`: RMSNorm of the x rows folded into the product, `x ← x / rms(x) * g`. The product
+ *   multiplies each weight by g[k] as it is loaded and accumulates Σx² beside Σx·g·w, so the
+ *   normalized x is never written: `y = (Σ_k x g w) / sqrt(Σ_k x² / K + eps)`.
+ * - `swiglu`: the weight rows are (gate, up) pairs interleaved (row 2i = gate_i, row 2i + 1 =
+ *   up_i), and the output is `y[t, i] = silu(gate) * up`, width N / 2.
  *
  * Two paths, chosen by {@linkcode matmulPath}:
- * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}: decode and verify): one workgroup owns one output
- *   column n (one weight row) and loops over all T activation rows inside, so each weight byte is
- *   read once for the whole batch. This is what makes verifying k+1 draft tokens cost about as
- *   much as decoding one.
+ * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}: decode and verify): a workgroup owns R output columns
+ *   (weight rows) and loops over all T activation rows inside, so each weight byte is read once
+ *   for the whole batch. This is what makes verifying k+1 draft tokens cost about as much as
+ *   decoding one. R and the lanes per row grow with T ({@linkcode matvecShape}).
  * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
  *   in workgroup memory.
  *
@@ -17,6 +23,8 @@
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
 import { formatBlock, isBlockFormat, type WeightFormat, weightWgsl } from "./qformats.ts";
+import { rmsnormRef } from "./rmsnorm.ts";
+import { swigluRef } from "./swiglu.ts";
 
 /** Storage format of a weight matrix (an alias of {@linkcode WeightFormat}). */
 export type WeightDType = WeightFormat;
@@ -24,10 +32,8 @@ export type WeightDType = WeightFormat;
 /** Which kernel computes a product. */
 export type MatmulPath = "matvec" | "tiled";
 
-/** Largest T (activation rows) served by the matrix-vector path. */
-export const MATVEC_MAX_T = 16;
-/** Invocations per workgroup in the matrix-vector path (they stride over K together). */
-export const MATVEC_WG = 64;
+/** Largest T (activation rows) served by the matrix-vector path: a verify of 16 drafts + 1. */
+export const MATVEC_MAX_T = 17;
 /** Output tile of the tiled path: rows of x (T) per workgroup. */
 export const TILE_M = 64;
 /** Output tile of the tiled path: rows of W (N) per workgroup. */
@@ -53,201 +59,96 @@ export function matmulPath(T: number): MatmulPath {
   return T <= MATVEC_MAX_T ? "matvec" : "tiled";
 }
 
+/** Work split of a matrix-vector workgroup: `rows` weight rows, `lanes` invocations per row. */
+export interface MatvecShape {
+  /** Weight rows (output columns) per workgroup; even, so (gate, up) pairs stay together. */
+  readonly rows: number;
+  /** Invocations striding over K for one row; a power of 2. */
+  readonly lanes: number;
+}
+
+/**
+ * The matrix-vector split for `T` activation rows: few rows and many lanes for decode (enough
+ * workgroups to fill the GPU), more rows per workgroup as T grows, so each x element loaded
+ * into the SM serves more weight rows and x traffic stays below the weight traffic.
+ *
+ * @example
+ * ```ts
+ * import { matvecShape } from "./matmul.ts";
+ * console.log(matvecShape(1), matvecShape(17)); // { rows: 2, lanes: 64 } { rows: 16, lanes: 16 }
+ * ```
+ */
+export function matvecShape(T: number): MatvecShape {
+  if (T <= 2) return { rows: 2, lanes: 64 };
+  if (T <= 8) return { rows: 8, lanes: 32 };
+  return { rows: 16, lanes: 16 };
+}
+
 /** Specialization values baked into a matmul shader (all part of its pipeline key). */
 interface MatmulSpec {
   dtype: WeightFormat;
   bias: boolean;
   accumulate: boolean;
+  norm: boolean;
+  swiglu: boolean;
 }
 
-function header(s: MatmulSpec): string {
+function specKey(s: MatmulSpec): string {
+  return `${s.dtype}.bias${+s.bias}.acc${+s.accumulate}.norm${+s.norm}.swiglu${+s.swiglu}`;
+}
+
+function header(s: MatmulSpec, vec4Norm: boolean): string {
   const wType = s.dtype === "f16" ? "f16" : "f32";
+  const g = vec4Norm ? "vec4<f32>" : "f32";
   return `${s.dtype === "f16" ? "enable f16;\n" : ""}
 struct Params {
   T: u32,       // activation rows
   K: u32,       // input width
-  N: u32,       // output width
+  N: u32,       // weight rows (output width, or twice it with swiglu)
   xOffset: u32, // element offset of x[0, 0] in the x buffer
   yOffset: u32, // element offset of y[0, 0] in the y buffer
-  vecK: u32,    // K / 4 (matvec vec4 path only)
+  vecK: u32,    // K / 4 (vec4 loads only)
   nb: u32,      // blocks of W: N * K / block (block formats only)
+  eps: f32,     // RMSNorm epsilon (norm only)
+  yStride: u32, // elements between rows of y (N, N / 2 with swiglu, or wider: a column range)
 }
 @group(0) @binding(3) var<uniform> p: Params;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>; // y: [T, N] f32 at yOffset
+@group(0) @binding(2) var<storage, read_write> y: array<f32>; // y: [T, N${
+    s.swiglu ? " / 2" : ""
+  }] f32 at yOffset, rows yStride apart
 ${s.bias ? "@group(0) @binding(4) var<storage, read> bias: array<f32>; // bias: [N] f32" : ""}
+${
+    s.norm
+      ? `@group(0) @binding(5) var<storage, read> g: array<${g}>; // g: [K] f32 RMSNorm weight`
+      : ""
+  }
 alias WT = ${wType};
+
+// 1 / rms of x row t from its sum of squares (1 without norm).
+fn rinv(ss: f32) -> f32 { return ${s.norm ? "inverseSqrt(ss / f32(p.K) + p.eps)" : "1.0"}; }
 
 // y[t, n] = acc (+ bias[n]) (+ y[t, n]).
 fn store(t: u32, n: u32, acc: f32) {
-  let i = p.yOffset + t * p.N + n;
+  let i = p.yOffset + t * p.yStride + n;
   var v = acc;
   ${s.bias ? "v += bias[n];" : ""}
   ${s.accumulate ? "v += y[i];" : ""}
   y[i] = v;
 }
-`;
-}
 
-/** Up to this many partial sums per invocation the matvec path tree-reduces them. */
-const TREE_MAX_PARTIALS = 4;
-
-/**
- * Output columns (weight rows) one matrix-vector workgroup owns for `T` activation rows: 1 for
- * decode, more when T grows so that each x load serves several weight rows.
- */
-export function matvecRows(T: number): number {
-  return T <= 2 ? 1 : 4;
-}
-
-/**
- * WGSL of the matrix-vector path for `T` rows and `R` = {@linkcode matvecRows}(T) output columns
- * per workgroup. With `vec4` (K % 4 == 0 and xOffset % 4 == 0) x and W are loaded as vec4;
- * otherwise as scalars, so any K works.
- */
-export function matvecWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
-  if (isBlockFormat(s.dtype)) return matvecBlockWgsl(s);
-  const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
-  const [len, xi, xStart] = s.vec4
-    ? ["p.vecK", "xBase", "p.xOffset / 4u"]
-    : ["p.K", "xBase", "p.xOffset"];
-  const conv = s.vec4 ? "vec4<f32>" : "f32";
-  const mul = (a: string, b: string) => s.vec4 ? `dot(${a}, ${b})` : `${a} * ${b}`;
-  const body = [
-    ...Array.from({ length: R }, (_, r) => `    let w${r} = ${conv}(w[wRow${r} + k]);`),
-    ...Array.from({ length: T }, (_, t) =>
-      `    { let xv = x[${xi} + ${t}u * ${len} + k]; ` +
-      Array.from({ length: R }, (_, r) => `acc${t}_${r} += ${mul(`w${r}`, "xv")};`).join(" ") +
-      " }"),
-  ].join("\n");
-  const el = s.vec4 ? "vec4<f32>" : "f32";
-  const wel = s.vec4 ? "vec4<WT>" : "WT";
-  return /* wgsl */ `${header(s)}
-// Matrix-vector path, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns ${R} output
-// column(s) n0 .. n0+${R - 1} (weight rows). Invocation i loads ${s.vec4 ? "vec4 " : ""}elements
-// i, i + ${MATVEC_WG}, ... of those weight rows once and multiplies them into all ${T} activation
-// rows (each x load serves ${R} weight rows), keeping ${P} partial sums in registers. The partials
-// go to workgroup memory [${P}, ${S}] (padded against bank conflicts) and are ${reduceHow(T)}.
-// The loop bound masks ragged K; weight rows past N are clamped when loaded and not stored;
-// workgroups past N (2-D grid rounding) return.
-@group(0) @binding(0) var<storage, read> x: array<${el}>;  // x: [T, K] f32 at xOffset
-@group(0) @binding(1) var<storage, read> w: array<${wel}>; // w: [N, K] ${s.dtype}
-
-var<workgroup> red: array<f32, ${P * S}>; // red: [T*R, ${S}] partial sums
-
-@compute @workgroup_size(${MATVEC_WG})
-fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
-  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barrier
-  let xBase = ${xStart};
-${
-    Array.from({ length: R }, (_, r) => `  let wRow${r} = min(n0 + ${r}u, p.N - 1u) * ${len};`)
-      .join("\n")
-  }
-${unrolled(P, (e) => `  var acc${Math.floor(e / R)}_${e % R} = 0.0;`)}
-  for (var k = lid; k < ${len}; k += ${MATVEC_WG}u) {
-${body}
-  }
-${reduceWgsl(T)}
+// y[t, n / 2] = silu(gate) * up for the pair of weight rows (n, n + 1) = (gate, up).
+fn storePair(t: u32, n: u32, gate: f32, up: f32) {
+  var a = gate;
+  var b = up;
+  ${s.bias ? "a += bias[n]; b += bias[n + 1u];" : ""}
+  y[p.yOffset + t * p.yStride + n / 2u] = a / (1.0 + exp(-a)) * b;
 }
 `;
 }
 
-/** How {@linkcode reduceWgsl} combines the partial sums (for the shader's opening comment). */
-function reduceHow(T: number): string {
-  const P = T * matvecRows(T);
-  return P <= TREE_MAX_PARTIALS
-    ? "tree-reduced"
-    : `summed row by row\n// (invocation j < ${P} sums row j)`;
-}
-
-/**
- * The matvec epilogue: partial sums `acc{t}_{r}` of each invocation go to workgroup memory and
- * are reduced over the workgroup, then stored to y[t, n0 + r].
- */
-function reduceWgsl(T: number): string {
-  const R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
-  // Few partials: tree-reduce them (log2 steps). Many: invocation j sums partial row j serially.
-  const tree = `  for (var s = ${MATVEC_WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-${unrolled(P, (e) => `      red[${e * S}u + lid] += red[${e * S}u + lid + s];`)}
-    }
-    workgroupBarrier();
-  }
-  if (lid < ${P}u && n0 + lid % ${R}u < p.N) { store(lid / ${R}u, n0 + lid % ${R}u, red[lid * ${S}u]); }`;
-  const serial = `  for (var j = lid; j < ${P}u; j += ${MATVEC_WG}u) {
-    var sum = 0.0;
-    for (var i = 0u; i < ${MATVEC_WG}u; i++) { sum += red[j * ${S}u + i]; }
-    let n = n0 + j % ${R}u;
-    if (n < p.N) { store(j / ${R}u, n, sum); }
-  }`;
-  return `${unrolled(P, (e) => `  red[${e * S}u + lid] = acc${Math.floor(e / R)}_${e % R};`)}
-  workgroupBarrier();
-${P <= TREE_MAX_PARTIALS ? tree : serial}`;
-}
-
-/**
- * WGSL of the matrix-vector path for a block format: the same workgroup shape and reduction as
- * {@linkcode matvecWgsl}, but the K loop walks the weight rows in decode units (one u32 of
- * quants each, see `wUnit` in `kernels/qformats.ts`) and dequantizes in registers.
- */
-function matvecBlockWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
-  const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
-  const G = blockGroups(s.dtype);
-  const xLoad = s.vec4
-    ? "return x[p.xOffset / 4u + t * p.vecK + k4];"
-    : `let i = p.xOffset + t * p.K + 4u * k4;
-  return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);`;
-  const groups = Array.from({ length: G }, (_, g) =>
-    `    { let k4 = kx + wUnitK4(j, ${g}u);
-${
-      unrolled(T, (t) =>
-        `      { let xv = xq(${t}u, k4); ` +
-        Array.from({ length: R }, (_, r) => `acc${t}_${r} += dot(d${r}[${g}], xv);`).join(" ") +
-        " }")
-    }
-    }`).join("\n");
-  return /* wgsl */ `${header(s)}${weightWgsl(s.dtype)}
-// Matrix-vector path, ${s.dtype}, T = ${T}: one workgroup of ${MATVEC_WG} invocations owns ${R}
-// output column(s) n0 .. n0+${R - 1} (weight rows). A row is K / W_BLOCK blocks of W_UNITS decode
-// units; invocation i decodes units i, i + ${MATVEC_WG}, ... of each of its rows (one u32 of quants
-// per unit: consecutive invocations load consecutive words, so every quant byte is read once per
-// workgroup, coalesced; the block's scales come from cache) into W_GROUPS vec4s, and multiplies
-// them into all ${T} activation rows (each x load serves ${R} weight rows), keeping ${P} partial
-// sums in registers. The partials go to workgroup memory [${P}, ${S}] and are ${reduceHow(T)}.
-// K is a whole number of blocks (checked on the host), so units never straddle K; weight rows
-// past N are clamped when loaded and not stored; workgroups past N (2-D grid rounding) return.
-@group(0) @binding(0) var<storage, read> x: array<${
-    s.vec4 ? "vec4<f32>" : "f32"
-  }>; // x: [T, K] f32 at xOffset
-
-var<workgroup> red: array<f32, ${P * S}>; // red: [T*R, ${S}] partial sums
-
-// x[t, 4 k4 .. 4 k4 + 3]
-fn xq(t: u32, k4: u32) -> vec4<f32> {
-  ${xLoad}
-}
-
-@compute @workgroup_size(${MATVEC_WG})
-fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  wInit(lid);
-  workgroupBarrier();
-  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
-  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barrier
-  let bpr = p.K / W_BLOCK; // blocks per weight row
-${unrolled(R, (r) => `  let b0_${r} = min(n0 + ${r}u, p.N - 1u) * bpr;`)}
-${unrolled(P, (e) => `  var acc${Math.floor(e / R)}_${e % R} = 0.0;`)}
-  for (var u = lid; u < bpr * W_UNITS; u += ${MATVEC_WG}u) {
-    let kb = u / W_UNITS;
-    let j = u % W_UNITS;
-    let kx = kb * (W_BLOCK / 4u); // vec4 index of the block's first value in an x row
-${unrolled(R, (r) => `    let d${r} = wUnit(b0_${r} + kb, j, p.nb);`)}
-${groups}
-  }
-${reduceWgsl(T)}
-}
-`;
+/** `n` generated source lines (accumulators are unrolled so they stay in registers). */
+function unrolled(n: number, line: (i: number) => string): string {
+  return Array.from({ length: n }, (_, i) => line(i)).join("\n");
 }
 
 /** vec4 groups per decode unit of a block format (W_GROUPS in its WGSL). */
@@ -255,43 +156,202 @@ function blockGroups(f: WeightFormat): number {
   return { q8_0: 1, q4_0: 2, nf4: 2, q4_k: 2, q6_k: 4 }[f as "q8_0"] ?? 0;
 }
 
-/** `n` generated source lines (the micro-tile is unrolled so accumulators stay in registers). */
-function unrolled(n: number, line: (i: number) => string): string {
-  return Array.from({ length: n }, (_, i) => line(i)).join("\n");
+/**
+ * WGSL of the matrix-vector path for `T` rows with the split `shape`. With `vec4` (K % 4 == 0
+ * and xOffset % 4 == 0) x is loaded as vec4 (float weights too); otherwise as scalars, so any K
+ * works. Block formats decode weights in units (one u32 of quants each, `wUnit` in
+ * `kernels/qformats.ts`).
+ */
+export function matvecWgsl(
+  s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape },
+): string {
+  const T = s.T, { rows: R, lanes: L } = s.shape ?? matvecShape(T), WG = R * L;
+  const block = isBlockFormat(s.dtype);
+  // x and the weights in vec4 (v) or scalar (scalar float path) units.
+  const v = block || s.vec4;
+  const V = v ? "vec4<f32>" : "f32";
+  const mul = (a: string, b: string) => v ? `dot(${a}, ${b})` : `${a} * ${b}`;
+  const xLoad = s.vec4
+    ? `return x[p.xOffset / 4u + t * p.vecK + k];`
+    : v
+    ? `let i = p.xOffset + t * p.K + 4u * k;
+  return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);`
+    : `return x[p.xOffset + t * p.K + k];`;
+  const slots = R * T + (s.norm ? T : 0);
+  // One weight unit of row n: its values as vec4 groups (or a scalar) at x positions k.
+  const G = block ? blockGroups(s.dtype) : 1;
+  const unitCount = block ? "(p.K / W_BLOCK) * W_UNITS" : v ? "p.vecK" : "p.K";
+  const decode = block
+    ? `    let kb = u / W_UNITS;
+    let j = u % W_UNITS;
+    let d = wUnit(rowBlock + kb, j, p.nb);
+${
+      unrolled(
+        G,
+        (g) => `    let k${g} = kb * (W_BLOCK / 4u) + wUnitK4(j, ${g}u);\n    let w${g} = d[${g}];`,
+      )
+    }`
+    : `    let k0 = u;
+    let w0 = ${V}(w[rowStart + u]);`;
+  const body = unrolled(G, (g) =>
+    `    {
+      let wv = w${g}${s.norm ? ` * g[k${g}]` : ""};
+${
+      unrolled(T, (t) =>
+        `      { let xv = xq(${t}u, k${g}); acc${t} += ${mul("wv", "xv")};${
+          s.norm ? ` ss${t} += ${mul("xv", "xv")};` : ""
+        } }`)
+    }
+    }`);
+  const store = s.swiglu
+    ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
+    let i = e / ${T}u;
+    let t = e % ${T}u;
+    let n = n0 + 2u * i;
+    if (n < p.N) {
+      let r = ${s.norm ? `rinv(red[(${R * T}u + t) * ${L}u])` : "1.0"};
+      storePair(t, n, red[(2u * i * ${T}u + t) * ${L}u] * r, red[((2u * i + 1u) * ${T}u + t) * ${L}u] * r);
+    }
+  }`
+    : `  for (var e = lid; e < ${R * T}u; e += ${WG}u) {
+    let t = e % ${T}u;
+    let n = n0 + e / ${T}u;
+    if (n < p.N) {
+      store(t, n, red[e * ${L}u]${s.norm ? ` * rinv(red[(${R * T}u + t) * ${L}u])` : ""});
+    }
+  }`;
+  return /* wgsl */ `${header(s, v)}${
+    block
+      ? weightWgsl(s.dtype)
+      : `@group(0) @binding(1) var<storage, read> w: array<${
+        v ? "vec4<WT>" : "WT"
+      }>; // w: [N, K] ${s.dtype}\nfn wInit(lid: u32) {}`
+  }
+// Matrix-vector path, ${s.dtype}, T = ${T}: a workgroup of ${WG} invocations owns ${R} weight
+// rows n0 .. n0+${R - 1}, ${L} lanes per row: lane l of row r loads ${
+    block ? "decode units (one u32 of quants" : v ? "vec4 units (" : "elements ("
+  }each) l, l + ${L}, ... of weight row n0 + r${
+    s.norm ? " times g" : ""
+  } (consecutive lanes load consecutive
+// words, coalesced) and multiplies them into all ${T} activation rows, keeping ${T} partial sums${
+    s.norm
+      ? ` and ${T} sums
+// of x² (the RMSNorm of the x rows)`
+      : ""
+  } in registers. The ${slots} partial sums per lane go to workgroup
+// memory [${slots}, ${L}] and are tree-reduced over the lanes; then ${
+    s.swiglu ? "pairs (gate, up) of rows are combined by silu(gate) * up" : "each sum is stored"
+  }.
+// The loop bound masks ragged K; weight rows past N are clamped when loaded and not stored;
+// workgroups past N (2-D grid rounding) return.
+@group(0) @binding(0) var<storage, read> x: array<${
+    s.vec4 ? "vec4<f32>" : "f32"
+  }>; // x: [T, K] f32 at xOffset
+
+var<workgroup> red: array<f32, ${slots * L}>; // red: [${slots}, ${L}] partial sums
+
+// x[t, k] (a vec4 of x when k counts vec4s)
+fn xq(t: u32, k: u32) -> ${V} {
+  ${xLoad}
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  wInit(lid);
+  workgroupBarrier();
+  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
+  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barriers
+  let r = lid / ${L}u;
+  let lane = lid % ${L}u;
+  let row = min(n0 + r, p.N - 1u);
+  ${block ? "let rowBlock = row * (p.K / W_BLOCK);" : `let rowStart = row * ${unitCount};`}
+${unrolled(T, (t) => `  var acc${t} = 0.0;${s.norm ? ` var ss${t} = 0.0;` : ""}`)}
+  for (var u = lane; u < ${unitCount}; u += ${L}u) {
+${decode}
+${body}
+  }
+${unrolled(T, (t) => `  red[(r * ${T}u + ${t}u) * ${L}u + lane] = acc${t};`)}
+${
+    s.norm
+      ? `  if (r == 0u) {\n${
+        unrolled(T, (t) => `    red[(${R * T + t}u) * ${L}u + lane] = ss${t};`)
+      }\n  }`
+      : ""
+  }
+  workgroupBarrier();
+  for (var h = ${L / 2}u; h > 0u; h >>= 1u) {
+    if (lane < h) {
+      for (var e = r; e < ${slots}u; e += ${R}u) {
+        red[e * ${L}u + lane] += red[e * ${L}u + lane + h];
+      }
+    }
+    workgroupBarrier();
+  }
+${store}
+}
+`;
 }
 
 /**
  * WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). Block
  * formats dequantize while staging the W tile: each invocation decodes 4 consecutive k of one
- * weight row (`w4` of `kernels/qformats.ts`).
+ * weight row (`w4` of `kernels/qformats.ts`). With swiglu an invocation owns two adjacent
+ * (gate, up) column pairs per 32 columns instead of every 16th column.
  */
 export function tiledWgsl(s: MatmulSpec): string {
   const loads = (TILE_M * TILE_K) / (TILED_WG_X * TILED_WG_Y);
   const block = isBlockFormat(s.dtype);
+  // Column j (0..3) of invocation tx within the tile.
+  const col = (j: number) =>
+    s.swiglu ? `2u * l.x + ${(j & 1) + 32 * (j >> 1)}u` : `l.x + ${j * TILED_WG_X}u`;
   // W staging: float formats load element by element with the x tile; block formats decode
   // one vec4 per invocation (TILE_N * TILE_K / 4 == invocations, K a multiple of TILE_K).
   const wScalar = `      var wv = 0.0;
-      if (n0 + row < p.N && k < p.K) { wv = f32(w[(n0 + row) * p.K + k]); }
+      if (n0 + row < p.N && k < p.K) { wv = f32(w[(n0 + row) * p.K + k])${
+    s.norm ? " * g[k]" : ""
+  }; }
       ws[kk * ${TILE_N}u + row] = wv;
 `;
   const wBlock = `    {
       let row = lid / ${TILE_K / 4}u;
       let kk = (lid % ${TILE_K / 4}u) * 4u;
       var wv = vec4<f32>(0.0);
-      if (n0 + row < p.N) { wv = w4((n0 + row) * p.K + k0 + kk, p.nb); }
+      if (n0 + row < p.N) {
+        wv = w4((n0 + row) * p.K + k0 + kk, p.nb)${
+    s.norm ? ` * vec4<f32>(g[k0 + kk], g[k0 + kk + 1u], g[k0 + kk + 2u], g[k0 + kk + 3u])` : ""
+  };
+      }
 ${unrolled(4, (c) => `      ws[(kk + ${c}u) * ${TILE_N}u + row] = wv[${c}];`)}
     }
 `;
-  return /* wgsl */ `${header(s)}
+  const stores = s.swiglu
+    ? unrolled(MICRO * 2, (e) => {
+      const i = Math.floor(e / 2), j = 2 * (e % 2);
+      return `  if (m0 + l.y + ${i * TILED_WG_Y}u < p.T && n0 + ${col(j)} < p.N) {
+    let r = rinv(ss${i});
+    storePair(m0 + l.y + ${i * TILED_WG_Y}u, n0 + ${col(j)}, acc${i}${j} * r, acc${i}${j + 1} * r);
+  }`;
+    })
+    : unrolled(MICRO * MICRO, (e) => {
+      const i = Math.floor(e / MICRO), j = e % MICRO;
+      return `  if (m0 + l.y + ${i * TILED_WG_Y}u < p.T && n0 + ${col(j)} < p.N) {
+    store(m0 + l.y + ${i * TILED_WG_Y}u, n0 + ${col(j)}, acc${i}${j}${
+        s.norm ? ` * rinv(ss${i})` : ""
+      });
+  }`;
+    });
+  return /* wgsl */ `${header(s, false)}
 // Tiled path: workgroup (bx, by) owns y[by*${TILE_M} .. +${TILE_M}, bx*${TILE_N} .. +${TILE_N}].
 // For each depth-${TILE_K} slab of K, its ${TILED_WG_X * TILED_WG_Y} invocations stage
 // a ${TILE_M}x${TILE_K} tile of x and a ${TILE_N}x${TILE_K} tile of W (${
     block ? "dequantized from " + s.dtype + ", a vec4 of one row per invocation" : s.dtype
-  }) in workgroup memory
+  }${s.norm ? ", times g" : ""}) in workgroup memory
 // (${loads} elements each, K fastest so global loads coalesce; stored k-major so the inner loop
 // reads consecutive addresses). Elements past T, N or K are staged as 0. Invocation (tx, ty)
-// accumulates (in unrolled registers) the ${MICRO}x${MICRO} outputs (ty + ${TILED_WG_Y}i, tx + ${TILED_WG_X}j); stores
-// past T or N are masked.
+// accumulates (in unrolled registers) the ${MICRO}x${MICRO} outputs of rows ty + ${TILED_WG_Y}i and columns ${
+    s.swiglu ? "2tx + {0, 1, 32, 33}" : `tx + ${TILED_WG_X}j`
+  }${s.norm ? ",\n// and the sums of x² of its rows (RMSNorm)" : ""}; stores past T or N are masked.
 @group(0) @binding(0) var<storage, read> x: array<f32>; // x: [T, K] f32 at xOffset
 ${
     block
@@ -308,6 +368,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l: vec3u
 ${block ? "  wInit(lid);\n  workgroupBarrier();\n" : ""}  let m0 = wg.y * ${TILE_M}u;
   let n0 = wg.x * ${TILE_N}u;
 ${unrolled(MICRO * MICRO, (e) => `  var acc${Math.floor(e / MICRO)}${e % MICRO} = 0.0;`)}
+${unrolled(MICRO, (i) => `  var ss${i} = 0.0;`)}
   for (var k0 = 0u; k0 < p.K; k0 += ${TILE_K}u) {
     for (var r = 0u; r < ${loads}u; r++) {
       let e = lid + r * ${TILED_WG_X * TILED_WG_Y}u;
@@ -321,24 +382,18 @@ ${block ? "" : wScalar}    }
 ${block ? wBlock : ""}    workgroupBarrier();
     for (var kk = 0u; kk < ${TILE_K}u; kk++) {
 ${unrolled(MICRO, (i) => `      let a${i} = xs[kk * ${TILE_M}u + l.y + ${i * TILED_WG_Y}u];`)}
-${unrolled(MICRO, (j) => `      let b${j} = ws[kk * ${TILE_N}u + l.x + ${j * TILED_WG_X}u];`)}
+${unrolled(MICRO, (j) => `      let b${j} = ws[kk * ${TILE_N}u + ${col(j)}];`)}
 ${
     unrolled(MICRO * MICRO, (e) => {
       const i = Math.floor(e / MICRO), j = e % MICRO;
       return `      acc${i}${j} = fma(a${i}, b${j}, acc${i}${j});`;
     })
   }
+${s.norm ? unrolled(MICRO, (i) => `      ss${i} = fma(a${i}, a${i}, ss${i});`) : ""}
     }
     workgroupBarrier();
   }
-${
-    unrolled(MICRO * MICRO, (e) => {
-      const i = Math.floor(e / MICRO), j = e % MICRO;
-      return `  if (m0 + l.y + ${i * TILED_WG_Y}u < p.T && n0 + l.x + ${j * TILED_WG_X}u < p.N) {
-    store(m0 + l.y + ${i * TILED_WG_Y}u, n0 + l.x + ${j * TILED_WG_X}u, acc${i}${j});
-  }`;
-    })
-  }
+${stores}
 }
 `;
 }
@@ -360,25 +415,37 @@ export interface MatmulArgs {
   dtype: WeightFormat;
   /** Optional bias: [N] f32 (Qwen2 Q/K/V). */
   bias?: GPUBuffer;
-  /** y: [T, N] f32 output, starting at element `yOffset`. Must not alias `x`. */
+  /** RMSNorm of the x rows folded into the product: weight g: [K] f32 and epsilon. */
+  norm?: { weight: GPUBuffer; eps: number };
+  /**
+   * Rows of `w` are interleaved (gate, up) pairs; y: [T, N / 2] = silu(gate) * up (N even; not
+   * with `accumulate`).
+   */
+  swiglu?: boolean;
+  /** y: [T, N] f32 output ([T, N / 2] with swiglu), starting at element `yOffset`. Not `x`. */
   y: GPUBuffer;
   /** Element offset of y[0, 0] in `y`; default 0. */
   yOffset?: number;
+  /** Elements between rows of y; default the output width (a larger one writes a column range). */
+  yStride?: number;
   /** Add into y instead of overwriting it (fused residual add): y += x·W^T (+ bias). */
   accumulate?: boolean;
   /** Activation rows (baked into the dispatch). */
   T: number;
   /** Input width. */
   K: number;
-  /** Output width. */
+  /** Weight rows (output width; twice the output width with swiglu). */
   N: number;
   /** Force a path (tests, benchmarks); default {@linkcode matmulPath}(T). */
   path?: MatmulPath;
+  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T). */
+  shape?: MatvecShape;
 }
 
 /**
- * Builds the dispatch for `y = x · W^T (+ bias) (+ y)`: pipeline, params and bind group are made
- * once; encode the returned {@linkcode Dispatch} as often as needed.
+ * Builds the dispatch for `y = x · W^T (+ bias) (+ y)` (with the optional RMSNorm and SwiGLU
+ * fusions): pipeline, params and bind group are made once; encode the returned
+ * {@linkcode Dispatch} as often as needed.
  *
  * @example
  * ```ts ignore
@@ -404,24 +471,38 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   if (block > 1 && N * K > 0xffffffff) {
     throw new RangeError(`${args.label}: ${N}x${K} ${dtype} weights exceed 2^32 values`);
   }
+  if (args.swiglu && (N % 2 !== 0 || args.accumulate)) {
+    throw new RangeError(`${args.label}: swiglu needs an even N and no accumulate (N=${N})`);
+  }
   const path = args.path ?? matmulPath(T);
-  const spec: MatmulSpec = { dtype, bias: !!args.bias, accumulate: !!args.accumulate };
-  const specKey = `${dtype}.bias${+spec.bias}.acc${+spec.accumulate}`;
+  const spec: MatmulSpec = {
+    dtype,
+    bias: !!args.bias,
+    accumulate: !!args.accumulate,
+    norm: !!args.norm,
+    swiglu: !!args.swiglu,
+  };
   let pipeline: GPUComputePipeline;
   let workgroups: [number, number, number];
   if (path === "matvec") {
     if (T > MATVEC_MAX_T) {
-      throw new RangeError(`${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`);
+      throw new RangeError(
+        `${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`,
+      );
+    }
+    const shape = args.shape ?? matvecShape(T);
+    if (shape.rows % 2 || shape.lanes & (shape.lanes - 1)) {
+      throw new RangeError(`${args.label}: matvec rows must be even and lanes a power of 2`);
     }
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
-      `matmul.matvec.${specKey}.T${T}.r${matvecRows(T)}.vec${vec4 ? 4 : 1}.wg${MATVEC_WG}`,
-      () => matvecWgsl({ ...spec, T, vec4 }),
+      `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.vec${vec4 ? 4 : 1}`,
+      () => matvecWgsl({ ...spec, T, vec4, shape }),
     );
-    workgroups = grid2d(Math.ceil(N / matvecRows(T)), gpu.limits.maxComputeWorkgroupsPerDimension);
+    workgroups = grid2d(Math.ceil(N / shape.rows), gpu.limits.maxComputeWorkgroupsPerDimension);
   } else {
     pipeline = await gpu.pipeline(
-      `matmul.tiled.${specKey}.m${TILE_M}.n${TILE_N}.k${TILE_K}.r${MICRO}`,
+      `matmul.tiled.${specKey(spec)}.m${TILE_M}.n${TILE_N}.k${TILE_K}.r${MICRO}`,
       () => tiledWgsl(spec),
     );
     workgroups = [Math.ceil(N / TILE_N), Math.ceil(T / TILE_M), 1];
@@ -430,16 +511,26 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
       throw new RangeError(`${args.label}: tiled grid ${workgroups} exceeds ${max} per dimension`);
     }
   }
-  const params = gpu.uniform(
-    `${args.label}.params`,
-    new Uint32Array([T, K, N, xOffset, yOffset, K >>> 2, block > 1 ? (N * K) / block : 0, 0]),
-  );
-  const buffers = [args.x, args.w, args.y, params];
-  if (args.bias) buffers.push(args.bias);
+  const outN = args.swiglu ? N / 2 : N;
+  const yStride = args.yStride ?? outN;
+  if (!Number.isInteger(yStride) || yStride < outN) {
+    throw new RangeError(`${args.label}: yStride=${yStride} is less than the output width ${outN}`);
+  }
+  const raw = new Uint32Array(12); // 9 fields, padded to 16 bytes
+  raw.set([T, K, N, xOffset, yOffset, K >>> 2, block > 1 ? (N * K) / block : 0, 0, yStride]);
+  new Float32Array(raw.buffer)[7] = args.norm?.eps ?? 0;
+  const params = gpu.uniform(`${args.label}.params`, raw);
   return {
     label: args.label,
     pipeline,
-    bindGroup: gpu.bindGroup(args.label, pipeline, buffers),
+    bindGroup: gpu.bindGroup(args.label, pipeline, [
+      args.x,
+      args.w,
+      args.y,
+      params,
+      args.bias,
+      args.norm?.weight,
+    ]),
     workgroups,
   };
 }
@@ -475,4 +566,52 @@ export function matmulRef(
     }
   }
   return y;
+}
+
+/** The fusions of {@linkcode fusedMatmulRef}. */
+export interface FusedRefOptions {
+  /** Bias: [N]. */
+  bias?: Float32Array;
+  /** Previous y to add (residual). */
+  yOld?: Float32Array;
+  /** RMSNorm of x first: weight [K] and epsilon. */
+  norm?: { weight: Float32Array; eps: number };
+  /** Rows of W are (gate, up) pairs: the result is silu(gate) * up, [T, N / 2]. */
+  swiglu?: boolean;
+}
+
+/**
+ * CPU reference of the fused product, composed from the unfused references: `rmsnormRef`, then
+ * {@linkcode matmulRef}, then `swigluRef` over the de-interleaved (gate, up) columns.
+ *
+ * @example
+ * ```ts
+ * import { fusedMatmulRef } from "./matmul.ts";
+ * // one row x = [3, 4] normalized (rms 3.54), W = [[1, 0], [0, 1]] as a (gate, up) pair
+ * const y = fusedMatmulRef(new Float32Array([3, 4]), new Float32Array([1, 0, 0, 1]), 1, 2, 2, {
+ *   norm: { weight: new Float32Array([1, 1]), eps: 0 },
+ *   swiglu: true,
+ * });
+ * console.log(y.length); // 1
+ * ```
+ */
+export function fusedMatmulRef(
+  x: Float32Array,
+  w: Float32Array,
+  T: number,
+  K: number,
+  N: number,
+  o: FusedRefOptions = {},
+): Float32Array {
+  const xn = o.norm ? rmsnormRef(x, o.norm.weight, T, K, o.norm.eps) : x;
+  const y = matmulRef(xn, w, T, K, N, o.bias, o.yOld);
+  if (!o.swiglu) return y;
+  const F = N / 2, gate = new Float32Array(T * F), up = new Float32Array(T * F);
+  for (let t = 0; t < T; t++) {
+    for (let i = 0; i < F; i++) {
+      gate[t * F + i] = y[t * N + 2 * i];
+      up[t * F + i] = y[t * N + 2 * i + 1];
+    }
+  }
+  return swigluRef(gate, up);
 }

@@ -4,20 +4,28 @@
  * encoded as often as needed. One plan shape serves prefill (T = prompt chunk), decode (T = 1)
  * and verification (T = k + 1). Positions live in the GPU `state` buffer, never on the CPU.
  *
+ * The forward is fused to five dispatches per layer (DESIGN.md: each dispatch costs ~6-9 µs, more
+ * than a small model's weights take to stream): RMSNorm lives inside the products that consume
+ * it, q/k/v are one product over concatenated rows, RoPE and the KV-cache write live inside the
+ * attention kernel, the residual adds inside the o and down products, and SwiGLU in the epilogue
+ * of the gate/up product, whose rows are stored as interleaved (gate, up) pairs.
+ *
  * @module
  */
 import type { Dispatch, Gpu } from "../engine/gpu.ts";
 import type { StoredTensor, WeightStore } from "../engine/weights.ts";
 import type { HostTensor, LoadedModel, ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
-import { createRmsnorm } from "../kernels/rmsnorm.ts";
 import { createMatmul } from "../kernels/matmul.ts";
-import { createRope, ropeInvFreq } from "../kernels/rope.ts";
-import { createKvWrite, kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
-import { attentionPlan, type AttentionScratch, createAttention } from "../kernels/attention.ts";
+import { ropeInvFreq } from "../kernels/rope.ts";
+import { kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
+import {
+  createFusedAttention,
+  fusedAttentionPlan,
+  fusedAttentionScratchBytes,
+} from "../kernels/fused_attention.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { planQuant } from "../engine/quant_plan.ts";
-import { createSwiglu } from "../kernels/swiglu.ts";
 import { createAdvance } from "../kernels/advance.ts";
 
 /** Options for {@linkcode LlamaGpu.create}. */
@@ -63,18 +71,22 @@ export interface UploadTensor {
   readonly tensor: HostTensor;
 }
 
+/** One product writing a column range of the qkv activation. */
+interface QkvPart {
+  w: StoredTensor; // [rows, dim]
+  bias?: StoredTensor; // [rows] f32
+  col: number; // first column of qkv it writes
+}
+
 /** Per-layer weights in the store. Shapes as `[out, in]`. */
 interface LayerWeights {
   attnNorm: StoredTensor; // [dim] f32
-  q: StoredTensor; // [nHeads*headDim, dim]
-  k: StoredTensor; // [nKvHeads*headDim, dim]
-  v: StoredTensor; // [nKvHeads*headDim, dim]
-  qBias?: StoredTensor;
-  kBias?: StoredTensor;
-  vBias?: StoredTensor;
+  // q, k, v rows: one [qDim + 2*kvDim, dim] matrix (+ bias) when they share a format, else
+  // one product each into its columns of qkv.
+  qkv: QkvPart[];
   o: StoredTensor; // [dim, nHeads*headDim]
   ffnNorm: StoredTensor; // [dim] f32
-  gateUp: StoredTensor; // [2*ffnDim, dim]: gate rows, then up rows
+  gateUp: StoredTensor; // [2*ffnDim, dim]: rows 2i, 2i+1 = gate_i, up_i
   down: StoredTensor; // [dim, ffnDim]
 }
 
@@ -124,8 +136,8 @@ export class LlamaGpu {
   readonly #kCache: GPUBuffer;
   readonly #vCache: GPUBuffer;
   readonly #invFreq: GPUBuffer;
-  readonly #act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h", GPUBuffer>;
-  readonly #scratch: AttentionScratch;
+  readonly #act: Record<"x" | "qkv" | "att" | "h", GPUBuffer>;
+  readonly #attnScratch: GPUBuffer;
   readonly #plans = new Map<string, Promise<Dispatch[]>>();
   readonly #sourceIds = new Map<GPUBuffer, number>(); // token buffers by identity, for plan keys
 
@@ -152,7 +164,10 @@ export class LlamaGpu {
     this.#outNorm = weights.outNorm;
     this.#layers = weights.layers;
     const used = new Set<StoredTensor>([weights.embedding, weights.classifier, weights.outNorm]);
-    for (const l of weights.layers) for (const t of Object.values(l)) if (t) used.add(t);
+    for (const l of weights.layers) {
+      for (const t of [l.attnNorm, l.o, l.ffnNorm, l.gateUp, l.down]) used.add(t);
+      for (const part of l.qkv) for (const t of [part.w, part.bias]) if (t) used.add(t);
+    }
     this.weightBytes = [...used].reduce((a, t) => a + t.bytes, 0);
     const formats: Partial<Record<WeightFormat, number>> = {};
     for (const t of used) formats[t.format] = (formats[t.format] ?? 0) + 1;
@@ -167,12 +182,8 @@ export class LlamaGpu {
       gpu.buffer(`${opts.label}.act.${name}`, sizes.act[name], S);
     this.#act = {
       x: act("x"), // residual stream [T, dim]
-      xb: act("xb"), // normed input of a sublayer [T, dim]
-      q: act("q"), // [T, nHeads, headDim]
-      k: act("k"), // [T, nKvHeads, headDim]
-      v: act("v"), // [T, nKvHeads, headDim]
+      qkv: act("qkv"), // [T, (nHeads + 2*nKvHeads) * headDim]: q, k, v before RoPE
       att: act("att"), // attention output [T, nHeads, headDim]
-      gu: act("gu"), // [T, 2*ffnDim]: gate, then up
       h: act("h"), // silu(gate) * up [T, ffnDim]
     };
     this.logits = act("logits"); // [maxLogitRows, vocab]
@@ -180,11 +191,13 @@ export class LlamaGpu {
       `${opts.label}.rope.inv_freq`,
       ropeInvFreq(config.headDim, config.ropeTheta, config.ropeScaling),
     );
-    // Split-K attention partials, sized for the largest plan of any T and shared by all plans.
-    this.#scratch = {
-      acc: gpu.buffer(`${opts.label}.attn.partial_acc`, sizes.attnAcc, GPUBufferUsage.STORAGE),
-      ml: gpu.buffer(`${opts.label}.attn.partial_ml`, sizes.attnMl, GPUBufferUsage.STORAGE),
-    };
+    // Split-K attention partials and counters, sized for the largest plan of any T and shared
+    // by all plans and layers (the counters return to 0 after every dispatch).
+    this.#attnScratch = gpu.buffer(
+      `${opts.label}.attn.partials`,
+      sizes.attn,
+      GPUBufferUsage.STORAGE,
+    );
     this.bytes = { kv: 2 * this.#kCache.size, scratch: sizes.scratch };
   }
 
@@ -203,7 +216,7 @@ export class LlamaGpu {
     const formats = opts.formats ??
       new Map([...planQuant(c, model.tensors, { f16 })].map(([n, t]) => [n, t.format]));
     const stored = new Map<string, StoredTensor>();
-    for (const { planName, tensor } of uploadList(model)) {
+    for (const { planName, tensor } of uploadList(model, formats)) {
       const format = formats.get(planName);
       if (!format) throw new Error(`${model.source}: no stored format planned for ${planName}`);
       if (format === "f16" && !f16) {
@@ -212,17 +225,20 @@ export class LlamaGpu {
       stored.set(tensor.name, await store.add(opts.label, tensor, format));
     }
     const get = (name: string) => stored.get(name)!;
+    const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
     const layers: LayerWeights[] = [];
     for (let l = 0; l < c.nLayers; l++) {
       const p = `blk.${l}.`;
+      const qkv: QkvPart[] = stored.has(p + "attn_qkv.weight")
+        ? [{ w: get(p + "attn_qkv.weight"), bias: stored.get(p + "attn_qkv.bias"), col: 0 }]
+        : (["attn_q", "attn_k", "attn_v"] as const).map((m, i) => ({
+          w: get(`${p}${m}.weight`),
+          bias: stored.get(`${p}${m}.bias`),
+          col: [0, qDim, qDim + kvDim][i],
+        }));
       layers.push({
         attnNorm: get(p + "attn_norm.weight"),
-        q: get(p + "attn_q.weight"),
-        k: get(p + "attn_k.weight"),
-        v: get(p + "attn_v.weight"),
-        qBias: stored.get(p + "attn_q.bias"),
-        kBias: stored.get(p + "attn_k.bias"),
-        vBias: stored.get(p + "attn_v.bias"),
+        qkv,
         o: get(p + "attn_output.weight"),
         ffnNorm: get(p + "ffn_norm.weight"),
         gateUp: get(p + "ffn_gate_up.weight"),
@@ -277,35 +293,15 @@ export class LlamaGpu {
 
   async #build(T: number, tokens: TokenSource, rows: LogitRows): Promise<Dispatch[]> {
     const g = this.#gpu, c = this.config, a = this.#act, L = this.#label;
-    const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
-    const dt = (t: StoredTensor) => t.format;
+    const qDim = c.nHeads * c.headDim, qkvDim = qDim + 2 * c.nKvHeads * c.headDim;
+    const eps = c.normEps;
     const d: Dispatch[] = [];
-    const shape = {
-      T,
-      nHeads: c.nHeads,
-      nKvHeads: c.nKvHeads,
-      headDim: c.headDim,
-      maxSeq: this.maxSeq,
-    };
-    const scratch = this.#scratch;
-    // xb[first .. first+rows) = rmsnorm(x[first .. first+rows)) * weight.
-    const norm = (label: string, weight: StoredTensor, first = 0, rows = T) =>
-      createRmsnorm(g, {
-        label,
-        x: a.x,
-        xOffset: first * c.dim,
-        w: weight.buffer,
-        y: a.xb,
-        T: rows,
-        D: c.dim,
-        eps: c.normEps,
-      });
     // x = embedding rows of the T input tokens.
     d.push(
       await createEmbedding(g, {
         label: `${L}.embed`,
         table: this.#embedding.buffer,
-        dtype: dt(this.#embedding),
+        dtype: this.#embedding.format,
         V: c.vocabSize,
         D: c.dim,
         tokens: tokens.buffer,
@@ -316,107 +312,76 @@ export class LlamaGpu {
     );
     for (let l = 0; l < c.nLayers; l++) {
       const w = this.#layers[l], P = `${L}.L${l}`;
-      const mm = (
-        name: string,
-        x: GPUBuffer,
-        t: StoredTensor,
-        y: GPUBuffer,
-        K: number,
-        N: number,
-        extra = {},
-      ) =>
+      // y = x·W^T over the T rows, with the options of createMatmul (norm, swiglu, bias, ...).
+      const mm = (name: string, x: GPUBuffer, t: StoredTensor, y: GPUBuffer, K: number, o = {}) =>
         createMatmul(g, {
           label: `${P}.${name}`,
           x,
           w: t.buffer,
-          dtype: dt(t),
+          dtype: t.format,
           y,
           T,
           K,
-          N,
-          ...extra,
+          N: t.shape[0],
+          ...o,
         });
-      // Attention block: xb = rmsnorm(x); q, k, v = xb·Wq, xb·Wk, xb·Wv (+ bias).
-      d.push(await norm(`${P}.attn_norm`, w.attnNorm));
-      d.push(await mm("attn.q", a.xb, w.q, a.q, c.dim, qDim, { bias: w.qBias?.buffer }));
-      d.push(await mm("attn.k", a.xb, w.k, a.k, c.dim, kvDim, { bias: w.kBias?.buffer }));
-      d.push(await mm("attn.v", a.xb, w.v, a.v, c.dim, kvDim, { bias: w.vBias?.buffer }));
-      // Rotate q and k by their positions (state[0] + t), in the checkpoint's pairing layout.
+      // 1. qkv = rmsnorm(x)·[Wq; Wk; Wv]^T (+ bias): one product (one per format if they differ).
+      for (const part of w.qkv) {
+        d.push(
+          await mm(`attn.qkv${w.qkv.length > 1 ? part.col : ""}`, a.x, part.w, a.qkv, c.dim, {
+            norm: { weight: w.attnNorm.buffer, eps },
+            bias: part.bias?.buffer,
+            yOffset: part.col,
+            yStride: qkvDim,
+          }),
+        );
+      }
+      // 2. Rotate q and k by their positions (state[0] + t), append k, v to the cache rows
+      //    state[0] .. state[0]+T-1 and attend causally: att = softmax(q·K^T / √d)·V.
       d.push(
-        await createRope(g, {
-          label: `${P}.attn.rope`,
-          q: a.q,
-          k: a.k,
-          invFreq: this.#invFreq,
-          half: c.headDim / 2,
-          state: this.state,
-          layout: c.ropeLayout,
+        await createFusedAttention(g, {
+          label: `${P}.attn`,
           T,
           nHeads: c.nHeads,
           nKvHeads: c.nKvHeads,
           headDim: c.headDim,
-        }),
-      );
-      // Append k, v to the cache rows state[0] .. state[0]+T-1, then attend causally over them.
-      const kv = {
-        kCache: this.#kCache,
-        vCache: this.#vCache,
-        state: this.state,
-        dtype: this.kvType,
-        layers: c.nLayers,
-        layer: l,
-      };
-      d.push(
-        await createKvWrite(g, {
-          label: `${P}.attn.kv_write`,
-          k: a.k,
-          v: a.v,
-          T,
-          nKvHeads: c.nKvHeads,
-          headDim: c.headDim,
           maxSeq: this.maxSeq,
-          ...kv,
-        }),
-      );
-      d.push(
-        ...await createAttention(g, {
-          label: `${P}.attn`,
-          ...shape,
-          ...kv,
-          q: a.q,
+          qkv: a.qkv,
+          kCache: this.#kCache,
+          vCache: this.#vCache,
+          state: this.state,
           out: a.att,
-          scratch,
+          invFreq: this.#invFreq,
+          layout: c.ropeLayout,
+          dtype: this.kvType,
+          layers: c.nLayers,
+          layer: l,
+          scratch: this.#attnScratch,
         }),
       );
-      // x += att·Wo (residual fused into the product).
-      d.push(await mm("attn.o", a.att, w.o, a.x, qDim, c.dim, { accumulate: true }));
-      // Feed-forward block: x += (silu(xb·Wgate) * (xb·Wup))·Wdown with xb = rmsnorm(x).
-      d.push(await norm(`${P}.ffn_norm`, w.ffnNorm));
-      d.push(await mm("ffn.gate_up", a.xb, w.gateUp, a.gu, c.dim, 2 * c.ffnDim));
+      // 3. x += att·Wo (residual fused into the product).
+      d.push(await mm("attn.o", a.att, w.o, a.x, qDim, { accumulate: true }));
+      // 4. h = silu(xn·Wgate) * (xn·Wup) with xn = rmsnorm(x): SwiGLU in the product's epilogue.
       d.push(
-        await createSwiglu(g, {
-          label: `${P}.ffn.swiglu`,
-          gate: a.gu,
-          up: a.gu,
-          h: a.h,
-          T,
-          F: c.ffnDim,
-          inStride: 2 * c.ffnDim,
-          upOffset: c.ffnDim,
+        await mm("ffn.gate_up", a.x, w.gateUp, a.h, c.dim, {
+          norm: { weight: w.ffnNorm.buffer, eps },
+          swiglu: true,
         }),
       );
-      d.push(await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, c.dim, { accumulate: true }));
+      // 5. x += h·Wdown.
+      d.push(await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, { accumulate: true }));
     }
     // logits = rmsnorm(x)·Wcls for the last row (prefill, decode) or every row (verify).
     if (rows !== "none") {
       const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
-      d.push(await norm(`${L}.output_norm`, this.#outNorm, first, n));
       d.push(
         await createMatmul(g, {
           label: `${L}.classifier`,
-          x: a.xb,
+          x: a.x,
+          xOffset: first * c.dim,
           w: this.#classifier.buffer,
-          dtype: dt(this.#classifier),
+          dtype: this.#classifier.format,
+          norm: { weight: this.#outNorm.buffer, eps },
           y: this.logits,
           T: n,
           K: c.dim,
@@ -440,22 +405,34 @@ export class LlamaGpu {
       b.destroy();
     }
     for (const b of Object.values(this.#act)) b.destroy();
-    this.#scratch.acc.destroy();
-    this.#scratch.ml.destroy();
+    this.#attnScratch.destroy();
   }
 }
 
-const uploads = new WeakMap<LoadedModel, UploadTensor[]>();
+const uploads = new WeakMap<LoadedModel, Map<string, UploadTensor[]>>();
 
 /**
- * The tensors {@linkcode LlamaGpu.create} uploads, in order, with gate and up fused into one
- * `[2*ffnDim, dim]` matrix per layer. Memoized per model, so the VRAM planner and the upload
- * hash the same host arrays once.
+ * The tensors {@linkcode LlamaGpu.create} uploads, in order, for the stored formats `formats`
+ * (by canonical name): per layer q, k and v as one `[qDim + 2*kvDim, dim]` matrix
+ * `blk.N.attn_qkv.weight` (bias `attn_qkv.bias`) when `formats` gives them one format (planned
+ * under `attn_q`), else apart; gate and up as one `[2*ffnDim, dim]` matrix of interleaved rows
+ * (row 2i = gate_i, 2i + 1 = up_i), planned under `ffn_gate`. Memoized per model and fusion
+ * pattern, so the VRAM planner and the upload hash the same host arrays once.
  */
-export function uploadList(model: LoadedModel): UploadTensor[] {
-  let list = uploads.get(model);
-  if (list) return list;
+export function uploadList(
+  model: LoadedModel,
+  formats: ReadonlyMap<string, WeightFormat>,
+): UploadTensor[] {
   const c = model.config;
+  const fused = (l: number) => {
+    const f = ["attn_q", "attn_k", "attn_v"].map((m) => formats.get(`blk.${l}.${m}.weight`));
+    return f[0] !== undefined && f[0] === f[1] && f[1] === f[2];
+  };
+  const pattern = Array.from({ length: c.nLayers }, (_, l) => fused(l) ? "1" : "0").join("");
+  let byPattern = uploads.get(model);
+  if (!byPattern) uploads.set(model, byPattern = new Map());
+  let list = byPattern.get(pattern);
+  if (list) return list;
   const get = (name: string): HostTensor => {
     const t = model.tensors.get(name);
     if (!t) throw new Error(`${model.source}: tensor "${name}" is missing`);
@@ -466,15 +443,25 @@ export function uploadList(model: LoadedModel): UploadTensor[] {
   for (let l = 0; l < c.nLayers; l++) {
     const p = `blk.${l}.`;
     add(p + "attn_norm.weight");
-    for (const m of ["attn_q", "attn_k", "attn_v"]) {
-      add(`${p}${m}.weight`);
-      if (c.qkvBias) add(`${p}${m}.bias`);
+    const qkv = ["attn_q", "attn_k", "attn_v"];
+    if (pattern[l] === "1") {
+      for (const kind of c.qkvBias ? ["weight", "bias"] : ["weight"]) {
+        list.push({
+          planName: `${p}attn_q.${kind}`,
+          tensor: concatRows(`${p}attn_qkv.${kind}`, qkv.map((m) => get(`${p}${m}.${kind}`))),
+        });
+      }
+    } else {
+      for (const m of qkv) {
+        add(`${p}${m}.weight`);
+        if (c.qkvBias) add(`${p}${m}.bias`);
+      }
     }
     add(p + "attn_output.weight");
     add(p + "ffn_norm.weight");
     list.push({
       planName: p + "ffn_gate.weight",
-      tensor: concatRows(
+      tensor: interleaveRows(
         `${p}ffn_gate_up.weight`,
         get(p + "ffn_gate.weight"),
         get(p + "ffn_up.weight"),
@@ -485,60 +472,84 @@ export function uploadList(model: LoadedModel): UploadTensor[] {
   add("token_embd.weight");
   if (!c.tiedEmbeddings) add("output.weight");
   add("output_norm.weight");
-  uploads.set(model, list);
+  byPattern.set(pattern, list);
   return list;
 }
 
 /**
  * Exact byte sizes of the non-weight buffers a {@linkcode LlamaGpu} allocates for `shape`: one
- * KV cache (K or V), each activation, the split-K attention partials (the largest any T up to
- * maxT needs) and their total as "scratch". The VRAM planner uses the same function.
+ * KV cache (K or V), each activation, the fused attention's split-K scratch (the largest any T
+ * up to maxT needs) and their total as "scratch". The VRAM planner uses the same function.
  */
 export function llamaBufferSizes(c: ModelConfig, shape: LlamaBufferShape): {
   kvCache: number;
-  act: Record<"x" | "xb" | "q" | "k" | "v" | "att" | "gu" | "h" | "logits", number>;
-  attnAcc: number;
-  attnMl: number;
+  act: Record<"x" | "qkv" | "att" | "h" | "logits", number>;
+  attn: number;
   scratch: number;
 } {
   const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = shape.maxT;
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
   const act = {
     x: T * c.dim * 4,
-    xb: T * c.dim * 4,
-    q: T * qDim * 4,
-    k: T * kvDim * 4,
-    v: T * kvDim * 4,
+    qkv: T * (qDim + 2 * kvDim) * 4,
     att: T * qDim * 4,
-    gu: T * 2 * c.ffnDim * 4,
     h: T * c.ffnDim * 4,
     logits: shape.maxLogitRows * c.vocabSize * 4,
   };
-  let attnAcc = 4, attnMl = 4;
+  let attn = 4;
   for (let t = 1; t <= T; t++) {
-    const s = { T: t, nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim };
-    const plan = attentionPlan({ ...s, maxSeq: shape.maxSeq }, shape.maxWorkgroupStorage);
-    if (plan.variant !== "flash-split") continue; // the other kernels use no partials
-    const rows = plan.nSplits * t * c.nHeads;
-    attnAcc = Math.max(attnAcc, rows * c.headDim * 4);
-    attnMl = Math.max(attnMl, rows * 8);
+    const s = {
+      T: t,
+      nHeads: c.nHeads,
+      nKvHeads: c.nKvHeads,
+      headDim: c.headDim,
+      maxSeq: shape.maxSeq,
+    };
+    const plan = fusedAttentionPlan(s, shape.maxWorkgroupStorage);
+    attn = Math.max(attn, fusedAttentionScratchBytes(s, plan));
   }
   const state = 16, invFreq = pad4((c.headDim / 2) * 4);
-  let scratch = state + invFreq + attnAcc + attnMl;
+  let scratch = state + invFreq + attn;
   for (const n of Object.values(act)) scratch += pad4(n);
   const kvCache = pad4(kvCacheBytes(shape.kvType, c.nLayers, shape.maxSeq, c.nKvHeads, c.headDim));
-  return { kvCache, act, attnAcc, attnMl, scratch };
+  return { kvCache, act, attn, scratch };
 }
 
-/** `[a; b]`: rows of `a` then rows of `b` (same dtype and row width), as one host tensor. */
-function concatRows(name: string, a: HostTensor, b: HostTensor): HostTensor {
-  if (a.dtype !== b.dtype || a.shape[1] !== b.shape[1]) {
+/** Rows of `parts` one after another (same dtype and row width), as one host tensor. */
+function concatRows(name: string, parts: HostTensor[]): HostTensor {
+  const a = parts[0];
+  for (const b of parts) {
+    if (b.dtype !== a.dtype || (b.shape[1] ?? 1) !== (a.shape[1] ?? 1)) {
+      throw new Error(
+        `cannot fuse ${a.name} and ${b.name}: ${a.dtype}[${a.shape}] vs ${b.dtype}[${b.shape}]`,
+      );
+    }
+  }
+  const data = new Uint8Array(parts.reduce((n, t) => n + t.data.byteLength, 0));
+  let o = 0;
+  for (const t of parts) {
+    data.set(t.data, o);
+    o += t.data.byteLength;
+  }
+  const rows = parts.reduce((n, t) => n + t.shape[0], 0);
+  return { name, dtype: a.dtype, shape: a.shape.length > 1 ? [rows, a.shape[1]] : [rows], data };
+}
+
+/**
+ * Rows of `a` and `b` interleaved, `[a0; b0; a1; b1; ...]` (same dtype and shape), as one host
+ * tensor. Rows are whole byte ranges in every host dtype (block formats hold whole blocks).
+ */
+function interleaveRows(name: string, a: HostTensor, b: HostTensor): HostTensor {
+  if (a.dtype !== b.dtype || a.shape[0] !== b.shape[0] || a.shape[1] !== b.shape[1]) {
     throw new Error(
       `cannot fuse ${a.name} and ${b.name}: ${a.dtype}[${a.shape}] vs ${b.dtype}[${b.shape}]`,
     );
   }
-  const data = new Uint8Array(a.data.byteLength + b.data.byteLength);
-  data.set(a.data, 0);
-  data.set(b.data, a.data.byteLength);
-  return { name, dtype: a.dtype, shape: [a.shape[0] + b.shape[0], a.shape[1]], data };
+  const rows = a.shape[0], rowBytes = a.data.byteLength / rows;
+  const data = new Uint8Array(2 * a.data.byteLength);
+  for (let r = 0; r < rows; r++) {
+    data.set(a.data.subarray(r * rowBytes, (r + 1) * rowBytes), 2 * r * rowBytes);
+    data.set(b.data.subarray(r * rowBytes, (r + 1) * rowBytes), (2 * r + 1) * rowBytes);
+  }
+  return { name, dtype: a.dtype, shape: [2 * rows, a.shape[1]], data };
 }

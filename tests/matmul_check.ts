@@ -3,7 +3,13 @@
  * with offsets and sentinels around x and y, and compare with `matmulRef` over the weights'
  * reference values.
  */
-import { createMatmul, type MatmulPath, matmulRef, type WeightDType } from "../kernels/matmul.ts";
+import {
+  createMatmul,
+  fusedMatmulRef,
+  type MatmulPath,
+  type MatvecShape,
+  type WeightDType,
+} from "../kernels/matmul.ts";
 import { assertClose, randomArray, type Tolerance } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
 
@@ -19,6 +25,14 @@ export interface ProductCase {
   accumulate?: boolean;
   xOffset?: number;
   yOffset?: number;
+  /** RMSNorm of x folded in (a random weight, eps 1e-5). */
+  norm?: boolean;
+  /** Rows are (gate, up) pairs: y = silu(gate) * up, [T, N / 2]. */
+  swiglu?: boolean;
+  /** Force a matrix-vector split. */
+  shape?: MatvecShape;
+  /** Rows of y this many elements apart (a column range of a wider y). */
+  yStride?: number;
 }
 
 /** Weights on the GPU in `dtype`, with the values the reference multiplies by. */
@@ -40,11 +54,15 @@ export async function checkProduct(
   const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
   const x = randomArray(T * K, seed);
   const bias = c.bias ? randomArray(N, seed + 2) : undefined;
-  const yOld = c.accumulate ? randomArray(T * N, seed + 3) : undefined;
+  const outN = c.swiglu ? N / 2 : N;
+  const yOld = c.accumulate ? randomArray(T * outN, seed + 3) : undefined;
+  if (yOld && c.yStride) throw new Error("checkProduct: accumulate with yStride is not modelled");
+  const norm = c.norm ? { weight: randomArray(K, seed + 4), eps: 1e-5 } : undefined;
   const xBuf = new Float32Array(xOff + T * K).fill(99);
   xBuf.set(x, xOff);
   // Fill y with a sentinel (or y_old) so writes outside [yOff, yOff + T*N) are detected.
-  const yInit = new Float32Array(yOff + T * N + 3).fill(-7);
+  const stride = c.yStride ?? outN;
+  const yInit = new Float32Array(yOff + T * stride + 3).fill(-7);
   if (yOld) yInit.set(yOld, yOff);
   const y = gpu.upload("y", yInit, RW);
   const d = await createMatmul(gpu, {
@@ -57,6 +75,10 @@ export async function checkProduct(
     y,
     yOffset: yOff,
     accumulate: c.accumulate,
+    norm: norm && { weight: gpu.upload("g", norm.weight), eps: norm.eps },
+    swiglu: c.swiglu,
+    shape: c.shape,
+    yStride: c.yStride,
     T,
     K,
     N,
@@ -65,8 +87,12 @@ export async function checkProduct(
   await gpu.run("test", [d]);
   const got = new Float32Array(await gpu.read(y));
   const want = yInit.slice();
-  want.set(matmulRef(x, w.ref, T, K, N, bias, yOld), yOff);
+  const ref = fusedMatmulRef(x, w.ref, T, K, N, { bias, yOld, norm, swiglu: c.swiglu });
+  for (let t = 0; t < T; t++) {
+    want.set(ref.subarray(t * outN, (t + 1) * outN), yOff + t * stride);
+  }
   const name = `${c.path} ${w.dtype} T=${T} K=${K} N=${N} bias=${!!c.bias} ` +
-    `acc=${!!c.accumulate} xOffset=${xOff} yOffset=${yOff}`;
+    `acc=${!!c.accumulate} norm=${!!c.norm} swiglu=${!!c.swiglu} xOffset=${xOff} ` +
+    `yOffset=${yOff} yStride=${stride}${c.shape ? ` shape=${c.shape.rows}x${c.shape.lanes}` : ""}`;
   assertClose(name, got, want, tol);
 }

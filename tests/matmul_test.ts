@@ -4,6 +4,7 @@ import {
   matmulPath,
   matmulRef,
   MATVEC_MAX_T,
+  type MatvecShape,
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { gpuTest, randomArray, roundF16 } from "./harness.ts";
@@ -28,6 +29,10 @@ interface Case {
   accumulate?: boolean;
   xOffset?: number;
   yOffset?: number;
+  yStride?: number;
+  norm?: boolean;
+  swiglu?: boolean;
+  shape?: MatvecShape;
 }
 
 async function check(gpu: Gpu, c: Case): Promise<void> {
@@ -71,7 +76,7 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
         }
       }
     }
-    for (const T of [2, 16]) {
+    for (const T of [2, 16, 17]) {
       for (const [K, N] of [[3, 65], [129, 7], [576, 1536]]) {
         await check(gpu, { T, K, N, dtype, path: "matvec" });
       }
@@ -110,9 +115,55 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
   );
 }
 
+for (const dtype of ["f32", "f16"] as WeightDType[]) {
+  const features = dtype === "f16" ? ["shader-f16" as const] : [];
+  gpuTest(
+    `matmul ${dtype} folds RMSNorm into the product and SwiGLU into its epilogue on both paths`,
+    async (gpu) => {
+      for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+        for (const T of [1, 2, 5, 17, 40]) {
+          if (path === "matvec" && T > MATVEC_MAX_T) continue;
+          await check(gpu, { T, K: 129, N: 66, dtype, path, norm: true });
+          await check(gpu, { T, K: 64, N: 130, dtype, path, norm: true, swiglu: true });
+          await check(gpu, { T, K: 100, N: 2, dtype, path, swiglu: true, bias: true });
+          await check(gpu, { T, K: 64, N: 33, dtype, path, norm: true, accumulate: true });
+          await check(gpu, { T, K: 64, N: 34, dtype, path, norm: true, swiglu: true, xOffset: 3 });
+          await check(gpu, { T, K: 64, N: 7, dtype, path, norm: true, yOffset: 5, yStride: 20 });
+        }
+      }
+    },
+    { features },
+  );
+}
+
+gpuTest("matmul matvec gives the same products for every row/lane split", async (gpu) => {
+  const shapes: MatvecShape[] = [
+    { rows: 2, lanes: 64 },
+    { rows: 4, lanes: 32 },
+    { rows: 8, lanes: 32 },
+    { rows: 16, lanes: 16 },
+    { rows: 32, lanes: 8 },
+  ];
+  for (const shape of shapes) {
+    for (const T of [1, 4, 17]) {
+      await check(gpu, { T, K: 129, N: 67, dtype: "f32", path: "matvec", shape });
+      await check(gpu, {
+        T,
+        K: 64,
+        N: 66,
+        dtype: "f32",
+        path: "matvec",
+        shape,
+        norm: true,
+        swiglu: true,
+      });
+    }
+  }
+});
+
 gpuTest("matmul matvec spreads N > 65535 output columns over a 2-D grid", async (gpu) => {
-  await check(gpu, { T: 2, K: 4, N: 65537 + 70, dtype: "f32", path: "matvec" }); // 1 row/group
-  await check(gpu, { T: 3, K: 4, N: 4 * 65535 + 9, dtype: "f32", path: "matvec" }); // 4 rows/group
+  await check(gpu, { T: 2, K: 4, N: 65537 + 70, dtype: "f32", path: "matvec" }); // 2 rows/group
+  await check(gpu, { T: 3, K: 4, N: 8 * 65535 + 9, dtype: "f32", path: "matvec" }); // 8 rows/group
 });
 
 gpuTest("matmul matvec refuses T above MATVEC_MAX_T", async (gpu) => {
@@ -130,6 +181,6 @@ gpuTest("matmul matvec refuses T above MATVEC_MAX_T", async (gpu) => {
         N: 4,
         path: "matvec",
       }),
-    /matvec path serves T <= 16/,
+    /matvec path serves T <= 17/,
   );
 });

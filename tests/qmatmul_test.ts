@@ -19,7 +19,7 @@ const TOL = { nmse: 1e-10, maxAbs: 2e-4 };
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 const BLOCK_FORMATS: WeightFormat[] = ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"];
 const NS = [1, 7, 67];
-const MATVEC_TS = [1, 2, 3, 5, 16];
+const MATVEC_TS = [1, 2, 3, 5, 16, 17];
 const TILED_TS = [1, 2, 3, 5, 16, 17, 40];
 
 /** K values for `f`: 256 and 512 for the K formats; 32*3 and 64*5 (and one block) otherwise. */
@@ -38,6 +38,8 @@ interface Case {
   accumulate?: boolean;
   xOffset?: number;
   yOffset?: number;
+  norm?: boolean;
+  swiglu?: boolean;
 }
 
 /** Weights [N, K] encoded once per (f, N, K) and their reference decode. */
@@ -95,6 +97,18 @@ for (const f of ["q4_0", "q6_k"] as WeightFormat[]) {
     }
   });
 }
+
+gpuTest("matmul fuses RMSNorm and SwiGLU for every block format on both paths", async (gpu) => {
+  for (const f of BLOCK_FORMATS) {
+    const K = ks(f)[0];
+    for (const path of ["matvec", "tiled"] as MatmulPath[]) {
+      for (const T of [1, 3, 17]) {
+        await check(gpu, { f, path, T, K, N: 66, norm: true, swiglu: true });
+        await check(gpu, { f, path, T, K, N: 7, norm: true, accumulate: true, xOffset: 3 });
+      }
+    }
+  }
+});
 
 gpuTest("matmul f32 and f16 weights from encodeWeights() match the reference", async (gpu) => {
   for (const f of ["f32", "f16"] as WeightFormat[]) {
