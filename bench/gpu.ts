@@ -3,10 +3,16 @@
  * with --json / --out). Meant for the H100 through ../shared/tools/gpu/README.md, runs anywhere.
  *
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
- *                            [--reps 3] [--matmul] [--out F] [--json]
+ *                            [--reps 3] [--matmul] [--verify] [--dummy NAME]... [--quant F]...
+ *                            [--peak-gbs N] [--out F] [--json]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
- * per token against the device's bandwidth, and a GPU-timestamp profile of one decode forward.
+ * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
+ * GPU-timestamp profile of one decode forward. `--dummy llama-3.2-1b|llama-3.1-8b|qwen2.5-7b`
+ * builds a model with that configuration's exact shapes and random weights on the GPU (no file)
+ * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
+ * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
+ * at T = 1..17 per format and per row/lane split.
  */
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
@@ -14,14 +20,19 @@ import { WeightStore } from "../engine/weights.ts";
 import { Decoder } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
-import { profileDispatches, type ProfileRow } from "./profile.ts";
+import { profileDispatches, type ProfileRow, timePass } from "./profile.ts";
 import {
   benchMatmul,
   formatMatmulRows,
   LARGE_CASES,
   PYCODE_CASES,
   QUANT_CASES,
+  SHAPE_CASES,
+  VERIFY_CASES,
+  VERIFY_TS,
 } from "./matmul_cases.ts";
+import { readHfConfig } from "../models/hf.ts";
+import type { WeightFormat } from "../kernels/qformats.ts";
 import type { DraftLength, Speculation } from "../engine/decode.ts";
 
 const CODE = `import os
@@ -61,6 +72,7 @@ export interface ModelBench {
   weight_gb_s: number;
   dispatches_per_token: number;
   kernel_us_per_token: number;
+  gpu_busy: number | null;
   profile: ProfileRow[];
 }
 
@@ -86,11 +98,12 @@ async function benchModel(
   const quiet = { onTokens: () => {}, cancelled: () => false };
   await dec.generate(prompt, 8, greedy, quiet); // warm-up: pipelines, first submissions
   const rates: number[] = [];
-  let prefill = 0;
+  let prefill = 0, busy: number | null = null;
   for (let r = 0; r < reps; r++) {
     const res = await dec.generate(prompt, tokens, greedy, quiet);
     rates.push((res.tokens.length - 1) / (res.decodeMs / 1000));
     prefill = Math.max(prefill, prompt.length / (res.prefillMs / 1000));
+    if (res.gpuMs) busy = (res.gpuMs.draft + res.gpuMs.verify) / res.decodeMs;
   }
   const dummy = gpu.upload("bench.token", new Uint32Array([1]));
   m.setPosition(prompt.length);
@@ -108,6 +121,7 @@ async function benchModel(
     weight_gb_s: store.bytes * perTok / 1e9,
     dispatches_per_token: step.length + 2,
     kernel_us_per_token: profile.reduce((a, p) => a + p.us, 0),
+    gpu_busy: busy,
     profile,
   };
   dec.destroy();
@@ -115,6 +129,154 @@ async function benchModel(
   store.destroy();
   dummy.destroy();
   return result;
+}
+
+/**
+ * The configurations `--dummy` builds, as their Hugging Face config.json files give them (the
+ * fields this engine reads); weights are random, so EOS never stops a run.
+ */
+const DUMMY_CONFIGS: Record<string, Record<string, unknown>> = {
+  "llama-3.2-1b": {
+    model_type: "llama",
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: 16,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 64,
+    max_position_embeddings: 131072,
+    vocab_size: 128256,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    rope_scaling: {
+      rope_type: "llama3",
+      factor: 32,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    },
+    tie_word_embeddings: true,
+    bos_token_id: 128000,
+    eos_token_id: 128001,
+  },
+  "llama-3.1-8b": {
+    model_type: "llama",
+    hidden_size: 4096,
+    intermediate_size: 14336,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    max_position_embeddings: 131072,
+    vocab_size: 128256,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    rope_scaling: {
+      rope_type: "llama3",
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    },
+    tie_word_embeddings: false,
+    bos_token_id: 128000,
+    eos_token_id: 128001,
+  },
+  "qwen2.5-7b": {
+    model_type: "qwen2",
+    hidden_size: 3584,
+    intermediate_size: 18944,
+    num_hidden_layers: 28,
+    num_attention_heads: 28,
+    num_key_value_heads: 4,
+    max_position_embeddings: 131072,
+    vocab_size: 152064,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000,
+    tie_word_embeddings: false,
+    bos_token_id: 151643,
+    eos_token_id: 151643,
+  },
+};
+
+/** One dummy model's figures. */
+export interface DummyBench {
+  model: string;
+  quant: string;
+  weight_bytes: number;
+  decode_tok_s: number;
+  limit_tok_s: number | null;
+  weight_gb_s: number;
+  gpu_busy: number | null;
+  dispatches_per_token: number;
+  forward_us: number | null;
+  verify_cost: { T: number; us: number; ratio: number }[];
+}
+
+/** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
+async function benchDummy(
+  gpu: Gpu,
+  name: string,
+  quant: Exclude<WeightFormat, "f32">,
+  tokens: number,
+  reps: number,
+  peakGbs: number | null,
+): Promise<DummyBench> {
+  const json = DUMMY_CONFIGS[name];
+  if (!json) {
+    throw new Error(`--dummy ${name}: unknown (known: ${Object.keys(DUMMY_CONFIGS).join(", ")})`);
+  }
+  const config = { ...readHfConfig(json, `${name} (dummy)`), eosIds: [] };
+  const store = new WeightStore(gpu);
+  const maxSeq = 1024;
+  const m = await LlamaGpu.createRandom(gpu, store, config, quant, { label: "dummy", maxSeq });
+  const dec = new Decoder(gpu, m);
+  const prompt = Array.from({ length: 32 }, (_, i) => 1000 + i * 37);
+  const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+  const quiet = { onTokens: () => {}, cancelled: () => false };
+  await dec.generate(prompt, 8, greedy, quiet);
+  const rates: number[] = [];
+  let busy: number | null = null;
+  for (let r = 0; r < reps; r++) {
+    const res = await dec.generate(prompt, tokens, greedy, quiet);
+    rates.push((res.tokens.length - 1) / (res.decodeMs / 1000));
+    if (res.gpuMs) busy = (res.gpuMs.draft + res.gpuMs.verify) / res.decodeMs;
+  }
+  const ids = gpu.upload("dummy.tokens", new Uint32Array(17).fill(1000));
+  const verify: { T: number; us: number; ratio: number }[] = [];
+  let dispatches = 0;
+  if (gpu.features.timestamp) {
+    for (const T of VERIFY_TS) {
+      const plan = await m.plan(T, { buffer: ids, offset: 0 }, T === 1 ? "last" : "all");
+      if (T === 1) dispatches = plan.length;
+      m.setPosition(prompt.length);
+      const us = await timePass(gpu, plan, 7);
+      verify.push({ T, us, ratio: us / (verify[0]?.us ?? us) });
+    }
+  }
+  const rate = median(rates), bytes = store.bytes;
+  dec.destroy();
+  m.destroy();
+  store.destroy();
+  ids.destroy();
+  return {
+    model: name,
+    quant,
+    weight_bytes: bytes,
+    decode_tok_s: rate,
+    limit_tok_s: peakGbs ? peakGbs * 1e9 / bytes : null,
+    weight_gb_s: bytes * rate / 1e9,
+    gpu_busy: busy,
+    dispatches_per_token: dispatches,
+    forward_us: verify[0]?.us ?? null,
+    verify_cost: verify,
+  };
+}
+
+/** Memory bandwidth of known adapters (vendor figures, GB/s), for "% of the limit". */
+function peakBandwidth(adapter: string): number | null {
+  if (/H200/.test(adapter)) return 4800;
+  if (/H100.*HBM3/.test(adapter)) return 3350;
+  return null;
 }
 
 /** One decoding configuration's figures, summed over the prompts. */
@@ -125,6 +287,7 @@ export interface SpecRow {
   tokens_per_pass: number;
   speedup: number;
   draft_share: number | null;
+  gpu_busy: number | null;
   identical: boolean;
 }
 
@@ -198,6 +361,7 @@ async function benchSpeculative(
       tokens_per_pass: n / passes,
       speedup: rate / plainRate,
       draft_share: gpuMs ? draftMs / gpuMs : null,
+      gpu_busy: gpuMs ? gpuMs / ms : null,
       identical: outs.every((o, i) =>
         o.length === plainOut[i].length && o.every((x, j) => x === plainOut[i][j])
       ),
@@ -230,6 +394,10 @@ if (import.meta.main) {
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
+      verify: { type: "boolean" },
+      dummy: { type: "string", multiple: true },
+      quant: { type: "string", multiple: true },
+      "peak-gbs": { type: "string" },
       out: { type: "string" },
       json: { type: "boolean" },
     },
@@ -243,6 +411,64 @@ if (import.meta.main) {
     const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
+  }
+  if (values.verify) {
+    const rows = await benchMatmul(gpu, [...VERIFY_CASES, ...SHAPE_CASES], 50, 500);
+    console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
+    report.verify = rows;
+  }
+  const peak = values["peak-gbs"] ? Number(values["peak-gbs"]) : peakBandwidth(gpu.adapterName);
+  const dummies: DummyBench[] = [];
+  for (const name of values.dummy ?? []) {
+    for (const q of values.quant ?? ["f16"]) {
+      console.log(`dummy ${name} ${q} ...`);
+      dummies.push(
+        await benchDummy(
+          gpu,
+          name,
+          q as Exclude<WeightFormat, "f32">,
+          Number(values.tokens),
+          Number(values.reps),
+          peak,
+        ),
+      );
+    }
+  }
+  report.dummy = dummies;
+  if (dummies.length) {
+    console.log(
+      `\ndummy weights at real shapes, plain greedy decode (median of reps; limit = ${
+        peak ?? "?"
+      } GB/s / weight bytes)`,
+    );
+    console.log(table([
+      [
+        "model",
+        "quant",
+        "weights GiB",
+        "tok/s",
+        "limit tok/s",
+        "% of limit",
+        "weight GB/s",
+        "GPU busy %",
+        "disp/fwd",
+        "fwd µs",
+        ...VERIFY_TS.slice(1).map((T) => `T=${T}/T=1`),
+      ],
+      ...dummies.map((d) => [
+        d.model,
+        d.quant,
+        (d.weight_bytes / 2 ** 30).toFixed(2),
+        d.decode_tok_s,
+        d.limit_tok_s ?? "-",
+        d.limit_tok_s ? (100 * d.decode_tok_s / d.limit_tok_s).toFixed(0) : "-",
+        d.weight_gb_s,
+        d.gpu_busy === null ? "-" : (100 * d.gpu_busy).toFixed(0),
+        String(d.dispatches_per_token),
+        d.forward_us ?? "-",
+        ...d.verify_cost.slice(1).map((v) => v.ratio.toFixed(2)),
+      ]),
+    ]));
   }
   const models: ModelBench[] = [];
   for (const path of values.model ?? []) {
@@ -261,6 +487,7 @@ if (import.meta.main) {
         "weight GB/s",
         "disp/tok",
         "kernel µs/tok",
+        "GPU busy %",
       ],
       ...models.map((m) => [
         m.model,
@@ -270,6 +497,7 @@ if (import.meta.main) {
         m.weight_gb_s,
         String(m.dispatches_per_token),
         m.kernel_us_per_token,
+        m.gpu_busy === null ? "-" : (100 * m.gpu_busy).toFixed(0),
       ]),
     ]));
     for (const m of models.filter((m) => m.profile.length)) {
@@ -303,6 +531,7 @@ if (import.meta.main) {
         "tok/target pass",
         "speedup",
         "draft GPU %",
+        "GPU busy %",
         "same output",
       ],
       ...rows.map((r) => [
@@ -312,6 +541,7 @@ if (import.meta.main) {
         r.tokens_per_pass.toFixed(2),
         r.speedup.toFixed(2) + "x",
         r.draft_share === null ? "-" : (100 * r.draft_share).toFixed(0),
+        r.gpu_busy === null ? "-" : (100 * r.gpu_busy).toFixed(0),
         r.identical ? "yes" : "NO",
       ]),
     ]));

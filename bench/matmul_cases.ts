@@ -7,7 +7,14 @@
  * @module
  */
 import type { Gpu } from "../engine/gpu.ts";
-import { createMatmul, type MatmulPath, matmulPath, type WeightDType } from "../kernels/matmul.ts";
+import {
+  createMatmul,
+  type MatmulPath,
+  matmulPath,
+  type MatvecShape,
+  matvecShape,
+  type WeightDType,
+} from "../kernels/matmul.ts";
 import { formatBlock, weightBytes } from "../kernels/qformats.ts";
 
 /** One product to time: y[T, N] = x[T, K] · W[N, K]^T. */
@@ -24,6 +31,8 @@ export interface MatmulCase {
   dtype: WeightDType;
   /** Force a path; default matmulPath(T). */
   path?: MatmulPath;
+  /** Force a matrix-vector split; default matvecShape(T). */
+  shape?: MatvecShape;
 }
 
 /** One measured case. */
@@ -96,6 +105,38 @@ export const QUANT_CASES: readonly MatmulCase[] = [
   ),
 ].filter((c) => c.K % formatBlock(c.dtype) === 0);
 
+/** The verify widths the matrix-vector path serves, as the benchmark sweeps them. */
+export const VERIFY_TS = [1, 2, 3, 5, 8, 12, 17];
+
+/**
+ * Verify-width sweep: 4096→14336 at T = 1..17 in every format the dummy models use, so the cost
+ * of a T-row product can be read against T = 1 (same weights, one read each).
+ */
+export const VERIFY_CASES: readonly MatmulCase[] = cases(
+  [["ffn.up 4096→14336", 4096, 14336]],
+  VERIFY_TS,
+  ["f16", "q8_0", "q4_0", "q4_k", "q6_k", "nf4"],
+);
+
+/** Matrix-vector splits (rows x lanes) compared side by side on the f16 verify sweep. */
+export const SHAPE_CASES: readonly MatmulCase[] = [
+  { rows: 2, lanes: 64 },
+  { rows: 4, lanes: 64 },
+  { rows: 8, lanes: 32 },
+  { rows: 16, lanes: 16 },
+  { rows: 32, lanes: 8 },
+].flatMap((shape) =>
+  [1, 5, 8, 17].map((T): MatmulCase => ({
+    name: `4096→14336 ${shape.rows}x${shape.lanes}`,
+    T,
+    K: 4096,
+    N: 14336,
+    dtype: "f16",
+    path: "matvec",
+    shape,
+  }))
+);
+
 /**
  * Times each case (cases needing f16 are skipped on devices without it). Each case gets one
  * untimed warm-up dispatch; then up to `reps` dispatches are encoded into one timed pass (fewer
@@ -119,6 +160,7 @@ export async function benchMatmul(
     if (c.dtype === "f16" && !gpu.features.f16) continue;
     const path = c.path ?? matmulPath(c.T);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
+    const shape = path === "matvec" ? (c.shape ?? matvecShape(c.T)) : undefined;
     const wBytes = weightBytes(c.dtype, c.N, c.K);
     // Buffers are zero-filled: values do not change the work a dense product does.
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);
@@ -134,6 +176,7 @@ export async function benchMatmul(
       K: c.K,
       N: c.N,
       path,
+      shape: c.shape,
     });
     const t0 = performance.now();
     await gpu.run(`${label}.warmup`, [d]);
@@ -174,6 +217,7 @@ export async function benchMatmul(
     const per = seconds / n;
     rows.push({
       ...c,
+      shape,
       path,
       reps: n,
       us: per * 1e6,
@@ -188,13 +232,13 @@ export async function benchMatmul(
 /** Formats rows from {@linkcode benchMatmul} as an aligned text table. */
 export function formatMatmulRows(rows: readonly MatmulRow[]): string {
   const head =
-    "case                     T  dtype  path     reps        µs     GB/s   GFLOP/s  clock";
+    "case                        T  dtype  path     split   reps        µs     GB/s   GFLOP/s  clock";
   const lines = rows.map((r) =>
-    `${r.name.padEnd(22)} ${String(r.T).padStart(4)}  ${r.dtype.padEnd(5)}  ${r.path.padEnd(7)} ${
-      String(r.reps).padStart(5)
-    } ${r.us.toFixed(1).padStart(9)} ${r.gbps.toFixed(1).padStart(8)} ${
-      r.gflops.toFixed(1).padStart(9)
-    }  ${r.clock}`
+    `${r.name.padEnd(25)} ${String(r.T).padStart(4)}  ${r.dtype.padEnd(5)}  ${r.path.padEnd(7)} ${
+      (r.shape ? `${r.shape.rows}x${r.shape.lanes}` : "-").padEnd(6)
+    } ${String(r.reps).padStart(5)} ${r.us.toFixed(1).padStart(9)} ${
+      r.gbps.toFixed(1).padStart(8)
+    } ${r.gflops.toFixed(1).padStart(9)}  ${r.clock}`
   );
   return [head, ...lines].join("\n");
 }

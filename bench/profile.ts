@@ -63,3 +63,36 @@ export async function profileDispatches(
   resolve.destroy();
   return [...sums.values()].map((s) => ({ ...s, us: s.us / reps })).sort((a, b) => b.us - a.us);
 }
+
+/**
+ * Median GPU time in µs of `dispatches` encoded as ONE compute pass (as a forward runs), over
+ * `reps` passes of one submission; needs timestamp-query.
+ */
+export async function timePass(
+  gpu: Gpu,
+  dispatches: readonly Dispatch[],
+  reps = 5,
+): Promise<number> {
+  if (!gpu.features.timestamp) throw new Error("timing needs the timestamp-query feature");
+  const querySet = gpu.device.createQuerySet({ label: "pass", type: "timestamp", count: 2 * reps });
+  const resolve = gpu.buffer(
+    "pass.resolve",
+    16 * reps,
+    GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+  );
+  const enc = gpu.device.createCommandEncoder({ label: "pass" });
+  for (let r = 0; r < reps; r++) {
+    gpu.encode(enc, "pass", dispatches, {
+      querySet,
+      beginningOfPassWriteIndex: 2 * r,
+      endOfPassWriteIndex: 2 * r + 1,
+    });
+  }
+  enc.resolveQuerySet(querySet, 0, 2 * reps, resolve, 0);
+  gpu.device.queue.submit([enc.finish()]);
+  const t = new BigUint64Array(await gpu.read(resolve));
+  querySet.destroy();
+  resolve.destroy();
+  const us = Array.from({ length: reps }, (_, r) => Number(t[2 * r + 1] - t[2 * r]) / 1000);
+  return us.sort((a, b) => a - b)[Math.floor(reps / 2)];
+}

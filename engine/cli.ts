@@ -707,6 +707,7 @@ export function formatStats(s: GenerateStats): string {
     `first token ${s.ttft_ms.toFixed(0)} ms | VRAM ${formatBytes(s.vram_bytes)} ` +
     `(weights ${formatBytes(s.vram.target_weights + s.vram.draft_weights)}, ` +
     `KV ${formatBytes(s.vram.kv_cache)}) | ` +
+    (s.gpu_busy === null ? "" : `GPU busy ${(100 * s.gpu_busy).toFixed(0)}% | `) +
     (s.spec === "none"
       ? ""
       : `spec ${s.spec}: acceptance ${(100 * s.acceptance_rate).toFixed(1)}%, ` +

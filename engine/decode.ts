@@ -1,7 +1,9 @@
 /**
  * GPU-resident generation, plain or speculative. Every cycle runs entirely on the GPU and the CPU
  * enqueues many cycles per submission, reading the output back once per chunk (DESIGN.md: each
- * readback costs >= ~11 ms on Deno).
+ * readback costs >= ~11 ms on Deno). Submissions overlap: the next chunk is encoded and submitted
+ * before the previous chunk's readback is awaited (a ring of {@linkcode RING} staging buffers), so
+ * the GPU has queued work while the CPU waits; cycles past a stop are no-ops on the GPU.
  *
  * One cycle, with `verifyIn = [last emitted token, d1..dk]`:
  *   draft   k proposals d1..dk with their distributions q (a draft model: k decode steps, plus
@@ -76,7 +78,9 @@ export interface DecodeResult {
 }
 
 /** Cycles per submission at most (bounded by the timestamp query set too). */
-const MAX_CYCLES = 64;
+const MAX_CYCLES = 128;
+/** Submissions in flight at once: one running on the GPU while the CPU reads the other back. */
+export const RING = 2;
 
 /**
  * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
@@ -91,9 +95,27 @@ export function decoderBytes(
 ): number {
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
   let n = maxSeq * 4 + 2 * (MAX_DRAFT + 1) * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
-  n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + (RUN_SLOTS + maxSeq + 1) * 4;
-  if (speculative && timestamps) n += 2 * 4 * MAX_CYCLES * 8;
+  n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + RING * (RUN_SLOTS + maxSeq + 1) * 4;
+  if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
+}
+
+/** What one submission's readback says. */
+interface ReadState {
+  /** out index the ids start at (tokens known when the submission was encoded). */
+  from: number;
+  /** out[from .. count): every id emitted since `from`. */
+  ids: number[];
+  /** The run is over (EOS or max tokens). */
+  done: boolean;
+  /** Cycles committed so far. */
+  cycles: number;
+  /** Draft tokens accepted so far. */
+  accepted: number;
+  /** GPU ms of this submission's draft passes. */
+  draftMs: number;
+  /** GPU ms of this submission's verify passes. */
+  verifyMs: number;
 }
 
 /** Drives one target model's (and optionally a draft's) GPU-resident generation. */
@@ -107,8 +129,9 @@ export class Decoder {
     GPUBuffer
   >;
   readonly #dummyState: GPUBuffer;
-  readonly #staging: GPUBuffer;
-  readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer };
+  readonly #staging: GPUBuffer[]; // [RING] run state + out ids, read back per submission
+  // Timestamps: 4 per cycle (draft begin/end, verify begin/end), RING slices of the set.
+  readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer[] };
   #samplingKey = "";
   #cycles = new Map<number, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
@@ -144,24 +167,27 @@ export class Decoder {
     };
     gpu.write(this.#buf.one, new Uint32Array([1]));
     this.#dummyState = b("dummy_state", 16);
-    this.#staging = gpu.buffer(
-      "decode.staging",
-      (RUN_SLOTS + this.#maxSeq + 1) * 4,
-      GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+    const read = GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ;
+    this.#staging = Array.from(
+      { length: RING },
+      (_, i) => gpu.buffer(`decode.staging${i}`, (RUN_SLOTS + this.#maxSeq + 1) * 4, read),
     );
-    if (gpu.features.timestamp && speculative) {
+    if (gpu.features.timestamp) {
       const n = 4 * MAX_CYCLES;
       this.#query = {
-        set: gpu.device.createQuerySet({ label: "decode.timestamps", type: "timestamp", count: n }),
+        set: gpu.device.createQuerySet({
+          label: "decode.timestamps",
+          type: "timestamp",
+          count: RING * n,
+        }),
         resolve: gpu.buffer(
           "decode.timestamps.resolve",
-          n * 8,
+          RING * n * 8,
           GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
         ),
-        staging: gpu.buffer(
-          "decode.timestamps.staging",
-          n * 8,
-          GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+        staging: Array.from(
+          { length: RING },
+          (_, i) => gpu.buffer(`decode.timestamps.staging${i}`, n * 8, read),
         ),
       };
     }
@@ -174,9 +200,12 @@ export class Decoder {
 
   /** GPU bytes this decoder allocated. */
   get bytes(): number {
-    let n = this.#dummyState.size + this.#staging.size;
-    for (const b of Object.values(this.#buf)) n += b.size;
-    if (this.#query) n += this.#query.resolve.size + this.#query.staging.size;
+    let n = this.#dummyState.size;
+    for (const b of [...Object.values(this.#buf), ...this.#staging]) n += b.size;
+    if (this.#query) {
+      n += this.#query.resolve.size;
+      for (const b of this.#query.staging) n += b.size;
+    }
     return n;
   }
 
@@ -346,65 +375,63 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#submitAndRead(enc, 0, 0);
+    let state = await this.#submit(enc, 0, 0, 0).read;
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
 
-    // Decode: cycles per submission grow so the first tokens stream quickly.
+    // Decode: chunks of cycles, up to RING in flight. Cycles per chunk grow so the first tokens
+    // stream quickly. A chunk is issued only when it fits in the context even if every chunk in
+    // flight emits all its k + 1 tokens per cycle; near the end the loop runs one at a time.
     let cycles = 2, kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
-    let proposed = 0;
-    while (!state.done && !events.cancelled()) {
-      const pos = P + tokens.length - 1; // target cache rows in use
+    let proposed = 0, issued = 0;
+    const inflight: { read: Promise<ReadState>; kc: number; n: number }[] = [];
+    let worst = 0; // tokens the chunks in flight may still add
+    while (true) {
+      const stop = state.done || events.cancelled();
+      const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
-      if (room <= 0) break;
       const kc = Math.min(kNow, room - 1);
       const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)));
-      const cyc = await this.#cycle(kc, sampling);
-      const e = g.device.createCommandEncoder({ label: "decode.cycles" });
-      for (let i = 0; i < n; i++) {
-        const q = this.#query;
-        if (cyc.draft.length) {
-          g.encode(
-            e,
-            "decode.draft",
-            cyc.draft,
-            q && {
-              querySet: q.set,
-              beginningOfPassWriteIndex: 4 * i,
-              endOfPassWriteIndex: 4 * i + 1,
-            },
-          );
+      if (!stop && inflight.length < RING && room > 0 && n > 0) {
+        const cyc = await this.#cycle(kc, sampling);
+        const e = g.device.createCommandEncoder({ label: "decode.cycles" });
+        const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
+        const times = (i: number, at: number) =>
+          q &&
+          {
+            querySet: q.set,
+            beginningOfPassWriteIndex: at + 4 * i,
+            endOfPassWriteIndex: at + 4 * i + 1,
+          };
+        for (let i = 0; i < n; i++) {
+          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(i, base));
+          g.encode(e, "decode.verify", cyc.verify, times(i, base + 2));
         }
-        g.encode(
-          e,
-          "decode.verify",
-          cyc.verify,
-          q && cyc.draft.length
-            ? {
-              querySet: q.set,
-              beginningOfPassWriteIndex: 4 * i + 2,
-              endOfPassWriteIndex: 4 * i + 3,
-            }
-            : undefined,
-        );
+        inflight.push({ ...this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n });
+        issued++;
+        worst += n * (kc + 1);
+        cycles *= 2;
+        continue; // issue the next chunk before waiting on this one
       }
-      const timed = this.#query && cyc.draft.length ? n : 0;
+      const chunk = inflight.shift();
+      if (!chunk) break;
       const before = state;
-      state = await this.#submitAndRead(e, tokens.length, timed);
-      tokens.push(...state.ids);
-      events.onTokens(state.ids);
+      state = await chunk.read;
+      worst -= chunk.n * (chunk.kc + 1);
+      const fresh = state.ids.slice(tokens.length - state.from);
+      tokens.push(...fresh);
+      events.onTokens(fresh);
       gpuMs.draft += state.draftMs;
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
-      proposed += dCycles * kc;
-      if (k === "auto" && kc > 0 && dCycles > 0) {
-        alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * kc));
+      proposed += dCycles * chunk.kc;
+      if (k === "auto" && chunk.kc > 0 && dCycles > 0) {
+        alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * chunk.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
       }
-      cycles *= 2;
     }
     const t2 = performance.now();
     const last = tokens[tokens.length - 1];
@@ -433,64 +460,67 @@ export class Decoder {
   }
 
   /**
-   * Copies the run state and out[from..) to staging (and resolves `timed` cycles' timestamps),
-   * submits, waits, and returns what is new.
+   * Copies the run state and out[from..) to staging buffer `slot` (and resolves `timed` cycles'
+   * timestamps from the set's slice `slot`), submits, and starts the readback: `read` resolves
+   * with the run state once the GPU is done with this submission.
    */
-  async #submitAndRead(enc: GPUCommandEncoder, from: number, timed: number) {
-    const B = this.#buf, g = this.#gpu;
+  #submit(
+    enc: GPUCommandEncoder,
+    from: number,
+    timed: number,
+    slot: number,
+  ): { read: Promise<ReadState> } {
+    const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
-    enc.copyBufferToBuffer(B.run, 0, this.#staging, 0, RUN_SLOTS * 4);
-    enc.copyBufferToBuffer(
-      B.out,
-      from * 4,
-      this.#staging,
-      (RUN_SLOTS + from) * 4,
-      (cap - from) * 4,
-    );
-    const q = this.#query;
+    enc.copyBufferToBuffer(B.run, 0, staging, 0, RUN_SLOTS * 4);
+    enc.copyBufferToBuffer(B.out, from * 4, staging, (RUN_SLOTS + from) * 4, (cap - from) * 4);
+    const q = this.#query, qBase = 4 * MAX_CYCLES * slot;
     if (q && timed) {
-      enc.resolveQuerySet(q.set, 0, 4 * timed, q.resolve, 0);
-      enc.copyBufferToBuffer(q.resolve, 0, q.staging, 0, 4 * timed * 8);
+      enc.resolveQuerySet(q.set, qBase, 4 * timed, q.resolve, qBase * 8);
+      enc.copyBufferToBuffer(q.resolve, qBase * 8, q.staging[slot], 0, 4 * timed * 8);
     }
     g.device.queue.submit([enc.finish()]);
     const bytes = (RUN_SLOTS + cap) * 4;
-    await Promise.all([
-      this.#staging.mapAsync(GPUMapMode.READ, 0, bytes),
-      q && timed ? q.staging.mapAsync(GPUMapMode.READ, 0, 4 * timed * 8) : undefined,
-    ]);
-    g.throwIfFailed();
-    const view = new Uint32Array(this.#staging.getMappedRange(0, bytes));
-    const count = view[RUN.count];
-    const ids = Array.from(view.subarray(RUN_SLOTS + from, RUN_SLOTS + count));
-    const r = {
-      ids,
-      done: view[RUN.done] !== 0,
-      cycles: view[RUN.cycles],
-      accepted: view[RUN.accepted],
-      draftMs: 0,
-      verifyMs: 0,
-    };
-    this.#staging.unmap();
-    if (q && timed) {
-      const ts = new BigUint64Array(q.staging.getMappedRange(0, 4 * timed * 8));
-      for (let i = 0; i < timed; i++) {
-        r.draftMs += Number(ts[4 * i + 1] - ts[4 * i]) / 1e6;
-        r.verifyMs += Number(ts[4 * i + 3] - ts[4 * i + 2]) / 1e6;
+    const read = (async (): Promise<ReadState> => {
+      await Promise.all([
+        staging.mapAsync(GPUMapMode.READ, 0, bytes),
+        q && timed ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, 4 * timed * 8) : undefined,
+      ]);
+      g.throwIfFailed();
+      const view = new Uint32Array(staging.getMappedRange(0, bytes));
+      const count = view[RUN.count];
+      const r: ReadState = {
+        from,
+        ids: Array.from(view.subarray(RUN_SLOTS + from, RUN_SLOTS + Math.max(from, count))),
+        done: view[RUN.done] !== 0,
+        cycles: view[RUN.cycles],
+        accepted: view[RUN.accepted],
+        draftMs: 0,
+        verifyMs: 0,
+      };
+      staging.unmap();
+      if (q && timed) {
+        const ts = new BigUint64Array(q.staging[slot].getMappedRange(0, 4 * timed * 8));
+        for (let i = 0; i < timed; i++) {
+          // A pass without draft dispatches leaves its draft slots unwritten (zero).
+          if (ts[4 * i + 1] > ts[4 * i]) r.draftMs += Number(ts[4 * i + 1] - ts[4 * i]) / 1e6;
+          r.verifyMs += Number(ts[4 * i + 3] - ts[4 * i + 2]) / 1e6;
+        }
+        q.staging[slot].unmap();
       }
-      q.staging.unmap();
-    }
-    return r;
+      return r;
+    })();
+    return { read };
   }
 
   /** Frees the decoder's buffers. */
   destroy(): void {
-    for (const b of Object.values(this.#buf)) b.destroy();
+    for (const b of [...Object.values(this.#buf), ...this.#staging]) b.destroy();
     this.#dummyState.destroy();
-    this.#staging.destroy();
     if (this.#query) {
       this.#query.set.destroy();
       this.#query.resolve.destroy();
-      this.#query.staging.destroy();
+      for (const b of this.#query.staging) b.destroy();
     }
   }
 }

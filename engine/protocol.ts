@@ -102,6 +102,11 @@ export interface GenerateStats {
   draft_time_share: number | null;
   /** Share of decode GPU time spent verifying, accepting and committing. */
   verify_time_share: number | null;
+  /**
+   * GPU busy during decode: kernel time (timestamps) over wall time, 1 = the GPU never waited for
+   * the CPU (null where timestamps are unavailable).
+   */
+  gpu_busy: number | null;
 }
 
 /** A piece of streamed output. */

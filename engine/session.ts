@@ -314,6 +314,7 @@ export class Session {
       tokens_per_pass: r.targetPasses ? (r.tokens.length - 1) / r.targetPasses : 0,
       draft_time_share: gpuTotal ? r.gpuMs!.draft / gpuTotal : null,
       verify_time_share: gpuTotal ? r.gpuMs!.verify / gpuTotal : null,
+      gpu_busy: r.gpuMs && r.decodeMs > 0 ? gpuTotal / r.decodeMs : null,
     };
   }
 

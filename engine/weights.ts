@@ -15,7 +15,14 @@ import type { Gpu } from "./gpu.ts";
 import type { HostTensor } from "../models/types.ts";
 import { tensorToF32 } from "../models/convert.ts";
 import { dequantize } from "../models/quant.ts";
-import { encodeWeights, packGguf, weightBytes, type WeightFormat } from "../kernels/qformats.ts";
+import {
+  encodeWeights,
+  halfWords,
+  packGguf,
+  weightBytes,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
+import { createFill } from "../kernels/fill.ts";
 
 /** Formats a stored tensor can have on the GPU. */
 export type StoredFormat = WeightFormat;
@@ -120,6 +127,48 @@ export class WeightStore {
       this.#added.set(owner, (this.#added.get(owner) ?? 0) + buffer.size);
     }
     this.#used.set(owner, (this.#used.get(owner) ?? 0) + stored.bytes);
+    return stored;
+  }
+
+  /**
+   * Allocates `name` of `shape` in `format` (not f32) for `owner` and fills it with random values
+   * on the GPU (`kernels/fill.ts`: finite f16 scales, random quants): a dummy-weights tensor for
+   * benchmarks at real shapes. Never shared with another tensor.
+   */
+  async addRandom(
+    owner: string,
+    name: string,
+    shape: readonly number[],
+    format: Exclude<StoredFormat, "f32">,
+    seed: number,
+  ): Promise<StoredTensor> {
+    const bytes = storedBytes(shape, format);
+    const limit = this.#gpu.limits.maxStorageBufferBindingSize;
+    if (bytes > limit) {
+      throw new Error(
+        `tensor "${name}" needs ${bytes} bytes as ${format}, more than this device can ` +
+          `bind at once (maxStorageBufferBindingSize ${limit})`,
+      );
+    }
+    const label = `${owner}.${name}`;
+    const buffer = await this.#gpu.scoped(
+      label,
+      () => this.#gpu.buffer(label, bytes, GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC),
+    );
+    const [rows, cols] = matrixShape(shape);
+    const fill = await createFill(this.#gpu, {
+      label: `${label}.fill`,
+      buffer,
+      words: bytes / 4,
+      seed,
+      ...halfWords(format, rows, cols),
+    });
+    await this.#gpu.run(`${label}.fill`, [fill]);
+    const stored = { name, format, shape, buffer, bytes };
+    this.#byKey.set(`random:${label}`, stored);
+    this.#uniqueBytes += bytes;
+    this.#added.set(owner, (this.#added.get(owner) ?? 0) + bytes);
+    this.#used.set(owner, (this.#used.get(owner) ?? 0) + bytes);
     return stored;
   }
 

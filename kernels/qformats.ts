@@ -156,6 +156,36 @@ export function weightBytes(f: WeightFormat, rows: number, cols: number): number
   return Math.max(4, Math.ceil(raw / 4) * 4);
 }
 
+/** Which u32 words of a GPU-layout buffer hold f16 values (scales, or the weights themselves). */
+export interface HalfWords {
+  /** First word of the trailing f16 region (the word count when there is none). */
+  readonly halfFrom: number;
+  /** Words i with i % halfStride == 0 hold f16 pairs too (block headers); 0 for none. */
+  readonly halfStride: number;
+}
+
+/**
+ * The words of the GPU layout of a `[rows, cols]` matrix in `f` that hold f16 values: all of
+ * them for f16, the trailing scale region for formats whose scale moved there (q8_0, q4_0, q6_k,
+ * nf4), the first word of every block for q4_k (its `d, dmin` header). A random fill must put
+ * finite f16 in exactly these words (`kernels/fill.ts`). f32 has none (it is refused).
+ *
+ * @example
+ * ```ts
+ * import { halfWords } from "./qformats.ts";
+ * console.log(halfWords("q8_0", 2, 64)); // { halfFrom: 32, halfStride: 0 }
+ * ```
+ */
+export function halfWords(f: WeightFormat, rows: number, cols: number): HalfWords {
+  const nb = blocks(f, rows, cols), l = layout(f);
+  const words = weightBytes(f, rows, cols) / 4;
+  if (f === "f32") throw new RangeError("halfWords: f32 matrices hold no f16 words");
+  if (f === "f16") return { halfFrom: 0, halfStride: 0 };
+  if (l.scaleAt >= 0) return { halfFrom: (nb * (l.blockBytes - 2)) / 4, halfStride: 0 };
+  if (l.blockBytes % 4) throw new RangeError(`halfWords: ${f} blocks are not whole words`);
+  return { halfFrom: words, halfStride: l.blockBytes / 4 };
+}
+
 /** GGUF / host block bytes -> GPU layout (scales moved to a trailing region), padded to 4. */
 function pack(f: WeightFormat, src: Uint8Array, nb: number, out: Uint8Array): Uint8Array {
   const { blockBytes: S, scaleAt } = layout(f);

@@ -224,7 +224,61 @@ export class LlamaGpu {
       }
       stored.set(tensor.name, await store.add(opts.label, tensor, format));
     }
-    const get = (name: string) => stored.get(name)!;
+    return await LlamaGpu.#assemble(gpu, c, stored, opts);
+  }
+
+  /**
+   * A model of `config`'s exact shapes with random weights in `format` filled on the GPU (as
+   * vLLM's `--load-format dummy`; norms are 1): for benchmarks of models that no file here
+   * holds. No host copy of the weights exists.
+   */
+  static async createRandom(
+    gpu: Gpu,
+    store: WeightStore,
+    config: ModelConfig,
+    format: Exclude<WeightFormat, "f32">,
+    opts: LlamaGpuOptions,
+  ): Promise<LlamaGpu> {
+    const c = config, qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
+    const stored = new Map<string, StoredTensor>();
+    let seed = 1;
+    const rand = async (name: string, shape: number[]) =>
+      stored.set(name, await store.addRandom(opts.label, name, shape, format, seed++));
+    const vector = async (name: string, n: number, value: number) => {
+      const data = new Uint8Array(new Float32Array(n).fill(value).buffer);
+      stored.set(
+        name,
+        await store.add(opts.label, { name, dtype: "f32", shape: [n], data }, "f32"),
+      );
+    };
+    for (let l = 0; l < c.nLayers; l++) {
+      const p = `blk.${l}.`;
+      await vector(p + "attn_norm.weight", c.dim, 1);
+      await rand(p + "attn_qkv.weight", [qDim + 2 * kvDim, c.dim]);
+      if (c.qkvBias) await vector(p + "attn_qkv.bias", qDim + 2 * kvDim, 0);
+      await rand(p + "attn_output.weight", [c.dim, qDim]);
+      await vector(p + "ffn_norm.weight", c.dim, 1);
+      await rand(p + "ffn_gate_up.weight", [2 * c.ffnDim, c.dim]);
+      await rand(p + "ffn_down.weight", [c.dim, c.ffnDim]);
+    }
+    await rand("token_embd.weight", [c.vocabSize, c.dim]);
+    if (!c.tiedEmbeddings) await rand("output.weight", [c.vocabSize, c.dim]);
+    await vector("output_norm.weight", c.dim, 1);
+    return await LlamaGpu.#assemble(gpu, c, stored, opts);
+  }
+
+  /** The model over stored tensors by name (fused names for qkv and gate/up), with its buffers. */
+  static async #assemble(
+    gpu: Gpu,
+    c: ModelConfig,
+    stored: ReadonlyMap<string, StoredTensor>,
+    opts: LlamaGpuOptions,
+  ): Promise<LlamaGpu> {
+    const get = (name: string) => {
+      const t = stored.get(name);
+      if (!t) throw new Error(`${opts.label}: tensor "${name}" was not stored`);
+      return t;
+    };
     const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
     const layers: LayerWeights[] = [];
     for (let l = 0; l < c.nLayers; l++) {

@@ -15,6 +15,8 @@ import { loadHfFolder } from "../models/hf.ts";
 import { tensorToF32 } from "../models/convert.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { Gpu } from "../engine/gpu.ts";
+import { planQuant } from "../engine/quant_plan.ts";
+import { decodeWeights, encodeWeights, type WeightFormat } from "../kernels/qformats.ts";
 
 const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 const quiet = { onTokens: () => {}, cancelled: () => false };
@@ -117,3 +119,64 @@ for (const which of ["draft", "target"] as const) {
     },
   );
 }
+
+gpuTest(
+  "the fused forward is 5 dispatches per layer plus 3 per forward, for every T",
+  async (gpu) => {
+    const model = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const store = new WeightStore(gpu);
+    const m = await LlamaGpu.create(gpu, store, model, { label: "count", maxSeq: 256 });
+    const ids = gpu.upload("count.ids", new Uint32Array(128));
+    const L = model.config.nLayers;
+    for (const [T, rows] of [[1, "last"], [5, "all"], [17, "all"], [128, "last"]] as const) {
+      const plan = await m.plan(T, { buffer: ids, offset: 0 }, rows);
+      // embedding, 5 per layer (qkv, attention, o, gate/up, down), classifier, advance
+      assert.equal(plan.length, 5 * L + 3, `T=${T}: ${plan.map((d) => d.label).join(", ")}`);
+    }
+    const cacheOnly = await m.plan(3, { buffer: ids, offset: 0 }, "none");
+    assert.equal(cacheOnly.length, 5 * L + 2);
+    m.destroy();
+    store.destroy();
+  },
+);
+
+gpuTest(
+  "q, k and v of different formats run as separate products into the qkv rows",
+  async (gpu) => {
+    // v in q8_0, q and k in f32: the layer cannot fuse them, so three products fill the qkv rows.
+    const model = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const c = model.config;
+    const formats = new Map<string, WeightFormat>(
+      [...planQuant(c, model.tensors, { f16: false })].map(([n, t]) => [n, t.format]),
+    );
+    for (let l = 0; l < c.nLayers; l++) formats.set(`blk.${l}.attn_v.weight`, "q8_0");
+    const store = new WeightStore(gpu);
+    const m = await LlamaGpu.create(gpu, store, model, {
+      label: "mixed",
+      maxSeq: 64,
+      formats,
+      noF16: true,
+    });
+    const ids = gpu.upload("mixed.ids", new Uint32Array(PROMPT.map((t) => t % c.vocabSize)));
+    const plan = await m.plan(PROMPT.length, { buffer: ids, offset: 0 }, "all");
+    assert.equal(plan.length, 7 * c.nLayers + 3, "qkv as three products per layer");
+    m.setPosition(0);
+    await gpu.run("mixed", plan);
+    const got = await logits(gpu, m, PROMPT.length);
+    // The reference multiplies by the q8_0-rounded v weights.
+    const base = refWeights(model);
+    const ref = new LlamaRef(c, (name) => {
+      const w = base(name);
+      if (!/attn_v\.weight$/.test(name)) return w;
+      const [rows, cols] = model.tensors.get(name)!.shape;
+      return decodeWeights("q8_0", encodeWeights("q8_0", w, rows, cols), rows, cols);
+    }, 64);
+    const want = ref.forward(PROMPT.map((t) => t % c.vocabSize));
+    for (let t = 0; t < PROMPT.length; t++) {
+      const row = got.subarray(t * c.vocabSize, (t + 1) * c.vocabSize);
+      assertClose(`row ${t}`, row, want[t], { nmse: 1e-8, maxAbs: 1e-3 });
+    }
+    m.destroy();
+    store.destroy();
+  },
+);
