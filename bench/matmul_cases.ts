@@ -160,7 +160,7 @@ export async function benchMatmul(
     if (c.dtype === "f16" && !gpu.features.f16) continue;
     const path = c.path ?? matmulPath(c.T);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
-    const shape = path === "matvec" ? (c.shape ?? matvecShape(c.T)) : undefined;
+    const shape = path === "matvec" ? (c.shape ?? matvecShape(c.T, gpu.software)) : undefined;
     const wBytes = weightBytes(c.dtype, c.N, c.K);
     // Buffers are zero-filled: values do not change the work a dense product does.
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);

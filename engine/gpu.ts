@@ -97,6 +97,12 @@ export class Gpu {
   readonly features: GpuFeatures;
   /** Limits of the device (the adapter's maxima). */
   readonly limits: GpuLimits;
+  /**
+   * A software adapter (WebGPU's `isFallbackAdapter`, e.g. Mesa's lavapipe): kernels that have a
+   * GPU-shaped and a CPU-shaped work split pick by it (workgroup barriers are coroutine switches
+   * there, and wide lanes buy no coalescing).
+   */
+  readonly software: boolean;
   #pipelines = new Map<string, Promise<GPUComputePipeline>>();
   #pending: GpuError | undefined;
   #lost: GpuError | undefined;
@@ -104,8 +110,9 @@ export class Gpu {
   #uniformBytes = 0;
 
   /** Wraps an already created device; use {@linkcode requestGpu} instead. */
-  constructor(device: GPUDevice, adapterName: string, features: GpuFeatures) {
+  constructor(device: GPUDevice, adapterName: string, features: GpuFeatures, software = false) {
     this.device = device;
+    this.software = software;
     this.adapterName = adapterName;
     this.features = features;
     const l = device.limits;
@@ -361,7 +368,7 @@ export async function requestGpu(options: RequestGpuOptions = {}): Promise<Gpu> 
     f16,
     timestamp,
     subgroups,
-  });
+  }, adapter.info.isFallbackAdapter ?? false);
 }
 
 /** Splits `n` workgroups into (x, y) within the per-dimension limit (for very large dispatches). */

@@ -22,7 +22,7 @@
  *
  * @module
  */
-import { type Dispatch, type Gpu } from "../engine/gpu.ts";
+import type { Dispatch, Gpu } from "../engine/gpu.ts";
 import type { RopeLayout } from "../models/types.ts";
 import {
   type AttentionPlan,

@@ -70,7 +70,9 @@ export interface MatvecShape {
 /**
  * The matrix-vector split for `T` activation rows: few rows and many lanes for decode (enough
  * workgroups to fill the GPU), more rows per workgroup as T grows, so each x element loaded
- * into the SM serves more weight rows and x traffic stays below the weight traffic.
+ * into the SM serves more weight rows and x traffic stays below the weight traffic. On a
+ * `software` adapter (lavapipe) narrow lanes: each reduction step there is a barrier, a
+ * coroutine switch per invocation, and coalescing buys nothing (measured 4x faster at T = 1).
  *
  * @example
  * ```ts
@@ -78,7 +80,8 @@ export interface MatvecShape {
  * console.log(matvecShape(1), matvecShape(17)); // { rows: 2, lanes: 64 } { rows: 16, lanes: 16 }
  * ```
  */
-export function matvecShape(T: number): MatvecShape {
+export function matvecShape(T: number, software = false): MatvecShape {
+  if (software) return { rows: 8, lanes: 8 };
   if (T <= 2) return { rows: 2, lanes: 64 };
   if (T <= 8) return { rows: 8, lanes: 32 };
   return { rows: 16, lanes: 16 };
@@ -438,7 +441,7 @@ export interface MatmulArgs {
   N: number;
   /** Force a path (tests, benchmarks); default {@linkcode matmulPath}(T). */
   path?: MatmulPath;
-  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T). */
+  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T, software). */
   shape?: MatvecShape;
 }
 
@@ -490,7 +493,7 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
         `${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`,
       );
     }
-    const shape = args.shape ?? matvecShape(T);
+    const shape = args.shape ?? matvecShape(T, gpu.software);
     if (shape.rows % 2 || shape.lanes & (shape.lanes - 1)) {
       throw new RangeError(`${args.label}: matvec rows must be even and lanes a power of 2`);
     }

@@ -5,6 +5,7 @@ import {
   matmulRef,
   MATVEC_MAX_T,
   type MatvecShape,
+  matvecShape,
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { gpuTest, randomArray, roundF16 } from "./harness.ts";
@@ -51,6 +52,21 @@ Deno.test("matmulPath() picks matvec up to MATVEC_MAX_T rows and tiled above", (
   assert.equal(matmulPath(MATVEC_MAX_T), "matvec");
   assert.equal(matmulPath(MATVEC_MAX_T + 1), "tiled");
   assert.equal(matmulPath(512), "tiled");
+});
+
+Deno.test("matvecShape() keeps rows even and lanes a power of 2, narrow on software adapters", () => {
+  for (let T = 1; T <= MATVEC_MAX_T; T++) {
+    for (const software of [false, true]) {
+      const s = matvecShape(T, software);
+      assert.ok(
+        s.rows % 2 === 0 && (s.lanes & (s.lanes - 1)) === 0,
+        `T=${T}: ${JSON.stringify(s)}`,
+      );
+    }
+    assert.ok(matvecShape(T).rows <= matvecShape(T + 1).rows || T === MATVEC_MAX_T);
+  }
+  assert.deepEqual(matvecShape(1, true), { rows: 8, lanes: 8 });
+  assert.ok(matvecShape(1).lanes >= 32, "decode keeps wide, coalesced lanes on a GPU");
 });
 
 Deno.test("matmulRef() computes x·W^T + bias + y_old", () => {
