@@ -349,7 +349,7 @@ ${
     }
   }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
-${split ? splitTail(headDim) : unsplitTail()}
+${split ? splitTail() : unsplitTail()}
 }
 `;
 }
@@ -369,7 +369,7 @@ function unsplitTail(): string {
 }
 
 /** Split epilogue: store the partials, count the chunk, and merge in the chunk that is last. */
-function splitTail(headDim: number): string {
+function splitTail(): string {
   return `  let rowsQ = p.T * p.nHeads;
   for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
@@ -418,8 +418,7 @@ function splitTail(headDim: number): string {
       }
       out[qRow * HD4 + c] = select(vec4<f32>(0.0), a / l, l > 0.0);
     }
-  }
-  // headDim ${headDim}`;
+  }`;
 }
 
 /** Buffers and shapes for {@linkcode createFusedAttention}. */
