@@ -465,3 +465,33 @@ for (const f of FAMILIES) {
     { features: ["shader-f16"] },
   );
 }
+
+gpuTest(
+  "llama3 end to end: prompt text through tokenizer.json, GPU decoding (plain, n-gram and draft-model speculation) and streamed text give transformers' greedy output",
+  async () => {
+    const c = await archCase("llama3");
+    const session = await Session.load({ model: c.dir, draft: c.dir }, () => {});
+    try {
+      assert.deepEqual(session.tokenize(c.ref.prompt_text!, true), c.ref.prompt);
+      for (const spec of ["none", "ngram", "model"] as const) {
+        const chunks: { text: string; tokens: number[] }[] = [];
+        const stats = await session.generate(
+          {
+            prompt: c.ref.prompt_text!,
+            maxTokens: c.ref.greedy.length,
+            ...GREEDY,
+            spec,
+            draftTokens: 3,
+          },
+          (chunk) => chunks.push(chunk),
+          () => false,
+        );
+        assert.equal(stats.prompt_tokens, c.ref.prompt.length, spec);
+        assert.deepEqual(chunks.flatMap((ch) => ch.tokens), c.ref.greedy, `${spec}: tokens`);
+        assert.equal(chunks.map((ch) => ch.text).join(""), c.ref.greedy_text, `${spec}: text`);
+      }
+    } finally {
+      await session.dispose();
+    }
+  },
+);
