@@ -7,7 +7,7 @@
 import { parseArgs } from "@specdec/cli";
 import { Engine } from "./engine.ts";
 import type { GenerateOptions, GenerateStats } from "./protocol.ts";
-import { loadModel } from "../models/load.ts";
+import { contextLimitReason, loadModel } from "../models/load.ts";
 import { loadTokenizerFile } from "../models/tokenizer.ts";
 import { formatInspect, inspectModel } from "../models/inspect.ts";
 import type { Tokenizer } from "../models/types.ts";
@@ -526,7 +526,10 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
   const modelMax = Math.min(target.config.maxSeqLen, draft?.config.maxSeqLen ?? Infinity);
   const ctx = ctxFlag ?? modelMax;
   if (ctx > modelMax) {
-    throw new UsageError(`--ctx ${ctx} is longer than the model's context length ${modelMax}`);
+    throw new UsageError(
+      `--ctx ${ctx} is longer than the model's context length ${modelMax} ` +
+        `(${contextLimitReason(target.config, ...(draft ? [draft.config] : []))})`,
+    );
   }
   const gpu = await requestGpu({ disableF16: v["no-f16"] === true });
   try {
@@ -585,7 +588,10 @@ async function runPerplexity(v: Record<string, string | boolean | undefined>): P
   });
   if (!loaded.tokenizer) throw new UsageError(`${model} carries no tokenizer: pass --tokenizer`);
   if (ctx > loaded.config.maxSeqLen) {
-    throw new UsageError(`--ctx ${ctx} is longer than the model's ${loaded.config.maxSeqLen}`);
+    throw new UsageError(
+      `--ctx ${ctx} is longer than the model's ${loaded.config.maxSeqLen} ` +
+        `(${contextLimitReason(loaded.config)})`,
+    );
   }
   const text = await Deno.readTextFile(file);
   const tokens = loaded.tokenizer.encode(text, { bos: true });

@@ -11,9 +11,13 @@
  * - `nf4` has no GGUF type: asking for it (as `quant` or `keepFormat`) is refused.
  * - Tokenizer: SentencePiece tokenizers (`tokenizer.model`, llama2.c `tokenizer.bin`, GGUF
  *   "llama") are written as `tokenizer.ggml.model = "llama"` with their pieces, scores, types,
- *   unknown id and whitespace flags. Byte-level BPE tokenizers (tokenizer.json, tiktoken, GGUF
- *   "gpt2") are refused with a clear error: their merge lists are not exposed by the loaded
- *   tokenizer. A model without a tokenizer is refused too (pass `tokenizer`).
+ *   unknown id and whitespace flags. Byte-level BPE tokenizers (tokenizer.json, GGUF "gpt2") are
+ *   written as `tokenizer.ggml.model = "gpt2"` with their tokens, types, merges and
+ *   pre-tokenizer name (Llama 3's as llama.cpp's "llama-bpe"); a tiktoken rank file, which has
+ *   no merge list, is refused. A vocabulary shorter than the model's embedding (Qwen2 pads its
+ *   embedding) is padded with unused `[PAD<id>]` tokens, as llama.cpp's converter does, so the
+ *   token count equals the embedding rows. A model without a tokenizer is refused too (pass
+ *   `tokenizer`).
  * - The file is written atomically: to a temporary file beside `out`, then renamed; on any
  *   failure the temporary file is removed and `out` is untouched.
  *
@@ -23,7 +27,8 @@ import { basename, dirname, join } from "@specdec/path";
 import { type GgufTokenizerData, modelToGguf } from "../models/gguf.ts";
 import { loadModel } from "../models/load.ts";
 import { dequantize, quantize } from "../models/quant.ts";
-import { SentencePieceTokenizer, SPACE_SYMBOL } from "../models/sentencepiece.ts";
+import { PieceType, SentencePieceTokenizer, SPACE_SYMBOL } from "../models/sentencepiece.ts";
+import { BpeTokenizer, defaultIgnoreMerges } from "../models/bpe.ts";
 import type { DType, HostTensor, Tokenizer } from "../models/types.ts";
 import {
   type KeepGroup,
@@ -91,10 +96,11 @@ export function convertTensor(t: HostTensor, dtype: DType): HostTensor {
 }
 
 /**
- * The `tokenizer.ggml.*` data of a loaded tokenizer, for {@linkcode modelToGguf}. Only
- * SentencePiece tokenizers can be written (see the module comment); anything else, or a
- * SentencePiece setting GGUF cannot express (spaces not escaped to "▁"), throws an `Error`
- * naming `source`.
+ * The `tokenizer.ggml.*` data of a loaded tokenizer, for {@linkcode modelToGguf}: SentencePiece
+ * or byte-level BPE (see the module comment), padded with unused `[PAD<id>]` tokens up to
+ * `vocabSize` when that is larger. A tokenizer GGUF cannot express (a tiktoken file, spaces not
+ * escaped to "▁", an `ignore_merges` other than the pre-tokenizer's default) or one longer than
+ * `vocabSize` throws an `Error` naming `source`.
  *
  * @example
  * ```ts
@@ -104,12 +110,45 @@ export function convertTensor(t: HostTensor, dtype: DType): HostTensor {
  * console.log(tokenizerToGguf(tok, "tok512.bin").tokens.length); // 512
  * ```
  */
-export function tokenizerToGguf(tok: Tokenizer, source: string): GgufTokenizerData {
-  if (!(tok instanceof SentencePieceTokenizer)) {
+export function tokenizerToGguf(
+  tok: Tokenizer,
+  source: string,
+  vocabSize = tok.vocabSize,
+): GgufTokenizerData {
+  const n = tok.vocabSize;
+  if (n > vocabSize) {
     throw new Error(
-      `${source}: only SentencePiece tokenizers can be written to a GGUF yet; a byte-level ` +
-        `BPE tokenizer's merges are not available from the loaded tokenizer`,
+      `${source}: the tokenizer has ${n} tokens but the model's embedding only ${vocabSize} rows`,
     );
+  }
+  const pad = Array.from({ length: vocabSize - n }, (_, i) => `[PAD${n + i}]`);
+  const padTypes = pad.map(() => PieceType.UNUSED);
+  const tokens = [...Array.from({ length: n }, (_, i) => tok.piece(i)), ...pad];
+  if (tok instanceof BpeTokenizer) {
+    const merges = tok.merges();
+    if (merges === undefined) {
+      throw new Error(
+        `${source}: a tiktoken rank file holds no merge list for a GGUF; use the model's ` +
+          `tokenizer.json`,
+      );
+    }
+    const pre = tok.pre === "llama3" ? "llama-bpe" : tok.pre;
+    if (tok.ignoreMerges !== defaultIgnoreMerges(pre)) {
+      throw new Error(
+        `${source}: ignore_merges ${tok.ignoreMerges} differs from what GGUF readers assume ` +
+          `for pre-tokenizer "${pre}" (${defaultIgnoreMerges(pre)}), which GGUF cannot express`,
+      );
+    }
+    return {
+      model: "gpt2",
+      pre,
+      tokens,
+      tokenTypes: [...Array.from({ length: n }, (_, i) => tok.type(i)), ...padTypes],
+      merges,
+    };
+  }
+  if (!(tok instanceof SentencePieceTokenizer)) {
+    throw new Error(`${source}: this kind of tokenizer cannot be written to a GGUF`);
   }
   // The whitespace flags are read back through normalize(): "a  b" shows all three.
   const norm = tok.normalize("a  b");
@@ -119,12 +158,11 @@ export function tokenizerToGguf(tok: Tokenizer, source: string): GgufTokenizerDa
         `(escape_whitespaces = false), which GGUF cannot express`,
     );
   }
-  const n = tok.vocabSize;
   return {
     model: "llama",
-    tokens: Array.from({ length: n }, (_, i) => tok.piece(i)),
-    scores: Array.from({ length: n }, (_, i) => tok.score(i)),
-    tokenTypes: Array.from({ length: n }, (_, i) => tok.type(i)),
+    tokens,
+    scores: [...Array.from({ length: n }, (_, i) => tok.score(i)), ...pad.map(() => 0)],
+    tokenTypes: [...Array.from({ length: n }, (_, i) => tok.type(i)), ...padTypes],
     ...(tok.unkId !== undefined ? { unknownId: tok.unkId } : {}),
     addSpacePrefix: norm.startsWith(SPACE_SYMBOL),
     removeExtraWhitespaces: !norm.includes(SPACE_SYMBOL + SPACE_SYMBOL),
@@ -203,11 +241,15 @@ export async function quantizeToGguf(opts: QuantizeOptions): Promise<QuantizeRes
   });
   if (model.tokenizer === undefined) {
     throw new Error(
-      `${opts.model} has no tokenizer; pass one (tokenizer.model, tokenizer.bin) so the GGUF ` +
+      `${opts.model} has no tokenizer; pass one (tokenizer.json, tokenizer.model, tokenizer.bin) so the GGUF ` +
         `carries its vocabulary`,
     );
   }
-  const tokenizer = tokenizerToGguf(model.tokenizer, opts.tokenizer ?? opts.model);
+  const tokenizer = tokenizerToGguf(
+    model.tokenizer,
+    opts.tokenizer ?? opts.model,
+    model.config.vocabSize,
+  );
 
   const plan = planQuant(model.config, model.tensors, {
     quant: opts.quant,

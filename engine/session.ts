@@ -17,7 +17,7 @@ import {
 } from "./planner.ts";
 import { adapterFacts, estimateVram, formatBytes, type VramBytes, vramTotal } from "./vram.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
-import { loadModel } from "../models/load.ts";
+import { contextLimitReason, loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
 import type {
   GenerateChunk,
@@ -76,7 +76,7 @@ export class Session {
     if (maxSeq > modelMax) {
       throw new RangeError(
         `context ${maxSeq} is longer than the model${draftHost ? "s'" : "'s"} ${modelMax} ` +
-          `(max_position_embeddings)`,
+          `(${contextLimitReason(c, ...(draftHost ? [draftHost.config] : []))})`,
       );
     }
     const gpu = await requestGpu({ disableF16: options.noF16 });

@@ -134,8 +134,17 @@ const PRE_ALIASES: Record<string, string> = {
 /** Pre-tokenizer names llama.cpp uses that this module supports. */
 export const SUPPORTED_PRE_TOKENIZERS: readonly string[] = Object.keys(PRE_ALIASES);
 
-/** Whether llama.cpp lets a whole-word vocabulary hit skip merging (`ignore_merges`). */
-function ignoresMerges(pre: string): boolean {
+/**
+ * Whether llama.cpp lets a whole-word vocabulary hit skip merging (`ignore_merges`) for
+ * pre-tokenizer `pre`: what a GGUF file, which has no key for it, implies.
+ *
+ * @example
+ * ```ts
+ * import { defaultIgnoreMerges } from "./bpe.ts";
+ * console.log(defaultIgnoreMerges("llama-bpe"), defaultIgnoreMerges("qwen2")); // true false
+ * ```
+ */
+export function defaultIgnoreMerges(pre: string): boolean {
   return PRE_ALIASES[pre] === "llama3" && pre !== "dbrx" && pre !== "smaug-bpe";
 }
 
@@ -226,7 +235,8 @@ export class BpeTokenizer implements Tokenizer {
   private readonly types: Uint8Array;
   private readonly tokenOf = new Map<string, number>();
   private readonly ranks: Map<string, number> | null;
-  private readonly ignoreMerges: boolean;
+  /** Whether a word that is itself a token skips merging (llama.cpp `ignore_merges`). */
+  readonly ignoreMerges: boolean;
   /** USER_DEFINED tokens cut out of text before pre-tokenization, longest first. */
   private readonly userTokens: { text: string; id: number }[] = [];
   private readonly outBytes: Uint8Array[] = [];
@@ -257,7 +267,7 @@ export class BpeTokenizer implements Tokenizer {
     this.eosId = model.eosId;
     this.pre = model.pre;
     this.ranks = model.ranks === "tiktoken" ? null : model.ranks;
-    this.ignoreMerges = model.ignoreMerges ?? ignoresMerges(model.pre);
+    this.ignoreMerges = model.ignoreMerges ?? defaultIgnoreMerges(model.pre);
     this.types = new Uint8Array(n);
     for (let id = 0; id < n; id++) {
       const type = model.types[id];
@@ -284,6 +294,21 @@ export class BpeTokenizer implements Tokenizer {
   piece(id: number): string {
     checkTokenId(id, this.vocabSize);
     return this.pieces[id];
+  }
+
+  /**
+   * The merges by rank as "a b" strings of byte-level token text (what GGUF's
+   * `tokenizer.ggml.merges` and tokenizer.json hold), or undefined for a tiktoken rank file, whose
+   * merges are implied by the ranks. Duplicates and merges text cannot reach are not kept, so
+   * ranks may be renumbered; their order, hence every encoding, is the same.
+   */
+  merges(): string[] | undefined {
+    if (this.ranks === null) return undefined;
+    const text = (b: string) => [...b].map((c) => BYTE_TO_UNICODE[c.charCodeAt(0)]).join("");
+    return [...this.ranks].sort((x, y) => x[1] - y[1]).map(([key]) => {
+      const [a, b] = key.split(PAIR_SEP);
+      return `${text(a)} ${text(b)}`;
+    });
   }
 
   /** The {@linkcode PieceType} of token `id`. */

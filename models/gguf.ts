@@ -23,7 +23,14 @@
  * @module
  */
 import { BLOCK_INFO, tensorBytes } from "./quant.ts";
-import { type DType, FormatError, type HostTensor, type ModelConfig } from "./types.ts";
+import {
+  type DType,
+  FormatError,
+  type HostTensor,
+  type ModelConfig,
+  type RopeScaling,
+} from "./types.ts";
+import { ropeInvFreq } from "../kernels/rope.ts";
 
 /** A GGUF numeric metadata type held as a JS number. */
 export type GgufNumberType = "u8" | "i8" | "u16" | "i16" | "u32" | "i32" | "f32" | "f64";
@@ -780,8 +787,12 @@ function expectedShapes(config: ModelConfig): Map<string, number[]> {
  * `.context_length`, `.attention.layer_norm_rms_epsilon` (required);
  * `.attention.head_count_kv` (default head_count), `.attention.key_length` (default
  * dim / heads), `.rope.dimension_count` (must equal the head size), `.rope.freq_base` (default
- * 10000), `.vocab_size`; `tokenizer.ggml.tokens` (vocabulary size when there is no embedding),
- * `tokenizer.ggml.bos_token_id`, `eos_token_id` and `eot_token_id`. RoPE layout: "interleaved"
+ * 10000), `.vocab_size`, `.attention.sliding_window` (caps the context, as for Hugging Face
+ * configs), `.rope.scaling.original_context_length`; `tokenizer.ggml.tokens` (vocabulary size
+ * when there is no embedding), `tokenizer.ggml.bos_token_id`, `eos_token_id` and
+ * `eot_token_id`. A `rope_freqs.weight` tensor (Llama 3 scaling as per-frequency divisors) becomes
+ * the config's `ropeScaling` (see {@linkcode llama3FromRopeFreqs}) and is not returned as a
+ * tensor; `.rope.scaling.type` other than "none" is refused. RoPE layout: "interleaved"
  * for llama, "rotate-half" for qwen2 (as llama.cpp runs them). When the file has tensors, every
  * tensor the config implies must exist with the implied shape. f32 values read back as the
  * shortest decimal with the same f32 (1e-5, not 9.99999974e-6). Throws a
@@ -813,13 +824,19 @@ export function ggufToModel(
   for (const t of gguf.tensors) {
     tensors.set(t.name, { name: t.name, dtype: t.dtype, shape: t.shape, data: t.data });
   }
-  if (tensors.has("rope_freqs.weight")) {
+  const k = (s: string) => `${arch}.${s}`;
+  const scalingType = gguf.metadata.get(k("rope.scaling.type"));
+  if (scalingType !== undefined && scalingType.value !== "none") {
     throw new FormatError(
       fileName,
-      `tensor "rope_freqs.weight" (Llama 3.1-style RoPE frequency factors) is not supported yet`,
+      `${k("rope.scaling.type")} = ${JSON.stringify(scalingType.value)} is not supported ` +
+        `(only Llama 3's scaling, stored as the rope_freqs.weight tensor)`,
     );
   }
-  const k = (s: string) => `${arch}.${s}`;
+  // Llama 3 scaling travels as per-frequency divisors (the tensor rope_freqs.weight); it is a
+  // property of the config, not a weight.
+  const ropeFreqs = tensors.get("rope_freqs.weight");
+  tensors.delete("rope_freqs.weight");
   const dim = metaCount(gguf, k("embedding_length"), fileName);
   const nHeads = metaCount(gguf, k("attention.head_count"), fileName);
   const nKvHeads = metaCount(gguf, k("attention.head_count_kv"), fileName, nHeads);
@@ -864,6 +881,18 @@ export function ggufToModel(
     if (id !== undefined && !eosIds.includes(id)) eosIds.push(id);
   }
   const bosId = metaTokenId(gguf, "tokenizer.ggml.bos_token_id", fileName);
+  const ropeTheta = metaPositive(gguf, k("rope.freq_base"), fileName, 10000);
+  const ropeScaling = ropeFreqs === undefined ? undefined : llama3FromRopeFreqs(
+    ropeFreqs,
+    headDim,
+    ropeTheta,
+    metaNumber(gguf, k("rope.scaling.original_context_length"), fileName),
+    fileName,
+  );
+  const window = metaNumber(gguf, k("attention.sliding_window"), fileName);
+  const slidingWindow = window === undefined
+    ? undefined
+    : metaCount(gguf, k("attention.sliding_window"), fileName);
   const config: ModelConfig = {
     architecture: arch,
     dim,
@@ -873,10 +902,12 @@ export function ggufToModel(
     headDim,
     ffnDim: metaCount(gguf, k("feed_forward_length"), fileName),
     vocabSize,
-    maxSeqLen: metaCount(gguf, k("context_length"), fileName),
+    maxSeqLen: Math.min(metaCount(gguf, k("context_length"), fileName), slidingWindow ?? Infinity),
+    ...(slidingWindow !== undefined ? { slidingWindow } : {}),
     normEps: metaPositive(gguf, k("attention.layer_norm_rms_epsilon"), fileName),
-    ropeTheta: metaPositive(gguf, k("rope.freq_base"), fileName, 10000),
+    ropeTheta,
     ropeLayout: ARCH_ROPE[arch],
+    ...(ropeScaling ? { ropeScaling } : {}),
     tiedEmbeddings: gguf.tensors.length > 0 ? !tensors.has("output.weight") : true,
     qkvBias: arch === "qwen2" || tensors.has("blk.0.attn_q.bias"),
     ...(bosId !== undefined ? { bosId } : {}),
@@ -895,6 +926,120 @@ export function ggufToModel(
     }
   }
   return { config, tensors };
+}
+
+/**
+ * Llama 3 RoPE scaling as llama.cpp stores it: one divisor per frequency pair (the
+ * `rope_freqs.weight` tensor), computed as llama.cpp's converter does: 1 for wavelengths below
+ * `orig / highFreqFactor`, `factor` above `orig / lowFreqFactor`, and
+ * `1 / ((1 - smooth) / factor + smooth)` in between (see `ropeInvFreq` in kernels/rope.ts).
+ *
+ * @example
+ * ```ts
+ * import { llama3RopeFreqs } from "./gguf.ts";
+ * const s = { type: "llama3" as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 };
+ * console.log(llama3RopeFreqs(128, 500000, s).length); // 64
+ * ```
+ */
+export function llama3RopeFreqs(headDim: number, theta: number, s: RopeScaling): Float32Array {
+  const base = ropeInvFreq(headDim, theta);
+  const orig = s.originalMaxPositionEmbeddings;
+  return base.map((f) => {
+    const wavelen = (2 * Math.PI) / f;
+    if (wavelen < orig / s.highFreqFactor) return 1;
+    if (wavelen > orig / s.lowFreqFactor) return s.factor;
+    const smooth = (orig / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+    return 1 / ((1 - smooth) / s.factor + smooth);
+  });
+}
+
+/**
+ * The Llama 3 RoPE scaling whose divisors are `tensor` (`rope_freqs.weight`, f32
+ * `[headDim / 2]`), or undefined when every divisor is 1. The rule depends on `orig` only through
+ * `lowFreqFactor / orig` and `highFreqFactor / orig`, so `orig` (the file's
+ * `rope.scaling.original_context_length`, else Llama 3.1's 8192) fixes one of the equivalent
+ * parameter sets; the simplest decimals that reproduce every divisor to f32 precision are
+ * returned. Divisors that follow no such rule (other per-frequency schemes) throw a
+ * {@linkcode FormatError} naming `fileName`.
+ *
+ * @example
+ * ```ts
+ * import { llama3FromRopeFreqs, llama3RopeFreqs } from "./gguf.ts";
+ * const s = { type: "llama3" as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 };
+ * const f = llama3RopeFreqs(128, 500000, s);
+ * const t = { name: "rope_freqs.weight", dtype: "f32" as const, shape: [64], data: new Uint8Array(f.buffer) };
+ * console.log(llama3FromRopeFreqs(t, 128, 500000, 8192, "m.gguf")); // the same parameters
+ * ```
+ */
+export function llama3FromRopeFreqs(
+  tensor: HostTensor,
+  headDim: number,
+  theta: number,
+  orig: number | undefined,
+  fileName: string,
+): RopeScaling | undefined {
+  const half = headDim / 2;
+  const what = `tensor "rope_freqs.weight"`;
+  if (tensor.dtype !== "f32" || tensor.shape.length !== 1 || tensor.shape[0] !== half) {
+    throw new FormatError(
+      fileName,
+      `${what} is ${tensor.dtype}[${tensor.shape}], expected f32[${half}] (head size ${headDim})`,
+    );
+  }
+  const f = new Float32Array(tensor.data.slice().buffer);
+  if (f.every((x) => x === 1)) return undefined;
+  const unsupported = () =>
+    new FormatError(
+      fileName,
+      `${what} does not follow Llama 3's RoPE frequency scaling (the only per-frequency ` +
+        `factors supported)`,
+    );
+  const F = Math.max(...f);
+  if (!(F > 1) || f.some((x) => !Number.isFinite(x) || x < 1 - 1e-6)) throw unsupported();
+  // With u = 1 / wavelength, the rule is s(u) = clamp((u - u0) / (u1 - u0), 0, 1) and
+  // 1 / divisor = (1 - s) / F + s, where u0 = lowFreqFactor / orig, u1 = highFreqFactor / orig.
+  const base = ropeInvFreq(headDim, theta);
+  const u = Array.from(base, (b) => b / (2 * Math.PI));
+  const s = Array.from(f, (x) => (1 / x - 1 / F) / (1 - 1 / F));
+  const eps = 1e-6;
+  const scaled = u.filter((_, i) => s[i] <= eps);
+  const kept = u.filter((_, i) => s[i] >= 1 - eps);
+  const mid = u.flatMap((ui, i) => (s[i] > eps && s[i] < 1 - eps ? [[ui, s[i]]] : []));
+  const a = Math.max(...scaled); // below u0
+  const b = kept.length > 0 ? Math.min(...kept) : Infinity; // above u1
+  let u0: number, u1: number;
+  if (mid.length >= 2) {
+    const [[up, sp], [uq, sq]] = [mid[0], mid[mid.length - 1]];
+    const slope = (sp - sq) / (up - uq);
+    u0 = up - sp / slope;
+    u1 = u0 + 1 / slope;
+  } else if (mid.length === 1) {
+    const [[um, sm]] = mid;
+    const width = 0.5 * Math.min((um - a) / sm, (b - um) / (1 - sm));
+    u0 = um - sm * width;
+    u1 = u0 + width;
+  } else {
+    u0 = b === Infinity ? 1.5 * a : a + (b - a) / 3;
+    u1 = b === Infinity ? 3 * a : a + (2 * (b - a)) / 3;
+  }
+  const L = orig ?? 8192;
+  const fits = (c: RopeScaling) => {
+    if (!(c.highFreqFactor > c.lowFreqFactor && c.lowFreqFactor > 0)) return false;
+    const g = llama3RopeFreqs(headDim, theta, c);
+    return g.every((x, i) => Math.abs(x - f[i]) <= 2e-6 * f[i]);
+  };
+  const round = (x: number, p: number) => (p === 0 ? x : Number(x.toPrecision(p)));
+  for (const p of [1, 2, 3, 4, 5, 6, 7, 8, 0]) {
+    const c: RopeScaling = {
+      type: "llama3",
+      factor: f32Decimal(F),
+      lowFreqFactor: round(u0 * L, p),
+      highFreqFactor: round(u1 * L, p),
+      originalMaxPositionEmbeddings: L,
+    };
+    if (fits(c)) return c;
+  }
+  throw unsupported();
 }
 
 /** Tokenizer data written as llama.cpp's `tokenizer.ggml.*` keys. */
@@ -937,8 +1082,11 @@ export interface ModelToGgufOptions {
  * Q/K rows (and biases) are permuted to the architecture's RoPE layout (interleaved for llama,
  * rotate-half for qwen2), so the written file's layout is always the one llama.cpp expects.
  * Whole rows move, so block-quantized Q/K weights (any dtype whose rows hold whole blocks) are
- * permuted without being dequantized. Throws a `RangeError` for what GGUF metadata cannot
- * express (Llama 3 RoPE scaling, more than two EOS ids).
+ * permuted without being dequantized. Llama 3 RoPE scaling is written as llama.cpp's converter
+ * writes it, a `rope_freqs.weight` f32 tensor of per-frequency divisors (see
+ * {@linkcode llama3RopeFreqs}), plus `.rope.scaling.original_context_length`; a sliding window as
+ * `.attention.sliding_window` (and the capped context as `.context_length`). Throws a
+ * `RangeError` for what GGUF metadata cannot express (more than two EOS ids).
  *
  * @example
  * ```ts ignore
@@ -951,9 +1099,6 @@ export function modelToGguf(
   tensors: ReadonlyMap<string, HostTensor>,
   options: ModelToGgufOptions = {},
 ): Uint8Array {
-  if (config.ropeScaling) {
-    throw new RangeError("modelToGguf: Llama 3 RoPE scaling cannot be written yet");
-  }
   if (config.eosIds.length > 2) {
     throw new RangeError(`modelToGguf: ${config.eosIds.length} EOS ids; GGUF holds eos and eot`);
   }
@@ -979,6 +1124,15 @@ export function modelToGguf(
   if (config.headDim * config.nHeads !== config.dim) {
     meta.push([`${arch}.attention.key_length`, u32(config.headDim)]);
     meta.push([`${arch}.attention.value_length`, u32(config.headDim)]);
+  }
+  if (config.slidingWindow !== undefined) {
+    meta.push([`${arch}.attention.sliding_window`, u32(config.slidingWindow)]);
+  }
+  if (config.ropeScaling) {
+    meta.push([
+      `${arch}.rope.scaling.original_context_length`,
+      u32(config.ropeScaling.originalMaxPositionEmbeddings),
+    ]);
   }
   const tok = options.tokenizer;
   if (tok) {
@@ -1027,6 +1181,15 @@ export function modelToGguf(
 
   const target = ARCH_ROPE[arch];
   const out: GgufWriteTensor[] = [];
+  if (config.ropeScaling) {
+    const factors = llama3RopeFreqs(config.headDim, config.ropeTheta, config.ropeScaling);
+    out.push({
+      name: "rope_freqs.weight",
+      dtype: "f32",
+      shape: [factors.length],
+      data: new Uint8Array(factors.buffer),
+    });
+  }
   for (const t of tensors.values()) {
     let w = t;
     const m = /^blk\.\d+\.attn_([qk])\.(weight|bias)$/.exec(t.name);

@@ -29,8 +29,11 @@ function isRecord(v: unknown): v is Record<string, unknown> {
 /**
  * Resolves a parsed `config.json` of a Llama, Mistral or Qwen2 model. Throws a
  * {@linkcode FormatError} naming `fileName` and the field for a missing, mistyped or
- * inconsistent value, and for features this project does not run (other RoPE scalings, biases on
- * the output or MLP projections, activations other than SiLU).
+ * inconsistent value, and for features this project does not run (other model types, RoPE
+ * scalings other than Llama 3's, partial rotary embeddings, biases on the output or MLP
+ * projections, activations other than SiLU, pre-quantized checkpoints). A sliding window
+ * (Mistral's `sliding_window`, Qwen2's with `use_sliding_window`) caps `maxSeqLen` at the
+ * window, where full attention is exact (see {@linkcode ModelConfig.maxSeqLen}).
  *
  * @example
  * ```ts
@@ -153,6 +156,53 @@ export function readHfConfig(json: unknown, fileName: string): ModelConfig {
     }
   }
 
+  // Sliding-window attention: Mistral's `sliding_window`; Qwen2's only with
+  // `use_sliding_window` and only on layers from `max_window_layers` on; transformers 5 lists
+  // each layer's kind in `layer_types`. Attention past the window is not implemented, so the
+  // usable context is capped at the window, inside which full causal attention is exact.
+  let windowed: boolean;
+  if (present("layer_types")) {
+    const kinds = c.layer_types;
+    if (
+      !Array.isArray(kinds) || kinds.length !== nLayers ||
+      kinds.some((k) => k !== "full_attention" && k !== "sliding_attention")
+    ) {
+      fail(
+        `"layer_types" must list "full_attention" or "sliding_attention" for each of the ` +
+          `${nLayers} layers, got ${JSON.stringify(kinds).slice(0, 200)}`,
+      );
+    }
+    windowed = kinds.includes("sliding_attention");
+  } else if (architecture === "mistral") {
+    windowed = true;
+  } else if (architecture === "qwen2") {
+    const use = c.use_sliding_window ?? false;
+    if (typeof use !== "boolean") fail(`"use_sliding_window" must be true or false`);
+    windowed = use && int("max_window_layers", 28, 0) < nLayers;
+  } else {
+    windowed = false;
+  }
+  const slidingWindow = windowed && present("sliding_window") ? int("sliding_window") : undefined;
+  if (windowed && present("layer_types") && slidingWindow === undefined) {
+    fail(`"layer_types" has sliding_attention layers but "sliding_window" is missing`);
+  }
+
+  if (present("quantization_config")) {
+    const q = c.quantization_config;
+    const method = isRecord(q) ? q.quant_method : undefined;
+    fail(
+      `"quantization_config" (${JSON.stringify(method ?? q).slice(0, 80)}) is not supported: ` +
+        `use the unquantized (f16/bf16/f32) checkpoint, or a GGUF file`,
+    );
+  }
+  if (present("partial_rotary_factor") && c.partial_rotary_factor !== 1) {
+    fail(
+      `"partial_rotary_factor" ${
+        JSON.stringify(c.partial_rotary_factor)
+      } is not supported (RoPE over the whole head only)`,
+    );
+  }
+
   const tied = c.tie_word_embeddings ?? false;
   if (typeof tied !== "boolean") fail(`"tie_word_embeddings" must be true or false`);
   for (const key of ["attention_bias", "mlp_bias"]) {
@@ -186,7 +236,8 @@ export function readHfConfig(json: unknown, fileName: string): ModelConfig {
     headDim,
     ffnDim,
     vocabSize,
-    maxSeqLen,
+    maxSeqLen: Math.min(maxSeqLen, slidingWindow ?? Infinity),
+    ...(slidingWindow !== undefined ? { slidingWindow } : {}),
     normEps,
     ropeTheta,
     ropeLayout: "rotate-half",

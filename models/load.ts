@@ -10,7 +10,13 @@ import { loadHfFolder } from "./hf.ts";
 import { readLlama2c } from "./llama2c.ts";
 import { ggufToModel, readGguf } from "./gguf.ts";
 import { loadTokenizerFile, tokenizerFromGguf } from "./tokenizer.ts";
-import { FormatError, type HostTensor, type LoadedModel, type Tokenizer } from "./types.ts";
+import {
+  FormatError,
+  type HostTensor,
+  type LoadedModel,
+  type ModelConfig,
+  type Tokenizer,
+} from "./types.ts";
 
 /** Options of {@linkcode loadModel}. */
 export interface LoadModelOptions {
@@ -141,4 +147,25 @@ export function countParams(tensors: ReadonlyMap<string, HostTensor>): number {
   let n = 0;
   for (const t of tensors.values()) n += t.shape.reduce((a, b) => a * b, 1);
   return n;
+}
+
+/**
+ * What sets the longest context of the models in `configs` (the smallest `maxSeqLen`), for
+ * error messages: the trained context, or a sliding window with the remedy.
+ *
+ * @example
+ * ```ts
+ * import { contextLimitReason } from "./load.ts";
+ * import type { ModelConfig } from "./types.ts";
+ * const mistral = { maxSeqLen: 4096, slidingWindow: 4096 } as ModelConfig;
+ * console.log(contextLimitReason(mistral)); // "sliding_window 4096: attention past ..."
+ * ```
+ */
+export function contextLimitReason(...configs: ModelConfig[]): string {
+  const c = configs.reduce((a, b) => (b.maxSeqLen < a.maxSeqLen ? b : a));
+  if (c.slidingWindow !== undefined && c.slidingWindow <= c.maxSeqLen) {
+    return `sliding_window ${c.slidingWindow}: attention past the window is not implemented, ` +
+      `so the context must fit in it (use --ctx ${c.slidingWindow} or less)`;
+  }
+  return "max_position_embeddings";
 }

@@ -43,8 +43,19 @@ export interface ModelConfig {
   readonly ffnDim: number;
   /** Vocabulary size (rows of the embedding). */
   readonly vocabSize: number;
-  /** Longest context the model was trained for. */
+  /**
+   * Longest context this engine runs the model at: the trained context
+   * (`max_position_embeddings`), capped at {@linkcode ModelConfig.slidingWindow} when that is
+   * smaller (attention past a sliding window is not implemented; inside it, full causal
+   * attention is exact).
+   */
   readonly maxSeqLen: number;
+  /**
+   * Mistral-style sliding-window attention span (`sliding_window`), when the model uses one:
+   * each query attends to at most this many positions, itself included. Absent for full
+   * attention.
+   */
+  readonly slidingWindow?: number;
   /** RMSNorm epsilon. */
   readonly normEps: number;
   /** RoPE base frequency. */

@@ -1,10 +1,13 @@
 /**
  * Locates the real model fixtures in ../shared/models (never copied into the repo). A missing
  * fixture fails the test with a message saying where it was looked for, never a silent pass.
- * Also the shared assertion for parser errors.
+ * Also the shared assertion for parser errors, and the helpers of the forward-pass tests.
  */
 import assert from "@specdec/assert";
-import { FormatError } from "../models/types.ts";
+import { FormatError, type LoadedModel } from "../models/types.ts";
+import { tensorToF32 } from "../models/convert.ts";
+import type { LlamaGpu } from "../models/llama.ts";
+import type { Gpu } from "../engine/gpu.ts";
 
 /** The fixtures folder: SPECDEC_MODELS, else ../shared/models beside the checkout. */
 export const FIXTURES = Deno.env.get("SPECDEC_MODELS") ??
@@ -73,3 +76,28 @@ function checkFormatError(e: unknown, file: string, what: RegExp, label: string)
   assert.ok(e.message.startsWith(`${file}: `), `${label}: message lacks ${file}: ${e.message}`);
   assert.match(e.message, what, label);
 }
+
+/** `model`'s tensors as named f32 arrays (converted once each), for the CPU reference forward. */
+export function refWeights(model: LoadedModel): (name: string) => Float32Array {
+  const cache = new Map<string, Float32Array>();
+  return (name) => {
+    let w = cache.get(name);
+    if (!w) {
+      const t = model.tensors.get(name);
+      if (!t) throw new Error(`missing tensor ${name}`);
+      cache.set(name, w = tensorToF32(t));
+    }
+    return w;
+  };
+}
+
+/** Reads the first `rows` logit rows of `m` back from the GPU. */
+export async function readLogits(gpu: Gpu, m: LlamaGpu, rows: number): Promise<Float32Array> {
+  return new Float32Array(await gpu.read(m.logits, 0, rows * m.config.vocabSize * 4));
+}
+
+/** Greedy sampling settings for `Decoder.generate`. */
+export const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+
+/** Decode events that ignore streamed tokens and never cancel. */
+export const QUIET = { onTokens: () => {}, cancelled: () => false };

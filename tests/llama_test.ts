@@ -5,21 +5,16 @@
  */
 import assert from "@specdec/assert";
 import { assertClose, gpuTest } from "./harness.ts";
-import { fixture, fixtureText } from "./fixtures.ts";
+import { fixture, fixtureText, GREEDY, QUIET, readLogits, refWeights } from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
 import { Decoder } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { LlamaRef } from "../models/llama_ref.ts";
 import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
-import { tensorToF32 } from "../models/convert.ts";
 import type { LoadedModel } from "../models/types.ts";
-import type { Gpu } from "../engine/gpu.ts";
 import { planQuant } from "../engine/quant_plan.ts";
 import { decodeWeights, encodeWeights, type WeightFormat } from "../kernels/qformats.ts";
-
-const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
-const quiet = { onTokens: () => {}, cancelled: () => false };
 
 async function llama2c(rel: string): Promise<LoadedModel> {
   const path = await fixture(rel);
@@ -54,31 +49,13 @@ for (
     const dec = new Decoder(gpu, m);
     const want = ref.tokens.slice(ref.prompt_tokens.length);
     const n = Math.min(want.length, 255);
-    const r = await dec.generate(ref.prompt_tokens, n, GREEDY, quiet);
+    const r = await dec.generate(ref.prompt_tokens, n, GREEDY, QUIET);
     assert.ok(n >= 200, `reference holds only ${n} tokens`);
     assert.deepEqual(r.tokens, want.slice(0, n));
     dec.destroy();
     m.destroy();
     store.destroy();
   });
-}
-
-/** Reads `rows` logit rows of `m`. */
-async function logits(gpu: Gpu, m: LlamaGpu, rows: number): Promise<Float32Array> {
-  return new Float32Array(await gpu.read(m.logits, 0, rows * m.config.vocabSize * 4));
-}
-
-function refWeights(model: LoadedModel): (name: string) => Float32Array {
-  const cache = new Map<string, Float32Array>();
-  return (name) => {
-    let w = cache.get(name);
-    if (!w) {
-      const t = model.tensors.get(name);
-      if (!t) throw new Error(`missing tensor ${name}`);
-      cache.set(name, w = tensorToF32(t));
-    }
-    return w;
-  };
 }
 
 // A Python prompt (Llama 2 tokenizer ids of "def fibonacci(n):\n    if n" with BOS).
@@ -100,7 +77,7 @@ for (const which of ["draft", "target"] as const) {
       const prompt = gpu.upload(`${which}.test.prompt`, new Uint32Array(PROMPT));
       m.setPosition(0);
       await gpu.run("prefill", await m.plan(PROMPT.length, { buffer: prompt, offset: 0 }, "all"));
-      const got = await logits(gpu, m, PROMPT.length);
+      const got = await readLogits(gpu, m, PROMPT.length);
       const want = ref.forward(PROMPT);
       for (let t = 0; t < PROMPT.length; t++) {
         assertClose(`prefill row ${t}`, got.subarray(t * V, (t + 1) * V), want[t], tol);
@@ -111,7 +88,7 @@ for (const which of ["draft", "target"] as const) {
       for (const [i, token] of [13, 736, 302, 529].entries()) {
         gpu.write(next, new Uint32Array([token]));
         await gpu.run("decode", step);
-        const row = await logits(gpu, m, 1);
+        const row = await readLogits(gpu, m, 1);
         assertClose(`decode step ${i}`, row, ref.forward([token])[0], tol);
       }
       m.destroy();
@@ -162,7 +139,7 @@ gpuTest(
     assert.equal(plan.length, 7 * c.nLayers + 3, "qkv as three products per layer");
     m.setPosition(0);
     await gpu.run("mixed", plan);
-    const got = await logits(gpu, m, PROMPT.length);
+    const got = await readLogits(gpu, m, PROMPT.length);
     // The reference multiplies by the q8_0-rounded v weights.
     const base = refWeights(model);
     const ref = new LlamaRef(c, (name) => {

@@ -274,9 +274,34 @@ Deno.test("tokenizerToGguf() writes a SentencePiece vocabulary with its whitespa
     escapeWhitespaces: false,
   }, "raw");
   assert.throws(() => tokenizerToGguf(raw, "raw"), /raw: .*escape_whitespaces = false/);
-  const bpe = await loadTokenizerFile(await fixture("ggerganov-llama.cpp/ggml-vocab-gpt-2.gguf"));
+  assert.throws(() => tokenizerToGguf(tok, "tokenizer.model", 31999), /32000 tokens but .* 31999/);
+  const padded = tokenizerToGguf(odd, "inline", 6);
+  assert.deepEqual(padded.tokens.slice(3), ["a", "[PAD4]", "[PAD5]"]);
+  assert.deepEqual([padded.tokenTypes!.slice(4), padded.scores!.slice(4)], [[5, 5], [0, 0]]);
+});
+
+Deno.test("tokenizerToGguf() writes a byte-level BPE vocabulary that encodes as the source", async () => {
+  const { loadTokenizerFile } = await import("../models/tokenizer.ts");
+  const { bpeFromVocab } = await import("../models/bpe.ts");
+  const src = await loadTokenizerFile(await fixture("ggerganov-llama.cpp/ggml-vocab-gpt-2.gguf"));
+  const d = tokenizerToGguf(src, "gpt-2.gguf");
+  assert.deepEqual([d.model, d.pre, d.tokens.length, d.merges!.length], [
+    "gpt2",
+    "gpt-2",
+    50257,
+    50000,
+  ]);
+  assert.equal(d.merges![0], "Ġ t");
+  const back = bpeFromVocab({
+    tokens: d.tokens,
+    merges: d.merges!,
+    types: d.tokenTypes,
+    pre: d.pre!,
+  }, "back");
+  for (const s of SAMPLES) assert.deepEqual(back.encode(s), src.encode(s), JSON.stringify(s));
+  const tiktoken = await loadTokenizerFile(await fixture("meta-llama-llama3/tokenizer.model"));
   assert.throws(
-    () => tokenizerToGguf(bpe, "gpt-2.gguf"),
-    /gpt-2\.gguf: only SentencePiece tokenizers can be written/,
+    () => tokenizerToGguf(tiktoken, "tokenizer.model"),
+    /tiktoken rank file holds no merge list/,
   );
 });
