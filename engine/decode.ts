@@ -375,7 +375,7 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#submit(enc, 0, 0, 0).read;
+    let state = await this.#submit(enc, 0, 0, 0);
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
@@ -410,7 +410,7 @@ export class Decoder {
           if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(i, base));
           g.encode(e, "decode.verify", cyc.verify, times(i, base + 2));
         }
-        inflight.push({ ...this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n });
+        inflight.push({ read: this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n });
         issued++;
         worst += n * (kc + 1);
         cycles *= 2;
@@ -461,15 +461,10 @@ export class Decoder {
 
   /**
    * Copies the run state and out[from..) to staging buffer `slot` (and resolves `timed` cycles'
-   * timestamps from the set's slice `slot`), submits, and starts the readback: `read` resolves
-   * with the run state once the GPU is done with this submission.
+   * timestamps from the set's slice `slot`), submits, and starts the readback: the promise
+   * resolves with the run state once the GPU is done with this submission.
    */
-  #submit(
-    enc: GPUCommandEncoder,
-    from: number,
-    timed: number,
-    slot: number,
-  ): { read: Promise<ReadState> } {
+  #submit(enc: GPUCommandEncoder, from: number, timed: number, slot: number): Promise<ReadState> {
     const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
     enc.copyBufferToBuffer(B.run, 0, staging, 0, RUN_SLOTS * 4);
@@ -481,7 +476,7 @@ export class Decoder {
     }
     g.device.queue.submit([enc.finish()]);
     const bytes = (RUN_SLOTS + cap) * 4;
-    const read = (async (): Promise<ReadState> => {
+    return (async (): Promise<ReadState> => {
       await Promise.all([
         staging.mapAsync(GPUMapMode.READ, 0, bytes),
         q && timed ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, 4 * timed * 8) : undefined,
@@ -510,7 +505,6 @@ export class Decoder {
       }
       return r;
     })();
-    return { read };
   }
 
   /** Frees the decoder's buffers. */
