@@ -3,7 +3,8 @@
  * with --json / --out). Meant for the H100 through ../shared/tools/gpu/README.md, runs anywhere.
  *
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
- *                            [--reps 3] [--matmul] [--verify] [--dummy NAME]... [--quant F]...
+ *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
+ *                            [--quant F]...
  *                            [--peak-gbs N] [--out F] [--json]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
@@ -12,7 +13,7 @@
  * builds a model with that configuration's exact shapes and random weights on the GPU (no file)
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
- * at T = 1..17 per format and per row/lane split.
+ * at T = 1..17 per format, `--shapes` per row/lane split.
  */
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
@@ -228,18 +229,25 @@ async function benchDummy(
   const config = { ...readHfConfig(json, `${name} (dummy)`), eosIds: [] };
   const store = new WeightStore(gpu);
   const maxSeq = 1024;
+  const t0 = performance.now();
   const m = await LlamaGpu.createRandom(gpu, store, config, quant, { label: "dummy", maxSeq });
   const dec = new Decoder(gpu, m);
+  const since = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  console.log(`  built ${(store.bytes / 2 ** 30).toFixed(2)} GiB of random weights (${since()})`);
   const prompt = Array.from({ length: 32 }, (_, i) => 1000 + i * 37);
   const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
   const quiet = { onTokens: () => {}, cancelled: () => false };
   await dec.generate(prompt, 8, greedy, quiet);
+  console.log(`  warm-up done (${since()})`);
   const rates: number[] = [];
   let busy: number | null = null;
   for (let r = 0; r < reps; r++) {
     const res = await dec.generate(prompt, tokens, greedy, quiet);
     rates.push((res.tokens.length - 1) / (res.decodeMs / 1000));
     if (res.gpuMs) busy = (res.gpuMs.draft + res.gpuMs.verify) / res.decodeMs;
+    console.log(
+      `  rep ${r}: ${rates[r].toFixed(1)} tok/s, ${res.tokens.length} tokens (${since()})`,
+    );
   }
   const ids = gpu.upload("dummy.tokens", new Uint32Array(17).fill(1000));
   const verify: { T: number; us: number; ratio: number }[] = [];
@@ -395,6 +403,7 @@ if (import.meta.main) {
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
       verify: { type: "boolean" },
+      shapes: { type: "boolean" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -412,8 +421,9 @@ if (import.meta.main) {
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
   }
-  if (values.verify) {
-    const rows = await benchMatmul(gpu, [...VERIFY_CASES, ...SHAPE_CASES], 50, 500);
+  if (values.verify || values.shapes) {
+    const list = [...(values.verify ? VERIFY_CASES : []), ...(values.shapes ? SHAPE_CASES : [])];
+    const rows = await benchMatmul(gpu, list, 50, 500);
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.verify = rows;
   }

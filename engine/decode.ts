@@ -375,7 +375,7 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#submit(enc, 0, 0, 0);
+    let state = await this.#submit(enc, 0, undefined, 0);
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
@@ -383,36 +383,40 @@ export class Decoder {
     // Decode: chunks of cycles, up to RING in flight. Cycles per chunk grow so the first tokens
     // stream quickly. A chunk is issued only when it fits in the context even if every chunk in
     // flight emits all its k + 1 tokens per cycle; near the end the loop runs one at a time.
+    // Every cycle emits at least one token, so no chunk holds more cycles than tokens remain
+    // after those in flight: a cycle past the stop is a no-op but still costs a full forward.
     let cycles = 2, kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
     const inflight: { read: Promise<ReadState>; kc: number; n: number }[] = [];
     let worst = 0; // tokens the chunks in flight may still add
+    let least = 0; // tokens they add at least (one per cycle)
     while (true) {
       const stop = state.done || events.cancelled();
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
       const kc = Math.min(kNow, room - 1);
-      const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)));
+      const left = maxTokens - tokens.length - least;
+      const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)), left);
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
         const cyc = await this.#cycle(kc, sampling);
         const e = g.device.createCommandEncoder({ label: "decode.cycles" });
+        // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
+        // the set. Only written queries are resolved (an unwritten one can stall the resolve).
         const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
-        const times = (i: number, at: number) =>
-          q &&
-          {
-            querySet: q.set,
-            beginningOfPassWriteIndex: at + 4 * i,
-            endOfPassWriteIndex: at + 4 * i + 1,
-          };
+        const per = cyc.draft.length ? 4 : 2;
+        const times = (at: number) =>
+          q && { querySet: q.set, beginningOfPassWriteIndex: at, endOfPassWriteIndex: at + 1 };
         for (let i = 0; i < n; i++) {
-          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(i, base));
-          g.encode(e, "decode.verify", cyc.verify, times(i, base + 2));
+          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + per * i));
+          g.encode(e, "decode.verify", cyc.verify, times(base + per * i + per - 2));
         }
-        inflight.push({ read: this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n });
+        const timed = q ? { cycles: n, per } : undefined;
+        inflight.push({ read: this.#submit(e, tokens.length, timed, issued % RING), kc, n });
         issued++;
         worst += n * (kc + 1);
+        least += n;
         cycles *= 2;
         continue; // issue the next chunk before waiting on this one
       }
@@ -421,6 +425,7 @@ export class Decoder {
       const before = state;
       state = await chunk.read;
       worst -= chunk.n * (chunk.kc + 1);
+      least -= chunk.n;
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
       events.onTokens(fresh);
@@ -460,26 +465,33 @@ export class Decoder {
   }
 
   /**
-   * Copies the run state and out[from..) to staging buffer `slot` (and resolves `timed` cycles'
-   * timestamps from the set's slice `slot`), submits, and starts the readback: the promise
-   * resolves with the run state once the GPU is done with this submission.
+   * Copies the run state and out[from..) to staging buffer `slot` (and resolves the timestamps of
+   * `timed.cycles` cycles, `timed.per` per cycle, from the set's slice `slot`), submits, and
+   * starts the readback: the promise resolves with the run state once the GPU is done with this
+   * submission.
    */
-  #submit(enc: GPUCommandEncoder, from: number, timed: number, slot: number): Promise<ReadState> {
+  #submit(
+    enc: GPUCommandEncoder,
+    from: number,
+    timed: { cycles: number; per: number } | undefined,
+    slot: number,
+  ): Promise<ReadState> {
     const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
     enc.copyBufferToBuffer(B.run, 0, staging, 0, RUN_SLOTS * 4);
     enc.copyBufferToBuffer(B.out, from * 4, staging, (RUN_SLOTS + from) * 4, (cap - from) * 4);
     const q = this.#query, qBase = 4 * MAX_CYCLES * slot;
-    if (q && timed) {
-      enc.resolveQuerySet(q.set, qBase, 4 * timed, q.resolve, qBase * 8);
-      enc.copyBufferToBuffer(q.resolve, qBase * 8, q.staging[slot], 0, 4 * timed * 8);
+    const nq = timed ? timed.cycles * timed.per : 0;
+    if (q && nq) {
+      enc.resolveQuerySet(q.set, qBase, nq, q.resolve, qBase * 8);
+      enc.copyBufferToBuffer(q.resolve, qBase * 8, q.staging[slot], 0, nq * 8);
     }
     g.device.queue.submit([enc.finish()]);
     const bytes = (RUN_SLOTS + cap) * 4;
     return (async (): Promise<ReadState> => {
       await Promise.all([
         staging.mapAsync(GPUMapMode.READ, 0, bytes),
-        q && timed ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, 4 * timed * 8) : undefined,
+        q && nq ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, nq * 8) : undefined,
       ]);
       g.throwIfFailed();
       const view = new Uint32Array(staging.getMappedRange(0, bytes));
@@ -494,12 +506,13 @@ export class Decoder {
         verifyMs: 0,
       };
       staging.unmap();
-      if (q && timed) {
-        const ts = new BigUint64Array(q.staging[slot].getMappedRange(0, 4 * timed * 8));
-        for (let i = 0; i < timed; i++) {
-          // A pass without draft dispatches leaves its draft slots unwritten (zero).
-          if (ts[4 * i + 1] > ts[4 * i]) r.draftMs += Number(ts[4 * i + 1] - ts[4 * i]) / 1e6;
-          r.verifyMs += Number(ts[4 * i + 3] - ts[4 * i + 2]) / 1e6;
+      if (q && timed && nq) {
+        const ts = new BigUint64Array(q.staging[slot].getMappedRange(0, nq * 8));
+        const ms = (at: number) => Number(ts[at + 1] - ts[at]) / 1e6;
+        for (let i = 0; i < timed.cycles; i++) {
+          const at = timed.per * i;
+          if (timed.per === 4) r.draftMs += ms(at);
+          r.verifyMs += ms(at + timed.per - 2);
         }
         q.staging[slot].unmap();
       }

@@ -59,32 +59,40 @@ export function matmulPath(T: number): MatmulPath {
   return T <= MATVEC_MAX_T ? "matvec" : "tiled";
 }
 
-/** Work split of a matrix-vector workgroup: `rows` weight rows, `lanes` invocations per row. */
+/**
+ * Work split of a matrix-vector workgroup: `rows` weight rows, `lanes` invocations striding over
+ * K together, each invocation holding `perThread` of the rows (so each x load serves that many
+ * weight rows from registers): `rows / perThread * lanes` invocations.
+ */
 export interface MatvecShape {
   /** Weight rows (output columns) per workgroup; even, so (gate, up) pairs stay together. */
   readonly rows: number;
   /** Invocations striding over K for one row; a power of 2. */
   readonly lanes: number;
+  /** Rows each invocation multiplies (divides `rows`); default 1. */
+  readonly perThread?: number;
 }
 
 /**
- * The matrix-vector split for `T` activation rows: few rows and many lanes for decode (enough
- * workgroups to fill the GPU), more rows per workgroup as T grows, so each x element loaded
- * into the SM serves more weight rows and x traffic stays below the weight traffic. On a
+ * The matrix-vector split for `T` activation rows, 8 rows and 32 lanes per workgroup: up to T = 8
+ * each invocation holds 4 of the rows, so each x load serves 4 weight rows from registers; above,
+ * one row each (4 x T accumulators would spill). Measured on the H200 (`bench/gpu.ts --shapes`,
+ * 4096→14336 f16): T = 1 36.6 µs (3.2 TB/s) against 43.5 for 2 rows x 64 lanes, T = 8 97.5 µs,
+ * T = 17 202 µs against 271 with 4 rows per invocation. On a
  * `software` adapter (lavapipe) narrow lanes: each reduction step there is a barrier, a
  * coroutine switch per invocation, and coalescing buys nothing (measured 4x faster at T = 1).
  *
  * @example
  * ```ts
  * import { matvecShape } from "./matmul.ts";
- * console.log(matvecShape(1), matvecShape(17)); // { rows: 2, lanes: 64 } { rows: 16, lanes: 16 }
+ * console.log(matvecShape(1), matvecShape(17));
+ * // { rows: 8, lanes: 32, perThread: 4 } { rows: 8, lanes: 32 }
  * ```
  */
 export function matvecShape(T: number, software = false): MatvecShape {
   if (software) return { rows: 8, lanes: 8 };
-  if (T <= 2) return { rows: 2, lanes: 64 };
-  if (T <= 8) return { rows: 8, lanes: 32 };
-  return { rows: 16, lanes: 16 };
+  if (T <= 8) return { rows: 8, lanes: 32, perThread: 4 };
+  return { rows: 8, lanes: 32 };
 }
 
 /** Specialization values baked into a matmul shader (all part of its pipeline key). */
@@ -168,7 +176,9 @@ function blockGroups(f: WeightFormat): number {
 export function matvecWgsl(
   s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape },
 ): string {
-  const T = s.T, { rows: R, lanes: L } = s.shape ?? matvecShape(T), WG = R * L;
+  const shape = s.shape ?? matvecShape(s.T);
+  const T = s.T, R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1;
+  const G2 = R / RT, WG = G2 * L; // row groups (of RT rows) x lanes
   const block = isBlockFormat(s.dtype);
   // x and the weights in vec4 (v) or scalar (scalar float path) units.
   const v = block || s.vec4;
@@ -181,29 +191,26 @@ export function matvecWgsl(
   return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);`
     : `return x[p.xOffset + t * p.K + k];`;
   const slots = R * T + (s.norm ? T : 0);
-  // One weight unit of row n: its values as vec4 groups (or a scalar) at x positions k.
+  // One weight unit of each of the RT rows: its values as vec4 groups (or a scalar) at x
+  // positions k (the same k for every row: rows are walked in step).
   const G = block ? blockGroups(s.dtype) : 1;
   const unitCount = block ? "(p.K / W_BLOCK) * W_UNITS" : v ? "p.vecK" : "p.K";
   const decode = block
     ? `    let kb = u / W_UNITS;
     let j = u % W_UNITS;
-    let d = wUnit(rowBlock + kb, j, p.nb);
-${
-      unrolled(
-        G,
-        (g) => `    let k${g} = kb * (W_BLOCK / 4u) + wUnitK4(j, ${g}u);\n    let w${g} = d[${g}];`,
-      )
-    }`
+${unrolled(RT, (r) => `    let d${r} = wUnit(rowBlock${r} + kb, j, p.nb);`)}
+${unrolled(G, (g) => `    let k${g} = kb * (W_BLOCK / 4u) + wUnitK4(j, ${g}u);`)}`
     : `    let k0 = u;
-    let w0 = ${V}(w[rowStart + u]);`;
+${unrolled(RT, (r) => `    let d${r} = array<${V}, 1>(${V}(w[rowStart${r} + u]));`)}`;
   const body = unrolled(G, (g) =>
     `    {
-      let wv = w${g}${s.norm ? ` * g[k${g}]` : ""};
+${s.norm ? `      let gk = g[k${g}];` : ""}
+${unrolled(RT, (r) => `      let w${r} = d${r}[${g}]${s.norm ? " * gk" : ""};`)}
 ${
       unrolled(T, (t) =>
-        `      { let xv = xq(${t}u, k${g}); acc${t} += ${mul("wv", "xv")};${
-          s.norm ? ` ss${t} += ${mul("xv", "xv")};` : ""
-        } }`)
+        `      { let xv = xq(${t}u, k${g}); ${
+          Array.from({ length: RT }, (_, r) => `acc${t}_${r} += ${mul(`w${r}`, "xv")};`).join(" ")
+        }${s.norm ? ` ss${t} += ${mul("xv", "xv")};` : ""} }`)
     }
     }`);
   const store = s.swiglu
@@ -231,12 +238,14 @@ ${
       }>; // w: [N, K] ${s.dtype}\nfn wInit(lid: u32) {}`
   }
 // Matrix-vector path, ${s.dtype}, T = ${T}: a workgroup of ${WG} invocations owns ${R} weight
-// rows n0 .. n0+${R - 1}, ${L} lanes per row: lane l of row r loads ${
+// rows n0 .. n0+${R - 1} as ${G2} groups of ${RT} rows, ${L} lanes per group: lane l of group i
+// loads ${
     block ? "decode units (one u32 of quants" : v ? "vec4 units (" : "elements ("
-  }each) l, l + ${L}, ... of weight row n0 + r${
+  }each) l, l + ${L}, ... of its ${RT} weight row(s) n0 + ${RT}i ..${
     s.norm ? " times g" : ""
   } (consecutive lanes load consecutive
-// words, coalesced) and multiplies them into all ${T} activation rows, keeping ${T} partial sums${
+// words, coalesced) and multiplies them into all ${T} activation rows (each x load serving
+// ${RT} row(s)), keeping ${T * RT} partial sums${
     s.norm
       ? ` and ${T} sums
 // of x² (the RMSNorm of the x rows)`
@@ -265,19 +274,35 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
   workgroupBarrier();
   let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
   if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barriers
-  let r = lid / ${L}u;
+  let gi = lid / ${L}u; // row group
   let lane = lid % ${L}u;
-  let row = min(n0 + r, p.N - 1u);
-  ${block ? "let rowBlock = row * (p.K / W_BLOCK);" : `let rowStart = row * ${unitCount};`}
-${unrolled(T, (t) => `  var acc${t} = 0.0;${s.norm ? ` var ss${t} = 0.0;` : ""}`)}
+${
+    unrolled(RT, (r) =>
+      `  let row${r} = min(n0 + gi * ${RT}u + ${r}u, p.N - 1u);\n  ${
+        block
+          ? `let rowBlock${r} = row${r} * (p.K / W_BLOCK);`
+          : `let rowStart${r} = row${r} * ${unitCount};`
+      }`)
+  }
+${
+    unrolled(T, (t) =>
+      `  ${
+        Array.from({ length: RT }, (_, r) => `var acc${t}_${r} = 0.0;`).join(" ")
+      }${s.norm ? ` var ss${t} = 0.0;` : ""}`)
+  }
   for (var u = lane; u < ${unitCount}; u += ${L}u) {
 ${decode}
 ${body}
   }
-${unrolled(T, (t) => `  red[(r * ${T}u + ${t}u) * ${L}u + lane] = acc${t};`)}
+${
+    unrolled(T * RT, (e) => {
+      const t = e % T, r = Math.floor(e / T);
+      return `  red[((gi * ${RT}u + ${r}u) * ${T}u + ${t}u) * ${L}u + lane] = acc${t}_${r};`;
+    })
+  }
 ${
     s.norm
-      ? `  if (r == 0u) {\n${
+      ? `  if (gi == 0u) {\n${
         unrolled(T, (t) => `    red[(${R * T + t}u) * ${L}u + lane] = ss${t};`)
       }\n  }`
       : ""
@@ -285,7 +310,7 @@ ${
   workgroupBarrier();
   for (var h = ${L / 2}u; h > 0u; h >>= 1u) {
     if (lane < h) {
-      for (var e = r; e < ${slots}u; e += ${R}u) {
+      for (var e = gi; e < ${slots}u; e += ${G2}u) {
         red[e * ${L}u + lane] += red[e * ${L}u + lane + h];
       }
     }
@@ -494,12 +519,16 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
       );
     }
     const shape = args.shape ?? matvecShape(T, gpu.software);
-    if (shape.rows % 2 || shape.lanes & (shape.lanes - 1)) {
-      throw new RangeError(`${args.label}: matvec rows must be even and lanes a power of 2`);
+    const rt = shape.perThread ?? 1;
+    if (shape.rows % 2 || shape.lanes & (shape.lanes - 1) || shape.rows % rt) {
+      throw new RangeError(
+        `${args.label}: matvec rows must be even, lanes a power of 2 and perThread divide rows`,
+      );
     }
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
-      `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.vec${vec4 ? 4 : 1}`,
+      `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.pt${rt}` +
+        `.vec${vec4 ? 4 : 1}`,
       () => matvecWgsl({ ...spec, T, vec4, shape }),
     );
     workgroups = grid2d(Math.ceil(N / shape.rows), gpu.limits.maxComputeWorkgroupsPerDimension);

@@ -159,6 +159,9 @@ gpuTest("matmul matvec gives the same products for every row/lane split", async 
     { rows: 8, lanes: 32 },
     { rows: 16, lanes: 16 },
     { rows: 32, lanes: 8 },
+    { rows: 4, lanes: 64, perThread: 4 },
+    { rows: 8, lanes: 32, perThread: 2 },
+    { rows: 16, lanes: 16, perThread: 4 },
   ];
   for (const shape of shapes) {
     for (const T of [1, 4, 17]) {

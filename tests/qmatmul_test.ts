@@ -40,6 +40,7 @@ interface Case {
   yOffset?: number;
   norm?: boolean;
   swiglu?: boolean;
+  shape?: { rows: number; lanes: number; perThread?: number };
 }
 
 /** Weights [N, K] encoded once per (f, N, K) and their reference decode. */
@@ -105,6 +106,10 @@ gpuTest("matmul fuses RMSNorm and SwiGLU for every block format on both paths", 
       for (const T of [1, 3, 17]) {
         await check(gpu, { f, path, T, K, N: 66, norm: true, swiglu: true });
         await check(gpu, { f, path, T, K, N: 7, norm: true, accumulate: true, xOffset: 3 });
+        if (path === "matvec") {
+          const shape = { rows: 8, lanes: 16, perThread: 4 };
+          await check(gpu, { f, path, T, K, N: 66, norm: true, swiglu: true, shape });
+        }
       }
     }
   }
