@@ -82,3 +82,50 @@ export function treeSees(table: Uint32Array, i: number, j: number): boolean {
 export function chainParents(n: number): number[] {
   return Array.from({ length: n }, (_, i) => i - 1);
 }
+
+/** The outcome of accepting along a tree: the path, and the tokens to emit. */
+export interface TreeAcceptResult {
+  /** Node indices of the accepted path, `path[0] = 0` (the root) then one node per depth. */
+  path: number[];
+  /** The accepted nodes' tokens then the target's next token (`path.length` tokens). */
+  tokens: number[];
+}
+
+/**
+ * Greedy acceptance on a tree: from the root, follow the child whose token is the target's
+ * argmax at the current node while one exists; the argmax at the last node is the bonus token.
+ * `argmax[i]` is the target's greedy token after node i (from its row of the tree forward),
+ * `tokens[i]` node i's token. Lossless: every emitted token is the target's greedy choice given
+ * the accepted prefix. When several children carry the same token, the first one counts.
+ *
+ * @example
+ * ```ts
+ * import { treeAcceptGreedy } from "./token_tree.ts";
+ * // root 0 with children 1 ("a" = 7) and 2 ("b" = 8); 2 has child 3 ("c" = 9)
+ * const r = treeAcceptGreedy([-1, 0, 0, 2], [5, 7, 8, 9], [8, 0, 9, 4]);
+ * console.log(r); // { path: [0, 2, 3], tokens: [8, 9, 4] }
+ * ```
+ */
+export function treeAcceptGreedy(
+  parents: readonly number[],
+  tokens: readonly number[],
+  argmax: ArrayLike<number>,
+): TreeAcceptResult {
+  treeDepths(parents);
+  const path = [0], out: number[] = [];
+  let node = 0;
+  while (true) {
+    const a = argmax[node];
+    out.push(a);
+    let next = -1;
+    for (let c = node + 1; c < parents.length; c++) {
+      if (parents[c] === node && tokens[c] === a) {
+        next = c;
+        break;
+      }
+    }
+    if (next < 0) return { path, tokens: out };
+    path.push(next);
+    node = next;
+  }
+}
