@@ -129,3 +129,101 @@ export function treeAcceptGreedy(
     node = next;
   }
 }
+
+/** The static shape of a drafted tree: `depth` levels of `width` nodes under the root. */
+export interface TreeShape {
+  /** Levels below the root (the longest path the tree can accept). */
+  readonly depth: number;
+  /** Nodes per level, and candidates per expanded node. */
+  readonly width: number;
+}
+
+/** Most nodes per level of a drafted tree (candidates per level: width², at most 64). */
+export const TREE_MAX_WIDTH = 8;
+
+/** Nodes of a drafted tree of `shape`, root included: 1 + depth * width. */
+export function treeNodes(shape: TreeShape): number {
+  return 1 + shape.depth * shape.width;
+}
+
+/**
+ * Parses and checks a tree shape "DEPTHxWIDTH" (e.g. "6x3"); the error says what is allowed.
+ *
+ * @example
+ * ```ts
+ * import { parseTreeShape } from "./token_tree.ts";
+ * console.log(parseTreeShape("6x3")); // { depth: 6, width: 3 }
+ * ```
+ */
+export function parseTreeShape(text: string): TreeShape {
+  const m = /^(\d+)x(\d+)$/.exec(text.trim());
+  if (!m) {
+    throw new RangeError(`tree shape "${text}" is not DEPTHxWIDTH (e.g. 6x3)`);
+  }
+  return checkTreeShape({ depth: Number(m[1]), width: Number(m[2]) });
+}
+
+/** Checks `shape`: width 1..8, depth >= 1, 1 + depth * width <= 64 nodes. Returns it. */
+export function checkTreeShape(shape: TreeShape): TreeShape {
+  const { depth, width } = shape;
+  if (!Number.isInteger(width) || width < 1 || width > TREE_MAX_WIDTH) {
+    throw new RangeError(`tree width ${width} is outside [1, ${TREE_MAX_WIDTH}]`);
+  }
+  if (!Number.isInteger(depth) || depth < 1 || treeNodes(shape) > TREE_MAX_NODES) {
+    throw new RangeError(
+      `tree depth ${depth} x width ${width} needs ${1 + depth * width} nodes; a tree holds ` +
+        `at most ${TREE_MAX_NODES} (depth <= ${
+          Math.floor((TREE_MAX_NODES - 1) / width)
+        } at width ${width})`,
+    );
+  }
+  return shape;
+}
+
+/** One drafted node: its token, its parent node, and its path log-probability under the draft. */
+export interface DraftedNode {
+  /** Token id. */
+  token: number;
+  /** Parent node index. */
+  parent: number;
+  /** log q of the path from the root to this node. */
+  score: number;
+}
+
+/**
+ * The next level of a drafted tree (reference of kernels/tree_draft.ts): each of the `R` logits
+ * rows (`logits: [R, V]`, row r = the draft after node `parentFirst + r`, whose path score is
+ * `scores[r]`) proposes its `width` most likely tokens (ties: lower id first) with score
+ * `scores[r] + log q(token)`, q = softmax(row); the level keeps the best `width` of these R x width
+ * candidates (ties: lower row, then higher rank first), in that order.
+ */
+export function treeExpandRef(
+  logits: Float32Array,
+  R: number,
+  V: number,
+  width: number,
+  parentFirst: number,
+  scores: readonly number[],
+): DraftedNode[] {
+  const cands: (DraftedNode & { c: number })[] = [];
+  for (let r = 0; r < R; r++) {
+    const row = logits.subarray(r * V, (r + 1) * V);
+    let m = -Infinity;
+    for (const x of row) m = Math.max(m, x);
+    let z = 0;
+    for (const x of row) z += Math.exp(x - m);
+    const order = Array.from({ length: V }, (_, j) => j)
+      .sort((a, b) => row[b] - row[a] || a - b)
+      .slice(0, width);
+    order.forEach((j, i) =>
+      cands.push({
+        token: j,
+        parent: parentFirst + r,
+        score: scores[r] + (row[j] - m - Math.log(z)),
+        c: r * width + i,
+      })
+    );
+  }
+  cands.sort((a, b) => b.score - a.score || a.c - b.c);
+  return cands.slice(0, width).map(({ token, parent, score }) => ({ token, parent, score }));
+}

@@ -11,11 +11,13 @@ import {
   TREE_MAX_NODES,
   treeAcceptGreedy,
   treeDepths,
+  treeExpandRef,
   treeSees,
   treeTable,
 } from "../engine/token_tree.ts";
 import { createKvCompact, kvCompactRef, kvRowWords } from "../kernels/kv_compact.ts";
 import { createTreeAccept } from "../kernels/tree_accept.ts";
+import { createTreeDraft } from "../kernels/tree_draft.ts";
 import { kvCacheBytes, type KvDType } from "../kernels/kv_write.ts";
 import { assertClose, gpuTest, rng } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
@@ -299,3 +301,54 @@ gpuTest(
     await checkTreeVerify(gpu, target, [1, 1053, 2897, 13, 5215, 10876, 13]);
   },
 );
+
+gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included", async (gpu) => {
+  for (const [V, width, seed] of [[7, 1, 1], [37, 3, 2], [300, 8, 3], [512, 2, 4]]) {
+    const r = rng(seed);
+    // Values on a coarse grid, so rows hold ties that the order must break by id.
+    const rand = (n: number) => Float32Array.from({ length: n }, () => Math.round(r() * 12) / 2);
+    const b = (name: string, bytes: number) => gpu.buffer(name, bytes, RW);
+    const tokens = b("tokens", 4 * (TREE_MAX_NODES + 3)), scores = b("scores", 4 * TREE_MAX_NODES);
+    const table = b("table", 16 * TREE_MAX_NODES), cand = b("cand", 8 * TREE_MAX_NODES);
+    gpu.write(table, treeTable([-1]));
+    gpu.write(scores, new Float32Array(TREE_MAX_NODES));
+    const parents = [-1], tok = [0], score = [0];
+    let first = 0, R = 1;
+    for (let level = 1; level <= 2; level++) {
+      const logits = rand(R * V);
+      const want = treeExpandRef(logits, R, V, width, first, score.slice(first, first + R));
+      const ds = await createTreeDraft(gpu, {
+        label: "test.tree_draft",
+        logits: gpu.upload("logits", logits),
+        cand,
+        tokens,
+        tokensOffset: 3,
+        scores,
+        table,
+        R,
+        width,
+        parentFirst: first,
+        newFirst: first + R,
+        V,
+      });
+      await gpu.run("test", ds);
+      first += R;
+      R = width;
+      for (const n of want) parents.push(n.parent), tok.push(n.token), score.push(n.score);
+      const name = `V=${V} width=${width} level=${level}`;
+      const got = new Uint32Array(await gpu.read(tokens)).slice(3 + first, 3 + first + width);
+      assert.deepEqual([...got], want.map((n) => n.token), `${name} tokens`);
+      const gotScores = new Float32Array(await gpu.read(scores)).slice(first, first + width);
+      assertClose(`${name} scores`, gotScores, want.map((n) => n.score), {
+        nmse: 1e-10,
+        maxAbs: 1e-5,
+      });
+    }
+    const n = parents.length;
+    assert.deepEqual(
+      [...new Uint32Array(await gpu.read(table)).slice(0, 4 * n)],
+      [...treeTable(parents)],
+      `V=${V} width=${width} table`,
+    );
+  }
+});
