@@ -15,6 +15,18 @@
  *           the rejected rows, put the last token in verifyIn[0]
  * Plain decoding is the same cycle with k = 0 and no draft.
  *
+ * A tree cycle (a draft model and a {@linkcode TreeShape} `depth x width`, greedy), with the tree's
+ * nodes in `verifyIn` (node 0 = the last emitted token) and its ancestor table in a GPU buffer:
+ *   draft   the root through the draft (T = 1), then per level: the best `width` of the level's
+ *           candidates (kernels/tree_draft.ts: each node's top `width` tokens by path log q) become
+ *           the next level's nodes, and that level goes through the draft in one forward (T =
+ *           width, tree mask); the last level enters the draft's cache only
+ *   verify  the target's forward over all 1 + depth * width nodes with the tree mask
+ *   accept  kernels/tree_accept.ts: walk from the root along the target's argmax while a child
+ *           matches; the argmax at the last accepted node is the bonus token
+ *   compact kernels/kv_compact.ts: the accepted path's KV rows into contiguous positions, in
+ *           both models' caches; then commit as above (with k = nodes - 1)
+ *
  * @module
  */
 import type { Dispatch, Gpu } from "./gpu.ts";
@@ -24,6 +36,17 @@ import { createAccept } from "../kernels/accept.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
+import { createTreeDraft } from "../kernels/tree_draft.ts";
+import { createTreeAccept } from "../kernels/tree_accept.ts";
+import { createKvCompact } from "../kernels/kv_compact.ts";
+import {
+  checkTreeShape,
+  TREE_MAX_NODES,
+  TREE_WORDS,
+  treeNodes,
+  type TreeShape,
+  treeTable,
+} from "./token_tree.ts";
 
 /** Sampling settings of one generation (the target's p and the draft's q alike). */
 export interface SamplingSettings {
@@ -69,10 +92,12 @@ export interface DecodeResult {
   decodeMs: number;
   /** Target forward passes after prefill (cycles). */
   targetPasses: number;
-  /** Draft tokens proposed. */
+  /** Draft tokens proposed (a tree cycle counts its depth, the longest path it offers). */
   proposed: number;
   /** Draft tokens accepted. */
   accepted: number;
+  /** The tree shape the cycles used, when tree speculation ran. */
+  tree?: TreeShape;
   /** GPU time in drafting and in verify/accept/commit (ms), where timestamps exist. */
   gpuMs?: { draft: number; verify: number };
 }
@@ -94,8 +119,10 @@ export function decoderBytes(
   timestamps: boolean,
 ): number {
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
-  let n = maxSeq * 4 + 2 * (MAX_DRAFT + 1) * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
+  let n = maxSeq * 4 + 2 * TREE_MAX_NODES * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
   n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + RING * (RUN_SLOTS + maxSeq + 1) * 4;
+  // Tree buffers: ancestor table, path scores, path, argmax, candidates.
+  n += TREE_MAX_NODES * 4 * (TREE_WORDS + 1 + 1 + 1 + 2);
   if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
 }
@@ -128,12 +155,15 @@ export class Decoder {
     "prompt" | "verifyIn" | "outTokens" | "outCount" | "one" | "q" | "run" | "out" | "history",
     GPUBuffer
   >;
+  // Tree speculation: ancestor table [64, 4] u32, path scores [64] f32, accepted path [64] u32,
+  // the target's argmax per node [64] u32, draft candidates [64] (id, log q).
+  readonly #tree: Record<"table" | "scores" | "path" | "argmax" | "cand", GPUBuffer>;
   readonly #dummyState: GPUBuffer;
   readonly #staging: GPUBuffer[]; // [RING] run state + out ids, read back per submission
   // Timestamps: 4 per cycle (draft begin/end, verify begin/end), RING slices of the set.
   readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer[] };
   #samplingKey = "";
-  #cycles = new Map<number, { draft: Dispatch[]; verify: Dispatch[] }>();
+  #cycles = new Map<number | string, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
 
   /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
@@ -156,8 +186,8 @@ export class Decoder {
     const speculative = spec.kind !== "none";
     this.#buf = {
       prompt: b("prompt", this.#maxSeq * 4), // [maxSeq] u32 prompt ids
-      verifyIn: b("verify_in", (MAX_DRAFT + 1) * 4), // [k + 1] u32: last token, d1..dk
-      outTokens: b("out_tokens", (MAX_DRAFT + 1) * 4), // [k + 1] u32 accepted + 1
+      verifyIn: b("verify_in", TREE_MAX_NODES * 4), // [k + 1] u32: last token, d1..dk (or tree nodes)
+      outTokens: b("out_tokens", TREE_MAX_NODES * 4), // [k + 1] u32 accepted + 1
       outCount: b("out_count", 4), // [1] u32 accepted + 1
       one: b("one", 4), // [1] u32 = 1: the count of a plain step
       q: b("q", speculative ? MAX_DRAFT * V * 4 : 4), // [k, V] f32 draft distributions
@@ -166,6 +196,17 @@ export class Decoder {
       history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
     };
     gpu.write(this.#buf.one, new Uint32Array([1]));
+    const N = TREE_MAX_NODES;
+    this.#tree = {
+      table: b("tree.table", N * TREE_WORDS * 4),
+      scores: b("tree.scores", N * 4),
+      path: b("tree.path", N * 4),
+      argmax: b("tree.argmax", N * 4),
+      cand: b("tree.cand", N * 8),
+    };
+    // Node 0 (the root) never changes: ancestors {0}, depth 0, score 0.
+    gpu.write(this.#tree.table, treeTable([-1]));
+    gpu.write(this.#tree.scores, new Float32Array(N));
     this.#dummyState = b("dummy_state", 16);
     const read = GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ;
     this.#staging = Array.from(
@@ -201,7 +242,9 @@ export class Decoder {
   /** GPU bytes this decoder allocated. */
   get bytes(): number {
     let n = this.#dummyState.size;
-    for (const b of [...Object.values(this.#buf), ...this.#staging]) n += b.size;
+    for (const b of [...Object.values(this.#buf), ...Object.values(this.#tree), ...this.#staging]) {
+      n += b.size;
+    }
     if (this.#query) {
       n += this.#query.resolve.size;
       for (const b of this.#query.staging) n += b.size;
@@ -321,6 +364,106 @@ export class Decoder {
     return c;
   }
 
+  /** The dispatches of one greedy tree cycle of `shape` (see the module doc). Built once. */
+  async #treeCycle(shape: TreeShape): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
+    const key = `tree${shape.depth}x${shape.width}`;
+    const cached = this.#cycles.get(key);
+    if (cached) return cached;
+    const g = this.#gpu, t = this.#target, B = this.#buf, T = this.#tree, spec = this.#spec;
+    if (spec.kind !== "model") throw new Error("tree speculation needs a draft model");
+    const d = spec.draft, V = t.config.vocabSize, { depth, width } = shape, N = treeNodes(shape);
+    const at = (first: number) => ({ buffer: B.verifyIn, offset: first });
+    const table = T.table;
+    const expand = (R: number, parentFirst: number) =>
+      createTreeDraft(g, {
+        label: `decode.tree.level${parentFirst}`,
+        logits: d.logits,
+        cand: T.cand,
+        tokens: B.verifyIn,
+        scores: T.scores,
+        table,
+        R,
+        width,
+        parentFirst,
+        newFirst: parentFirst + R,
+        V,
+      });
+    const draft: Dispatch[] = [];
+    // The root (the last emitted token) through the draft at its position, then level 1.
+    draft.push(...await d.plan(1, at(0), "last"), ...await expand(1, 0));
+    for (let level = 1; level < depth; level++) {
+      const first = 1 + (level - 1) * width;
+      draft.push(...await d.plan(width, at(first), "all", { table, first }));
+      draft.push(...await expand(width, first));
+    }
+    // The last level enters the draft's cache too, so every node has its draft KV rows.
+    const last = 1 + (depth - 1) * width;
+    draft.push(...await d.plan(width, at(last), "none", { table, first: last }));
+    const compact = (m: LlamaGpu, label: string) =>
+      createKvCompact(g, {
+        label,
+        kCache: m.kvCaches.k,
+        vCache: m.kvCaches.v,
+        state: m.state,
+        path: T.path,
+        count: B.outCount,
+        nodes: N,
+        dtype: m.kvType,
+        layers: m.config.nLayers,
+        maxSeq: m.maxSeq,
+        nKvHeads: m.config.nKvHeads,
+        headDim: m.config.headDim,
+      });
+    const verify: Dispatch[] = [
+      ...await t.plan(N, at(0), "all", { table, first: 0 }),
+      ...await createTreeAccept(g, {
+        label: "decode.tree.accept",
+        targetLogits: t.logits,
+        tokens: B.verifyIn,
+        table,
+        argmax: T.argmax,
+        outTokens: B.outTokens,
+        outCount: B.outCount,
+        path: T.path,
+        nodes: N,
+        V,
+      }),
+      await compact(t, "decode.tree.compact.target"),
+      await compact(d, "decode.tree.compact.draft"),
+      await this.#commit(N - 1),
+    ];
+    const c = { draft, verify };
+    this.#cycles.set(key, c);
+    return c;
+  }
+
+  /** Throws unless tree speculation of `shape` can run on this decoder with `sampling`. */
+  #checkTree(shape: TreeShape, sampling: SamplingSettings): void {
+    checkTreeShape(shape);
+    const spec = this.#spec, N = treeNodes(shape), name = `${shape.depth}x${shape.width}`;
+    if (spec.kind !== "model") {
+      throw new Error(`tree speculation (${name}) needs a draft model (--draft)`);
+    }
+    if (sampling.temperature > 0) {
+      throw new Error(
+        `tree speculation (${name}) is greedy only: use --temperature 0, or --draft-tokens ` +
+          `for sampled speculation`,
+      );
+    }
+    if (N > this.#target.maxLogitRows || N > this.#target.maxT) {
+      throw new RangeError(
+        `a ${name} tree verifies ${N} rows but the target holds logits for ` +
+          `${this.#target.maxLogitRows} (maxLogitRows) and ${this.#target.maxT} rows per forward`,
+      );
+    }
+    if (shape.width > spec.draft.maxLogitRows) {
+      throw new RangeError(
+        `a ${name} tree drafts ${shape.width} rows per level but the draft holds logits for ` +
+          `${spec.draft.maxLogitRows}`,
+      );
+    }
+  }
+
   async #prepare(s: SamplingSettings): Promise<void> {
     const key = JSON.stringify([s.temperature, s.topK, s.topP, s.seed]);
     if (key === this.#samplingKey) return;
@@ -331,8 +474,8 @@ export class Decoder {
 
   /**
    * Generates up to `maxTokens` ids after `prompt` (the caches start empty), with draft length
-   * `k` per cycle. Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when
-   * cancelled.
+   * `k` per cycle, or with a draft tree of `tree`'s shape (greedy; a draft model; `k` unused).
+   * Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when cancelled.
    */
   async generate(
     prompt: readonly number[],
@@ -340,6 +483,7 @@ export class Decoder {
     sampling: SamplingSettings,
     events: DecodeEvents,
     k: DraftLength = 4,
+    tree?: TreeShape,
   ): Promise<DecodeResult> {
     const g = this.#gpu, t = this.#target, spec = this.#spec, B = this.#buf;
     if (prompt.length < 1) throw new RangeError("the prompt must hold at least one token");
@@ -352,6 +496,7 @@ export class Decoder {
     if (k !== "auto" && (!Number.isInteger(k) || k < 1 || k > MAX_DRAFT)) {
       throw new RangeError(`draft length ${k} is outside [1, ${MAX_DRAFT}]`);
     }
+    if (tree) this.#checkTree(tree, sampling);
     await this.#prepare(sampling);
     const P = prompt.length;
     const run = new Uint32Array(RUN_SLOTS);
@@ -387,16 +532,25 @@ export class Decoder {
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
-    const inflight: { read: Promise<ReadState>; kc: number; n: number }[] = [];
+    // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
+    const inflight: { read: Promise<ReadState>; kc: number; n: number; per: number }[] = [];
+    const N = tree ? treeNodes(tree) : 0;
     let worst = 0; // tokens the chunks in flight may still add
     while (true) {
       const stop = state.done || events.cancelled();
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
-      const kc = Math.min(kNow, room - 1);
-      const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)));
+      // A tree cycle writes N cache rows before compaction: near the end of the cache, chains.
+      const useTree = tree !== undefined && room >= N;
+      const kc = useTree ? tree.depth : Math.min(tree?.depth ?? kNow, room - 1);
+      const per = kc + 1;
+      const n = Math.min(
+        cycles,
+        MAX_CYCLES,
+        useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
+      );
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
-        const cyc = await this.#cycle(kc, sampling);
+        const cyc = useTree ? await this.#treeCycle(tree) : await this.#cycle(kc, sampling);
         const e = g.device.createCommandEncoder({ label: "decode.cycles" });
         const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
         const times = (i: number, at: number) =>
@@ -410,9 +564,9 @@ export class Decoder {
           if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(i, base));
           g.encode(e, "decode.verify", cyc.verify, times(i, base + 2));
         }
-        inflight.push({ ...this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n });
+        inflight.push({ ...this.#submit(e, tokens.length, q ? n : 0, issued % RING), kc, n, per });
         issued++;
-        worst += n * (kc + 1);
+        worst += n * per;
         cycles *= 2;
         continue; // issue the next chunk before waiting on this one
       }
@@ -420,7 +574,7 @@ export class Decoder {
       if (!chunk) break;
       const before = state;
       state = await chunk.read;
-      worst -= chunk.n * (chunk.kc + 1);
+      worst -= chunk.n * chunk.per;
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
       events.onTokens(fresh);
@@ -428,7 +582,7 @@ export class Decoder {
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
       proposed += dCycles * chunk.kc;
-      if (k === "auto" && chunk.kc > 0 && dCycles > 0) {
+      if (k === "auto" && !tree && chunk.kc > 0 && dCycles > 0) {
         alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * chunk.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
       }
@@ -449,6 +603,7 @@ export class Decoder {
       proposed,
       accepted: state.accepted,
       gpuMs: this.#query ? gpuMs : undefined,
+      tree,
     };
   }
 
@@ -515,7 +670,9 @@ export class Decoder {
 
   /** Frees the decoder's buffers. */
   destroy(): void {
-    for (const b of [...Object.values(this.#buf), ...this.#staging]) b.destroy();
+    for (const b of [...Object.values(this.#buf), ...Object.values(this.#tree), ...this.#staging]) {
+      b.destroy();
+    }
     this.#dummyState.destroy();
     if (this.#query) {
       this.#query.set.destroy();

@@ -352,3 +352,110 @@ gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included
     );
   }
 });
+
+async function treePair(gpu: Gpu, target: LoadedModel, draft: LoadedModel, maxSeq: number) {
+  const store = new WeightStore(gpu);
+  const t = await LlamaGpu.create(gpu, store, target, {
+    label: "target",
+    maxSeq,
+    maxLogitRows: TREE_MAX_NODES,
+  });
+  const d = await LlamaGpu.create(gpu, store, draft, { label: "draft", maxSeq });
+  return {
+    t,
+    d,
+    destroy() {
+      t.destroy();
+      d.destroy();
+      store.destroy();
+    },
+  };
+}
+
+gpuTest(
+  "tiny pair: tree speculation greedy equals plain greedy (1x1, 3x2, 6x3, 4x8, 21x3)",
+  async (gpu) => {
+    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+    const { t, d, destroy } = await treePair(gpu, target, draft, 256);
+    const n = 48, prompt = [1, 403, 407, 261]; // BOS "Once upon a"
+    const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
+    const spec = new Decoder(gpu, t, { kind: "model", draft: d });
+    const chain = await spec.generate(prompt, n, GREEDY, quiet, 3);
+    for (const [depth, width] of [[1, 1], [3, 2], [6, 3], [4, 8], [21, 3]]) {
+      const r = await spec.generate(prompt, n, GREEDY, quiet, 4, { depth, width });
+      assert.deepEqual(r.tokens, plain.tokens, `${depth}x${width}`);
+      assert.ok(r.targetPasses < n, `${depth}x${width}: ${r.targetPasses} passes for ${n}`);
+      if (depth === 3 && width === 2) {
+        // The same depth as the chain k = 3, with more candidates: never fewer tokens per pass.
+        assert.ok(
+          r.targetPasses <= chain.targetPasses,
+          `${r.targetPasses} vs ${chain.targetPasses}`,
+        );
+      }
+    }
+    // Stops at max tokens mid-cycle, and near the end of the cache falls back to chains.
+    const r7 = await spec.generate(prompt, 7, GREEDY, quiet, 4, { depth: 6, width: 3 });
+    assert.deepEqual(r7.tokens, plain.tokens.slice(0, 7));
+    const { t: t2, d: d2, destroy: destroy2 } = await treePair(gpu, target, draft, 40);
+    const short = await new Decoder(gpu, t2).generate(prompt, 64, GREEDY, quiet);
+    const end = new Decoder(gpu, t2, { kind: "model", draft: d2 });
+    const r = await end.generate(prompt, 64, GREEDY, quiet, 4, { depth: 6, width: 3 });
+    assert.deepEqual(r.tokens, short.tokens);
+    assert.equal(r.stop, "context");
+    end.destroy();
+    destroy2();
+    spec.destroy();
+    destroy();
+  },
+);
+
+gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3, 2x4)", async (gpu) => {
+  const target = await loadHfFolder(await fixture("pycode-pair/target"));
+  const draft = await loadHfFolder(await fixture("pycode-pair/draft"));
+  const { t, d, destroy } = await treePair(gpu, target, draft, 96);
+  // BOS "import os\nimport sys\n\n\ndef main():\n"
+  const prompt = [1, 1053, 2897, 13, 5215, 10876, 13, 13, 13, 1753, 1667, 7295, 13];
+  const n = 12;
+  const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
+  const spec = new Decoder(gpu, t, { kind: "model", draft: d });
+  for (const [depth, width] of [[6, 3], [2, 4]]) {
+    const r = await spec.generate(prompt, n, GREEDY, quiet, 4, { depth, width });
+    assert.deepEqual(r.tokens, plain.tokens, `${depth}x${width}`);
+  }
+  spec.destroy();
+  destroy();
+});
+
+gpuTest(
+  "tree speculation refuses sampling, n-gram drafts and trees the target cannot verify",
+  async (gpu) => {
+    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+    const store = new WeightStore(gpu);
+    const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq: 64 });
+    const d = await LlamaGpu.create(gpu, store, draft, { label: "draft", maxSeq: 64 });
+    const spec = new Decoder(gpu, t, { kind: "model", draft: d });
+    const go = (dec: Decoder, s: typeof GREEDY, shape: { depth: number; width: number }) =>
+      dec.generate([1, 403], 4, s, quiet, 4, shape);
+    await assert.rejects(
+      () => go(spec, { ...GREEDY, temperature: 1 }, { depth: 2, width: 2 }),
+      /greedy only/,
+    );
+    await assert.rejects(
+      () => go(spec, GREEDY, { depth: 6, width: 3 }),
+      /verifies 19 rows but the target holds logits for 17/,
+    );
+    await assert.rejects(
+      () => go(spec, GREEDY, { depth: 2, width: 9 }),
+      /tree width 9 is outside \[1, 8\]/,
+    );
+    const ngram = new Decoder(gpu, t, { kind: "ngram", maxN: 3 });
+    await assert.rejects(() => go(ngram, GREEDY, { depth: 2, width: 2 }), /needs a draft model/);
+    ngram.destroy();
+    spec.destroy();
+    t.destroy();
+    d.destroy();
+    store.destroy();
+  },
+);
