@@ -127,6 +127,15 @@ export function decoderBytes(
   return n;
 }
 
+/**
+ * Logit rows the target is created with: a whole token tree's (64) when a draft model may draft
+ * trees, else the chain's widest verify (MAX_DRAFT + 1 = 17). The session and the VRAM planner
+ * both use this.
+ */
+export function targetLogitRows(draftModel: boolean): number {
+  return draftModel ? TREE_MAX_NODES : MAX_DRAFT + 1;
+}
+
 /** What one submission's readback says. */
 interface ReadState {
   /** out index the ids start at (tokens known when the submission was encoded). */

@@ -410,7 +410,7 @@ gpuTest(
   },
 );
 
-gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3, 2x4)", async (gpu) => {
+gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3)", async (gpu) => {
   const target = await loadHfFolder(await fixture("pycode-pair/target"));
   const draft = await loadHfFolder(await fixture("pycode-pair/draft"));
   const { t, d, destroy } = await treePair(gpu, target, draft, 96);
@@ -419,7 +419,7 @@ gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3, 2x4)", a
   const n = 12;
   const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
   const spec = new Decoder(gpu, t, { kind: "model", draft: d });
-  for (const [depth, width] of [[6, 3], [2, 4]]) {
+  for (const [depth, width] of [[6, 3]]) {
     const r = await spec.generate(prompt, n, GREEDY, quiet, 4, { depth, width });
     assert.deepEqual(r.tokens, plain.tokens, `${depth}x${width}`);
   }
