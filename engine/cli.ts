@@ -82,7 +82,7 @@ ${COMMON_MODEL}
                         draft weights) or none (plain decoding)
   --draft-tokens <k>    draft tokens per cycle, 1..16, or auto (follows the acceptance; default 4)
   --draft-tree <DxW>    draft a token tree instead: D levels of W nodes (e.g. 6x3; W <= 8,
-                        1 + D*W <= 64), verified in one target pass; greedy (--temperature 0)
+                        1 + D*W <= 64), verified in one target pass (lossless when sampling too)
   --compare             also decode plainly on the same prompt and print the measured speedup
   --prompt <text>       prompt, tokenized with BOS
   --prompt-tokens <ids> comma-separated token ids, used as given (nothing added)
@@ -377,11 +377,6 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
     if (opts.spec !== "model") {
       throw new UsageError(
         `--draft-tree drafts with a model: pass --draft <dir|file> or --spec self`,
-      );
-    }
-    if (opts.temperature > 0) {
-      throw new UsageError(
-        `--draft-tree is greedy only: add --temperature 0 (or use --draft-tokens to sample)`,
       );
     }
     if (v["draft-tokens"] !== undefined) {

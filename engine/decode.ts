@@ -15,7 +15,7 @@
  *           the rejected rows, put the last token in verifyIn[0]
  * Plain decoding is the same cycle with k = 0 and no draft.
  *
- * A tree cycle (a draft model and a {@linkcode TreeShape} `depth x width`, greedy), with the tree's
+ * A tree cycle (a draft model and a {@linkcode TreeShape} `depth x width`), with the tree's
  * nodes in `verifyIn` (node 0 = the last emitted token) and its ancestor table in a GPU buffer:
  *   draft   the root through the draft (T = 1), then per level: the best `width` of the level's
  *           candidates (kernels/tree_draft.ts: each node's top `width` tokens by path log q) become
@@ -24,6 +24,10 @@
  *   verify  the target's forward over all 1 + depth * width nodes with the tree mask
  *   accept  kernels/tree_accept.ts: walk from the root along the target's argmax while a child
  *           matches; the argmax at the last accepted node is the bonus token
+ * Sampled (temperature > 0), the layout is fixed (`sampledTreeParents`: each level is `width`
+ * children of the previous level's first node, drawn from its q without replacement by
+ * kernels/tree_draft.ts) and acceptance is multi-candidate recursive rejection sampling
+ * (kernels/tree_sample_accept.ts, engine/tree_sampling.ts); the rest is the same.
  *   compact kernels/kv_compact.ts: the accepted path's KV rows into contiguous positions, in
  *           both models' caches; then commit as above (with k = nodes - 1)
  *
@@ -36,11 +40,13 @@ import { createAccept } from "../kernels/accept.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
-import { createTreeDraft } from "../kernels/tree_draft.ts";
+import { createTreeDraft, createTreeDraftSampled } from "../kernels/tree_draft.ts";
 import { createTreeAccept } from "../kernels/tree_accept.ts";
+import { createTreeSampleAccept } from "../kernels/tree_sample_accept.ts";
 import { createKvCompact } from "../kernels/kv_compact.ts";
 import {
   checkTreeShape,
+  sampledTreeParents,
   TREE_MAX_NODES,
   TREE_WORDS,
   treeNodes,
@@ -120,9 +126,11 @@ export function decoderBytes(
 ): number {
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
   let n = maxSeq * 4 + 2 * TREE_MAX_NODES * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
-  n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + RING * (RUN_SLOTS + maxSeq + 1) * 4;
-  // Tree buffers: ancestor table, path scores, path, argmax, candidates.
-  n += TREE_MAX_NODES * 4 * (TREE_WORDS + 1 + 1 + 1 + 2);
+  n += pad4(speculative ? TREE_MAX_NODES * vocab * 4 : 4) + 16 +
+    RING * (RUN_SLOTS + maxSeq + 1) * 4;
+  // Tree buffers: two ancestor tables, path scores, path, argmax, candidates, and the sampled
+  // acceptance's residual rows.
+  n += TREE_MAX_NODES * 4 * (2 * TREE_WORDS + 1 + 1 + 1 + 2) + (speculative ? 2 * vocab * 4 : 4);
   if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
 }
@@ -164,9 +172,13 @@ export class Decoder {
     "prompt" | "verifyIn" | "outTokens" | "outCount" | "one" | "q" | "run" | "out" | "history",
     GPUBuffer
   >;
-  // Tree speculation: ancestor table [64, 4] u32, path scores [64] f32, accepted path [64] u32,
-  // the target's argmax per node [64] u32, draft candidates [64] (id, log q).
-  readonly #tree: Record<"table" | "scores" | "path" | "argmax" | "cand", GPUBuffer>;
+  // Tree speculation: ancestor table [64, 4] u32 (greedy: drafted), the fixed table of sampled
+  // trees, path scores [64] f32, accepted path [64] u32, the target's argmax per node [64] u32,
+  // draft candidates [64] (id, log q), residual rows [2, V] f32 of the sampled acceptance.
+  readonly #tree: Record<
+    "table" | "fixed" | "scores" | "path" | "argmax" | "cand" | "res",
+    GPUBuffer
+  >;
   readonly #dummyState: GPUBuffer;
   readonly #staging: GPUBuffer[]; // [RING] run state + out ids, read back per submission
   // Timestamps: 4 per cycle (draft begin/end, verify begin/end), RING slices of the set.
@@ -199,7 +211,7 @@ export class Decoder {
       outTokens: b("out_tokens", TREE_MAX_NODES * 4), // [k + 1] u32 accepted + 1
       outCount: b("out_count", 4), // [1] u32 accepted + 1
       one: b("one", 4), // [1] u32 = 1: the count of a plain step
-      q: b("q", speculative ? MAX_DRAFT * V * 4 : 4), // [k, V] f32 draft distributions
+      q: b("q", speculative ? TREE_MAX_NODES * V * 4 : 4), // [k (or nodes), V] f32 draft q
       run: b("run", RUN_SLOTS * 4), // run state, kernels/commit.ts RUN
       out: b("out", (this.#maxSeq + 1) * 4), // [maxSeq + 1] u32 emitted ids
       history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
@@ -212,6 +224,8 @@ export class Decoder {
       path: b("tree.path", N * 4),
       argmax: b("tree.argmax", N * 4),
       cand: b("tree.cand", N * 8),
+      fixed: b("tree.fixed", N * TREE_WORDS * 4),
+      res: b("tree.res", speculative ? 2 * V * 4 : 4),
     };
     // Node 0 (the root) never changes: ancestors {0}, depth 0, score 0.
     gpu.write(this.#tree.table, treeTable([-1]));
@@ -373,17 +387,43 @@ export class Decoder {
     return c;
   }
 
-  /** The dispatches of one greedy tree cycle of `shape` (see the module doc). Built once. */
-  async #treeCycle(shape: TreeShape): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
-    const key = `tree${shape.depth}x${shape.width}`;
+  /**
+   * The dispatches of one tree cycle of `shape` (see the module doc), greedy or sampled (then the
+   * layout is `sampledTreeParents` and its table `#tree.fixed`). Built once.
+   */
+  async #treeCycle(
+    shape: TreeShape,
+    s: SamplingSettings,
+  ): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
+    const sampled = s.temperature > 0;
+    const key = `tree${shape.depth}x${shape.width}${sampled ? "s" : ""}`;
     const cached = this.#cycles.get(key);
     if (cached) return cached;
     const g = this.#gpu, t = this.#target, B = this.#buf, T = this.#tree, spec = this.#spec;
     if (spec.kind !== "model") throw new Error("tree speculation needs a draft model");
     const d = spec.draft, V = t.config.vocabSize, { depth, width } = shape, N = treeNodes(shape);
     const at = (first: number) => ({ buffer: B.verifyIn, offset: first });
-    const table = T.table;
-    const expand = (R: number, parentFirst: number) =>
+    const table = sampled ? T.fixed : T.table;
+    // Greedy: the best width of each level's candidates by path score (tree_draft.ts top-k).
+    // Sampled: width children of the level's first node, drawn from its q without replacement.
+    const expand = sampled
+      ? async (_R: number, parentFirst: number) => [
+        await createTreeDraftSampled(g, {
+          label: `decode.tree.sampled${parentFirst}`,
+          logits: d.logits,
+          probs: B.q,
+          tokens: B.verifyIn,
+          state: B.run,
+          counterIndex: RUN.sampleRng,
+          parent: parentFirst,
+          newFirst: parentFirst === 0 ? 1 : parentFirst + width,
+          width,
+          V,
+          ...s,
+        }),
+      ]
+      : (R: number, parentFirst: number) => greedyExpand(R, parentFirst);
+    const greedyExpand = (R: number, parentFirst: number) =>
       createTreeDraft(g, {
         label: `decode.tree.level${parentFirst}`,
         logits: d.logits,
@@ -423,9 +463,27 @@ export class Decoder {
         nKvHeads: m.config.nKvHeads,
         headDim: m.config.headDim,
       });
-    const verify: Dispatch[] = [
-      ...await t.plan(N, at(0), "all", { table, first: 0 }),
-      ...await createTreeAccept(g, {
+    const accept = sampled
+      ? [
+        await createTreeSampleAccept(g, {
+          label: "decode.tree.sample_accept",
+          targetLogits: t.logits,
+          draftProbs: B.q,
+          tokens: B.verifyIn,
+          table,
+          outTokens: B.outTokens,
+          outCount: B.outCount,
+          path: T.path,
+          state: B.run,
+          counterIndex: RUN.acceptRng,
+          scratch: T.res,
+          nodes: N,
+          V,
+          draw: "without-replacement",
+          ...s,
+        }),
+      ]
+      : await createTreeAccept(g, {
         label: "decode.tree.accept",
         targetLogits: t.logits,
         tokens: B.verifyIn,
@@ -436,7 +494,10 @@ export class Decoder {
         path: T.path,
         nodes: N,
         V,
-      }),
+      });
+    const verify: Dispatch[] = [
+      ...await t.plan(N, at(0), "all", { table, first: 0 }),
+      ...accept,
       await compact(t, "decode.tree.compact.target"),
       await compact(d, "decode.tree.compact.draft"),
       await this.#commit(N - 1),
@@ -446,18 +507,12 @@ export class Decoder {
     return c;
   }
 
-  /** Throws unless tree speculation of `shape` can run on this decoder with `sampling`. */
-  #checkTree(shape: TreeShape, sampling: SamplingSettings): void {
+  /** Throws unless tree speculation of `shape` can run on this decoder. */
+  #checkTree(shape: TreeShape): void {
     checkTreeShape(shape);
     const spec = this.#spec, N = treeNodes(shape), name = `${shape.depth}x${shape.width}`;
     if (spec.kind !== "model") {
       throw new Error(`tree speculation (${name}) needs a draft model (--draft)`);
-    }
-    if (sampling.temperature > 0) {
-      throw new Error(
-        `tree speculation (${name}) is greedy only: use --temperature 0, or --draft-tokens ` +
-          `for sampled speculation`,
-      );
     }
     if (N > this.#target.maxLogitRows || N > this.#target.maxT) {
       throw new RangeError(
@@ -483,7 +538,7 @@ export class Decoder {
 
   /**
    * Generates up to `maxTokens` ids after `prompt` (the caches start empty), with draft length
-   * `k` per cycle, or with a draft tree of `tree`'s shape (greedy; a draft model; `k` unused).
+   * `k` per cycle, or with a draft tree of `tree`'s shape (a draft model; `k` unused).
    * Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when cancelled.
    */
   async generate(
@@ -505,7 +560,11 @@ export class Decoder {
     if (k !== "auto" && (!Number.isInteger(k) || k < 1 || k > MAX_DRAFT)) {
       throw new RangeError(`draft length ${k} is outside [1, ${MAX_DRAFT}]`);
     }
-    if (tree) this.#checkTree(tree, sampling);
+    if (tree) {
+      this.#checkTree(tree);
+      // A sampled tree's layout is fixed: its ancestor table is written once per generation.
+      if (sampling.temperature > 0) g.write(this.#tree.fixed, treeTable(sampledTreeParents(tree)));
+    }
     await this.#prepare(sampling);
     const P = prompt.length;
     const run = new Uint32Array(RUN_SLOTS);
@@ -559,7 +618,9 @@ export class Decoder {
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
       );
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
-        const cyc = useTree ? await this.#treeCycle(tree) : await this.#cycle(kc, sampling);
+        const cyc = useTree
+          ? await this.#treeCycle(tree, sampling)
+          : await this.#cycle(kc, sampling);
         const e = g.device.createCommandEncoder({ label: "decode.cycles" });
         const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
         const times = (i: number, at: number) =>

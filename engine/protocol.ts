@@ -64,7 +64,7 @@ export interface GenerateOptions {
   /** Draft tokens per cycle, 1..16, or "auto" (follows the running acceptance). Default 4. */
   draftTokens?: number | "auto";
   /**
-   * Draft a token tree instead of a chain (a draft model, greedy only): "DEPTHxWIDTH" such as
+   * Draft a token tree instead of a chain (a draft model): "DEPTHxWIDTH" such as
    * "6x3" (depth levels of width nodes, 1 + depth * width <= 64). Overrides `draftTokens`.
    */
   draftTree?: string;

@@ -227,3 +227,27 @@ export function treeExpandRef(
   cands.sort((a, b) => b.score - a.score || a.c - b.c);
   return cands.slice(0, width).map(({ token, parent, score }) => ({ token, parent, score }));
 }
+
+/**
+ * The fixed layout of a sampled tree of `shape` (temperature > 0): level 1 is `width` children
+ * of the root, and each deeper level is `width` children of the previous level's first node (the
+ * first-drawn child, the likeliest to be accepted). Multi-candidate rejection sampling
+ * (engine/tree_sampling.ts) needs every node's children to be draws from q whose number does
+ * not depend on the draws, which a layout fixed in advance guarantees; greedy trees may choose
+ * their nodes by score instead (kernels/tree_draft.ts).
+ *
+ * @example
+ * ```ts
+ * import { sampledTreeParents } from "./token_tree.ts";
+ * console.log(sampledTreeParents({ depth: 2, width: 2 })); // [-1, 0, 0, 1, 1]
+ * ```
+ */
+export function sampledTreeParents(shape: TreeShape): number[] {
+  checkTreeShape(shape);
+  const parents = [-1];
+  for (let d = 1; d <= shape.depth; d++) {
+    const parent = d === 1 ? 0 : 1 + (d - 2) * shape.width;
+    for (let i = 0; i < shape.width; i++) parents.push(parent);
+  }
+  return parents;
+}

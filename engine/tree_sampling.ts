@@ -110,7 +110,11 @@ export function treeAcceptSampled(
   let node = 0;
   while (true) {
     const kids: number[] = [];
-    for (let c = node + 1; c < parents.length; c++) if (parents[c] === node) kids.push(c);
+    // Children whose token is not an id (>= V: the drafter's q ran out) do not exist.
+    const V = tree.targetProbs[node].length;
+    for (let c = node + 1; c < parents.length; c++) {
+      if (parents[c] === node && tree.tokens[c] < V) kids.push(c);
+    }
     const r = multiCandidateAccept(
       tree.targetProbs[node],
       tree.draftProbs[node],

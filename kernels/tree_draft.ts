@@ -8,8 +8,11 @@
  *
  * @module
  */
-import type { Dispatch, Gpu } from "../engine/gpu.ts";
+import { type Dispatch, type Gpu, GpuError } from "../engine/gpu.ts";
 import { TREE_MAX_NODES, TREE_MAX_WIDTH } from "../engine/token_tree.ts";
+import { processLogits, rngUniform, type SamplingParams } from "../engine/speculative_math.ts";
+import { drawCandidates } from "../engine/tree_sampling.ts";
+import { checkSampling, packParams, samplingLibWgsl } from "./sample.ts";
 
 /** Invocations per workgroup of the top-k pass (one workgroup per logits row). */
 export const TREE_DRAFT_WG = 256;
@@ -204,4 +207,181 @@ export async function createTreeDraft(gpu: Gpu, args: TreeDraftArgs): Promise<Di
       workgroups: [1, 1, 1],
     },
   ];
+}
+
+/** RNG domain of sampled tree drafting (see {@linkcode treeDraftUniforms}). */
+export const TREE_DRAFT_DOMAIN = 4;
+
+/**
+ * The `count` uniforms the sampled drafter draws for the children of `node` when the RNG counter
+ * holds `counter`: `rngUniform(seed, TREE_DRAFT_DOMAIN, node, counter, i)`, i < count.
+ */
+export function treeDraftUniforms(
+  seed: number,
+  node: number,
+  counter: number,
+  count: number,
+): number[] {
+  return Array.from(
+    { length: count },
+    (_, i) => rngUniform(seed, TREE_DRAFT_DOMAIN, node, counter, i),
+  );
+}
+
+/** WGSL of the sampled drafter: one node's q and its children, drawn without replacement. */
+export function treeDraftSampledWgsl(wg: number): string {
+  return /* wgsl */ `
+// Sampled tree drafting: one workgroup of ${wg} invocations owns one parent node: it processes the
+// draft's logits row (temperature, top-k, top-p; samplingLibWgsl) into q, stores q as the node's
+// row of probs, then draws width children from q without replacement (each draw an inverse CDF
+// over q with the earlier picks zeroed). Invocation 0 reads and advances the RNG counter and
+// writes the children's tokens; a draw from an exhausted q gives the id V (no child).
+struct Params {
+  V: u32, width: u32, topK: u32, seed: u32,
+  parent: u32, newFirst: u32, counterIndex: u32, logitsRow: u32,
+  temperature: f32, topP: f32, pad0: u32, pad1: u32,
+}
+@group(0) @binding(0) var<storage, read> logits: array<f32>;          // draft logits [rows, V]
+@group(0) @binding(1) var<storage, read_write> probs: array<f32>;     // q per node [nodes, V]
+@group(0) @binding(2) var<storage, read_write> tokens: array<u32>;    // node tokens [nodes]
+@group(0) @binding(3) var<storage, read_write> state: array<u32>;     // state[counterIndex]: RNG counter
+@group(0) @binding(4) var<uniform> P: Params;
+
+${samplingLibWgsl(wg)}
+
+var<workgroup> taken: array<u32, ${TREE_MAX_WIDTH}>;
+
+struct W { base: u32, n: u32 }
+fn weightOf(w: W, j: u32) -> f32 {
+  for (var i = 0u; i < w.n; i++) { if (taken[i] == j) { return 0.0; } }
+  return probs[w.base + j];
+}
+
+@compute @workgroup_size(${wg})
+fn main(@builtin(local_invocation_id) l3: vec3u) {
+  let lid = l3.x;
+  let V = P.V;
+  if (lid == 0u) {
+    let c = state[P.counterIndex];
+    bcastU = c;
+    state[P.counterIndex] = c + 1u;
+  }
+  let counter = workgroupUniformLoad(&bcastU);
+  workgroupBarrier();
+  let base = P.logitsRow * V;
+  let plan = planRow(lid, base, V, P.temperature, P.topK, P.topP);
+  let qb = P.parent * V;
+  for (var j = lid; j < V; j += WG) {
+    probs[qb + j] = keptWeight(logits[base + j], plan.thr, plan.m, P.temperature) / plan.z;
+  }
+  storageBarrier();
+  workgroupBarrier();
+  for (var i = 0u; i < P.width; i++) {
+    let u = rngUniform(P.seed, ${TREE_DRAFT_DOMAIN}u, P.parent, counter, i);
+    let tok = sampleChunked(lid, V, W(qb, i), u);
+    if (lid == 0u) {
+      let t = select(tok, V, tok == NONE);
+      taken[i] = t;
+      tokens[P.newFirst + i] = t;
+    }
+    workgroupBarrier();
+  }
+}
+`;
+}
+
+/** Buffers and settings for {@linkcode createTreeDraftSampled}. */
+export interface TreeDraftSampledArgs extends SamplingParams {
+  /** Label of the dispatch. */
+  label: string;
+  /** The draft's logits, `[rows, V]` f32; row `logitsRow` is the parent's. */
+  logits: GPUBuffer;
+  /** Row of `logits` after the parent node; default 0. */
+  logitsRow?: number;
+  /** q per node, `[nodes, V]` f32: the parent's row is written. */
+  probs: GPUBuffer;
+  /** Node tokens (u32): the children's are written at newFirst.. */
+  tokens: GPUBuffer;
+  /** `state[counterIndex]`: the RNG counter, advanced once per dispatch. */
+  state: GPUBuffer;
+  /** Index of the counter in `state`. */
+  counterIndex: number;
+  /** The parent node. */
+  parent: number;
+  /** Node index of the first child. */
+  newFirst: number;
+  /** Children to draw (1..8). */
+  width: number;
+  /** Vocabulary size. */
+  V: number;
+  /** RNG seed (u32). */
+  seed: number;
+}
+
+/** Builds the sampled drafter's dispatch for one parent node (temperature > 0). */
+export async function createTreeDraftSampled(
+  gpu: Gpu,
+  args: TreeDraftSampledArgs,
+): Promise<Dispatch> {
+  const { label, width } = args, wg = TREE_DRAFT_WG;
+  checkSampling(label, args);
+  if (!(args.temperature > 0)) {
+    throw new GpuError(label, "sampled tree drafting needs temperature > 0 (greedy: top-k)");
+  }
+  if (!Number.isInteger(width) || width < 1 || width > TREE_MAX_WIDTH) {
+    throw new GpuError(label, `width ${width} outside [1, ${TREE_MAX_WIDTH}]`);
+  }
+  if (args.newFirst <= args.parent || args.newFirst + width > TREE_MAX_NODES) {
+    throw new GpuError(label, `children ${args.newFirst}.. must follow parent ${args.parent}`);
+  }
+  const pipeline = await gpu.pipeline(
+    `tree_draft.sampled.wg${wg}.w${TREE_MAX_WIDTH}`,
+    () => treeDraftSampledWgsl(wg),
+  );
+  const params = packParams(
+    [
+      args.V,
+      width,
+      args.topK >= args.V ? 0 : args.topK,
+      args.seed,
+      args.parent,
+      args.newFirst,
+      args.counterIndex,
+      args.logitsRow ?? 0,
+    ],
+    args.temperature,
+    args.topP,
+  );
+  return {
+    label,
+    pipeline,
+    bindGroup: gpu.bindGroup(label, pipeline, [
+      args.logits,
+      args.probs,
+      args.tokens,
+      args.state,
+      gpu.uniform(`${label}.params`, params),
+    ]),
+    workgroups: [1, 1, 1],
+  };
+}
+
+/**
+ * CPU reference of {@linkcode createTreeDraftSampled}: q = processLogits(logits row), then
+ * `width` children by `drawCandidates(q, width, u, "without-replacement")` with the drafter's
+ * uniforms; missing children (q exhausted) are the id V.
+ */
+export function treeDraftSampledRef(
+  logits: Float32Array,
+  params: SamplingParams,
+  width: number,
+  seed: number,
+  parent: number,
+  counter: number,
+): { q: Float32Array; children: number[] } {
+  const q = processLogits(logits, params);
+  const u = treeDraftUniforms(seed, parent, counter, width);
+  const xs = drawCandidates(q, width, u, "without-replacement");
+  while (xs.length < width) xs.push(logits.length);
+  return { q, children: xs };
 }

@@ -113,9 +113,10 @@ fn main(@builtin(local_invocation_id) l3: vec3u, @builtin(workgroup_id) g3: vec3
       if (c >= P.nodes) { break; }
       cursor = c + 1u;
       let x = tokens[b * P.nodes + c];
+      if (x >= V) { continue; } // no child (the drafter's q ran out): nothing to decide
       if (lid == 0u) {
         let u = rngUniform(P.seed, ${TREE_ACCEPT_DOMAIN}u, row, counter, i);
-        bcastOk = select(0u, 1u, x < V && u * res[Q + x] < res[R + x]);
+        bcastOk = select(0u, 1u, u * res[Q + x] < res[R + x]);
       }
       let ok = workgroupUniformLoad(&bcastOk);
       if (ok != 0u) { accepted = c; break; }
@@ -128,7 +129,7 @@ fn main(@builtin(local_invocation_id) l3: vec3u, @builtin(workgroup_id) g3: vec3
       }
       storageBarrier();
       workgroupBarrier();
-      if (P.withoutReplacement != 0u && x < V) {
+      if (P.withoutReplacement != 0u) {
         var t = 0.0;
         for (var j = lid; j < V; j += WG) { t += select(res[Q + j], 0.0, j == x); }
         let qm = wgSum(lid, t);

@@ -69,8 +69,8 @@ Deno.test("generate rejects bad flags before loading anything", async () => {
     ],
     [["generate", "--model", stories, "--prompt", "a", "--draft-tree", "3x2"], /pass --draft/],
     [
-      ["generate", "--model", stories, "--prompt", "a", "--draft", stories, "--draft-tree", "3x2"],
-      /--draft-tree is greedy only: add --temperature 0/,
+      ["generate", "--model", stories, "--prompt", "a", "--spec", "ngram", "--draft-tree", "3x2"],
+      /--draft-tree drafts with a model/,
     ],
   ];
   for (const [args, re] of cases) {

@@ -5,11 +5,12 @@
  * node, children drawn with and without replacement.
  */
 import assert from "@specdec/assert";
-import { chiSquareTest, rngUniform } from "../engine/speculative_math.ts";
+import { chiSquareTest, rngUniform, type SamplingParams } from "../engine/speculative_math.ts";
 import { type CandidateDraw, drawCandidates } from "../engine/tree_sampling.ts";
 import { treeTable } from "../engine/token_tree.ts";
 import { createTreeSampleAccept, treeSampleAcceptRef } from "../kernels/tree_sample_accept.ts";
-import { gpuTest } from "./harness.ts";
+import { createTreeDraftSampled, treeDraftSampledRef } from "../kernels/tree_draft.ts";
+import { assertClose, gpuTest, rng } from "./harness.ts";
 import { PAIRS } from "./spec_cases.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
@@ -100,7 +101,7 @@ for (const draw of ["with-replacement", "without-replacement"] as CandidateDraw[
         if (n > 1) deep++;
         first[got[0]]++;
       }
-    // f32 on the GPU vs f64 here may flip a decision that sits on its boundary: rarely.
+      // f32 on the GPU vs f64 here may flip a decision that sits on its boundary: rarely.
       assert.ok(same >= 0.99 * BATCH, `${same} of ${BATCH} trees match the reference`);
       assert.ok(deep > BATCH / 10, `only ${deep} trees accepted a child`);
       const { pValue, stat, df } = chiSquareTest(first, pRows[0]);
@@ -110,3 +111,52 @@ for (const draw of ["with-replacement", "without-replacement"] as CandidateDraw[
     },
   );
 }
+
+gpuTest(
+  "sampled tree drafter matches its reference (q row and children without replacement)",
+  async (gpu) => {
+    const cases: [number, number, SamplingParams][] = [
+      [37, 3, { temperature: 0.9, topK: 0, topP: 1 }],
+      [300, 8, { temperature: 1.3, topK: 20, topP: 0.9 }],
+      [7, 8, { temperature: 1, topK: 3, topP: 1 }], // q has 3 ids: children 4..8 do not exist
+      [512, 1, { temperature: 0.7, topK: 0, topP: 0.95 }],
+    ];
+    let same = 0, total = 0;
+    for (const [ci, [V, width, s]] of cases.entries()) {
+      const r = rng(ci + 1);
+      for (let rep = 0; rep < 12; rep++) {
+        const logits = Float32Array.from({ length: 2 * V }, () => 3 * r());
+        const parent = 1 + rep % 5, counter = 17 * rep;
+        const probs = gpu.buffer("probs", 8 * V * 4, RW);
+        const tokens = gpu.buffer("tokens", 64 * 4, RW);
+        const state = gpu.upload("state", new Uint32Array([0, counter]), RW);
+        const d = await createTreeDraftSampled(gpu, {
+          label: "test.tree_draft_sampled",
+          logits: gpu.upload("logits", logits),
+          logitsRow: 1,
+          probs,
+          tokens,
+          state,
+          counterIndex: 1,
+          parent,
+          newFirst: 8,
+          width,
+          V,
+          seed: 77,
+          ...s,
+        });
+        await gpu.run("test", [d]);
+        const want = treeDraftSampledRef(logits.subarray(V), s, width, 77, parent, counter);
+        const q = new Float32Array(await gpu.read(probs)).slice(parent * V, (parent + 1) * V);
+        assertClose(`V=${V} width=${width} q`, q, want.q, { nmse: 1e-10, maxAbs: 1e-6 });
+        const got = [...new Uint32Array(await gpu.read(tokens)).slice(8, 8 + width)];
+        if (JSON.stringify(got) === JSON.stringify(want.children)) same++;
+        total++;
+        assert.equal(new Set(got.filter((x) => x < V)).size, got.filter((x) => x < V).length);
+        assert.equal(new Uint32Array(await gpu.read(state))[1], counter + 1);
+      }
+    }
+    // f32 CDFs on the GPU vs f64 here may pick a neighbour at a boundary: rarely.
+    assert.ok(same >= total - 1, `${same} of ${total} draws match the reference`);
+  },
+);

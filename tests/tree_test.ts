@@ -23,6 +23,7 @@ import { assertClose, gpuTest, rng } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
 import { Decoder } from "../engine/decode.ts";
+import { chiSquareTest, processLogits } from "../engine/speculative_math.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
@@ -428,7 +429,7 @@ gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3)", async 
 });
 
 gpuTest(
-  "tree speculation refuses sampling, n-gram drafts and trees the target cannot verify",
+  "tree speculation refuses n-gram drafts and trees the target cannot verify",
   async (gpu) => {
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
@@ -438,10 +439,6 @@ gpuTest(
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
     const go = (dec: Decoder, s: typeof GREEDY, shape: { depth: number; width: number }) =>
       dec.generate([1, 403], 4, s, quiet, 4, shape);
-    await assert.rejects(
-      () => go(spec, { ...GREEDY, temperature: 1 }, { depth: 2, width: 2 }),
-      /greedy only/,
-    );
     await assert.rejects(
       () => go(spec, GREEDY, { depth: 6, width: 3 }),
       /verifies 19 rows but the target holds logits for 17/,
@@ -457,5 +454,46 @@ gpuTest(
     t.destroy();
     d.destroy();
     store.destroy();
+  },
+);
+
+gpuTest(
+  "sampled tree speculation keeps the target's distribution (chi-square, real model)",
+  async (gpu) => {
+    // As the chain's test in speculative_test.ts: among runs whose first token (the target's own
+    // sampler) is the likeliest t*, the first tree cycle's first token must follow p(· | t*).
+    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+    const { t, d, destroy } = await treePair(gpu, target, draft, 64);
+    const prompt = [1, 403, 407, 261, 378, 432]; // BOS "Once upon a time, there"
+    const s = { temperature: 1.3, topK: 10, topP: 1 };
+    const V = t.config.vocabSize;
+    const logitsAfter = async (seq: number[]) => {
+      const buf = gpu.upload("test.seq", new Uint32Array(seq));
+      t.setPosition(0);
+      await gpu.run("p", await t.plan(seq.length, { buffer: buf, offset: 0 }, "last"));
+      buf.destroy();
+      return new Float32Array(await gpu.read(t.logits, 0, V * 4));
+    };
+    const p0 = processLogits(await logitsAfter(prompt), s);
+    const tStar = p0.indexOf(Math.max(...p0));
+    const p1 = processLogits(await logitsAfter([...prompt, tStar]), s);
+    const spec = new Decoder(gpu, t, { kind: "model", draft: d });
+    const counts = new Array(V).fill(0);
+    let used = 0, deep = 0;
+    for (let seed = 1; seed <= 300; seed++) {
+      const r = await spec.generate(prompt, 2, { ...s, seed }, quiet, 4, { depth: 2, width: 3 });
+      if (r.tokens[0] !== tStar) continue;
+      counts[r.tokens[1]]++;
+      used++;
+      if (r.accepted > 0) deep++;
+    }
+    assert.ok(used >= 80, `only ${used} runs started with the most likely token`);
+    assert.ok(deep > 0, "no run accepted a drafted token");
+    const { pValue, stat, df } = chiSquareTest(counts, p1);
+    // Fixed seeds make this deterministic; a wrong acceptance rule gives p-values << 1e-3.
+    assert.ok(pValue > 0.001, `chi-square ${stat.toFixed(1)} on ${df} df, p-value ${pValue}`);
+    spec.destroy();
+    destroy();
   },
 );
