@@ -24,12 +24,12 @@
  *   verify  the target's forward over all 1 + depth * width nodes with the tree mask
  *   accept  kernels/tree_accept.ts: walk from the root along the target's argmax while a child
  *           matches; the argmax at the last accepted node is the bonus token
+ *   compact kernels/kv_compact.ts: the accepted path's KV rows into contiguous positions, in
+ *           both models' caches; then commit as above (with k = nodes - 1)
  * Sampled (temperature > 0), the layout is fixed (`sampledTreeParents`: each level is `width`
  * children of the previous level's first node, drawn from its q without replacement by
  * kernels/tree_draft.ts) and acceptance is multi-candidate recursive rejection sampling
  * (kernels/tree_sample_accept.ts, engine/tree_sampling.ts); the rest is the same.
- *   compact kernels/kv_compact.ts: the accepted path's KV rows into contiguous positions, in
- *           both models' caches; then commit as above (with k = nodes - 1)
  *
  * @module
  */
