@@ -74,7 +74,9 @@ export type {
 export { perplexity, PERPLEXITY_DEFINITION, perplexityTokens } from "./engine/perplexity.ts";
 export type { PerplexityOptions, PerplexityResult } from "./engine/perplexity.ts";
 export { LlamaGpu } from "./models/llama.ts";
-export type { LlamaGpuOptions, LogitRows, TokenSource } from "./models/llama.ts";
+export type { LlamaGpuOptions, LogitRows, TokenSource, TreeRows } from "./models/llama.ts";
+export { parseTreeShape, TREE_MAX_NODES, treeTable } from "./engine/token_tree.ts";
+export type { TreeShape } from "./engine/token_tree.ts";
 export { WeightStore } from "./engine/weights.ts";
 export type { StoredFormat, StoredTensor } from "./engine/weights.ts";
 export { main } from "./engine/cli.ts";

@@ -4,8 +4,8 @@
  *
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
  *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
- *                            [--quant F]...
- *                            [--peak-gbs N] [--out F] [--json]
+ *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
+ *                            [--trees 4x2,6x3] [--no-ngram]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
@@ -13,7 +13,9 @@
  * builds a model with that configuration's exact shapes and random weights on the GPU (no file)
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
- * at T = 1..17 per format, `--shapes` per row/lane split.
+ * at T = 1..17 per format, `--shapes` per row/lane split. With `--target` and `--draft`: plain,
+ * chain drafts of each `--ks` length and auto, token trees of each `--trees` shape (greedy) and
+ * n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as plain).
  */
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
@@ -34,7 +36,8 @@ import {
 } from "./matmul_cases.ts";
 import { readHfConfig } from "../models/hf.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
-import type { DraftLength, Speculation } from "../engine/decode.ts";
+import { type DraftLength, type Speculation, targetLogitRows } from "../engine/decode.ts";
+import { parseTreeShape, type TreeShape } from "../engine/token_tree.ts";
 
 const CODE = `import os
 import sys
@@ -313,41 +316,58 @@ async function benchSpeculative(
   targetPath: string,
   draftPath: string,
   tokens: number,
-  tokenizer?: string,
+  tokenizer: string | undefined,
+  ks: number[],
+  trees: TreeShape[],
+  ngram: boolean,
 ): Promise<SpecRow[]> {
   const th = await loadModel(targetPath, { tokenizer }),
     dh = await loadModel(draftPath, { tokenizer });
   const tok = th.tokenizer!;
   const store = new WeightStore(gpu);
   const maxSeq = Math.min(th.config.maxSeqLen, dh.config.maxSeqLen, 1024);
-  const t = await LlamaGpu.create(gpu, store, th, { label: "target", maxSeq });
+  const t = await LlamaGpu.create(gpu, store, th, {
+    label: "target",
+    maxSeq,
+    maxLogitRows: targetLogitRows(true),
+  });
   const d = await LlamaGpu.create(gpu, store, dh, { label: "draft", maxSeq });
   const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }).slice(0, 64));
   const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
   const quiet = { onTokens: () => {}, cancelled: () => false };
-  const configs: [string, Speculation, DraftLength][] = [
+  const configs: [string, Speculation, DraftLength, TreeShape?][] = [
     ["plain", { kind: "none" }, 1],
-    ...[2, 3, 4, 6, 8].map((k): [string, Speculation, DraftLength] => [
+    ...ks.map((k): [string, Speculation, DraftLength] => [
       `draft model k=${k}`,
       { kind: "model", draft: d },
       k,
     ]),
     ["draft model k=auto", { kind: "model", draft: d }, "auto"],
-    ["n-gram k=4", { kind: "ngram", maxN: 3 }, 4],
-    ["n-gram k=auto", { kind: "ngram", maxN: 3 }, "auto"],
+    ...trees.map((s): [string, Speculation, DraftLength, TreeShape] => [
+      `draft tree ${s.depth}x${s.width}`,
+      { kind: "model", draft: d },
+      s.depth,
+      s,
+    ]),
   ];
+  if (ngram) {
+    configs.push(
+      ["n-gram k=4", { kind: "ngram", maxN: 3 }, 4],
+      ["n-gram k=auto", { kind: "ngram", maxN: 3 }, "auto"],
+    );
+  }
   const decoders = new Map<string, Decoder>();
   const rows: SpecRow[] = [];
   let plainOut: number[][] = [];
   let plainRate = 0;
-  for (const [name, spec, k] of configs) {
+  for (const [name, spec, k, tree] of configs) {
     let dec = decoders.get(spec.kind);
     if (!dec) decoders.set(spec.kind, dec = new Decoder(gpu, t, spec));
-    await dec.generate(prompts[0], 16, greedy, quiet, k); // warm-up
+    await dec.generate(prompts[0], 16, greedy, quiet, k, tree); // warm-up
     let n = 0, ms = 0, acc = 0, prop = 0, passes = 0, draftMs = 0, gpuMs = 0;
     const outs: number[][] = [];
     for (const p of prompts) {
-      const r = await dec.generate(p, tokens, greedy, quiet, k);
+      const r = await dec.generate(p, tokens, greedy, quiet, k, tree);
       outs.push(r.tokens);
       n += r.tokens.length - 1;
       ms += r.decodeMs;
@@ -399,6 +419,9 @@ if (import.meta.main) {
       target: { type: "string" },
       draft: { type: "string" },
       tokenizer: { type: "string" },
+      ks: { type: "string", default: "2,3,4,6,8" },
+      trees: { type: "string", default: "4x2,6x3" },
+      "no-ngram": { type: "boolean" },
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
@@ -528,6 +551,9 @@ if (import.meta.main) {
       values.draft,
       Number(values.tokens),
       values.tokenizer,
+      String(values.ks).split(",").filter((x: string) => x !== "").map(Number),
+      String(values.trees).split(",").filter((x: string) => x !== "").map(parseTreeShape),
+      values["no-ngram"] !== true,
     );
     report.speculative = rows;
     console.log(

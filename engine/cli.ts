@@ -21,6 +21,7 @@ import { perplexity, PERPLEXITY_DEFINITION } from "./perplexity.ts";
 import { quantizeToGguf } from "./quantize.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
+import { parseTreeShape } from "./token_tree.ts";
 
 /** A user error: bad flags or an impossible request. Printed without a stack. */
 export class UsageError extends Error {
@@ -80,6 +81,8 @@ ${COMMON_MODEL}
                         target drafts, --draft-quant, default q4_0), ngram (prompt lookup, no
                         draft weights) or none (plain decoding)
   --draft-tokens <k>    draft tokens per cycle, 1..16, or auto (follows the acceptance; default 4)
+  --draft-tree <DxW>    draft a token tree instead: D levels of W nodes (e.g. 6x3; W <= 8,
+                        1 + D*W <= 64), verified in one target pass (lossless when sampling too)
   --compare             also decode plainly on the same prompt and print the measured speedup
   --prompt <text>       prompt, tokenized with BOS
   --prompt-tokens <ids> comma-separated token ids, used as given (nothing added)
@@ -111,6 +114,7 @@ ${QUANT_FLAGS}
       "draft-tokenizer": { type: "string" },
       spec: { type: "string" },
       "draft-tokens": { type: "string" },
+      "draft-tree": { type: "string" },
       compare: { type: "boolean" },
       json: { type: "boolean" },
       ...QUANT_FLAG_SPECS,
@@ -367,7 +371,18 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
     seed: numberFlag(v, "seed", 0, 0, 2 ** 32 - 1),
     spec: specFlag(v),
     draftTokens: v["draft-tokens"] === "auto" ? "auto" : numberFlag(v, "draft-tokens", 4, 1, 16),
+    draftTree: treeFlag(v),
   };
+  if (opts.draftTree !== undefined) {
+    if (opts.spec !== "model") {
+      throw new UsageError(
+        `--draft-tree drafts with a model: pass --draft <dir|file> or --spec self`,
+      );
+    }
+    if (v["draft-tokens"] !== undefined) {
+      throw new UsageError("give one of --draft-tokens (a chain) or --draft-tree (a tree)");
+    }
+  }
   const draft = typeof v.draft === "string" ? v.draft : undefined;
   const selfDraft = v.spec === "self";
   if (selfDraft && draft) throw new UsageError("--spec self drafts with the target: drop --draft");
@@ -415,7 +430,9 @@ async function runGenerate(v: Record<string, string | boolean | undefined>): Pro
     const stats = r.value;
     let compare: Record<string, number> | undefined;
     if (v.compare && stats.stop_reason !== "cancelled") {
-      const plain = await drain(engine.generate({ ...opts, spec: "none" }, abort.signal));
+      const plain = await drain(
+        engine.generate({ ...opts, spec: "none", draftTree: undefined }, abort.signal),
+      );
       compare = {
         plain_decode_tok_s: plain.decode_tok_s,
         speedup: stats.decode_tok_s / plain.decode_tok_s,
@@ -442,6 +459,17 @@ async function drain(gen: AsyncGenerator<unknown, GenerateStats>): Promise<Gener
   let r = await gen.next();
   while (!r.done) r = await gen.next();
   return r.value;
+}
+
+function treeFlag(v: Record<string, unknown>): string | undefined {
+  const s = v["draft-tree"];
+  if (s === undefined) return undefined;
+  try {
+    const shape = parseTreeShape(String(s));
+    return `${shape.depth}x${shape.width}`;
+  } catch (e) {
+    throw new UsageError(`--draft-tree: ${(e as Error).message}`);
+  }
 }
 
 function specFlag(v: Record<string, unknown>): "model" | "ngram" | "none" {
@@ -718,6 +746,7 @@ export function formatStats(s: GenerateStats): string {
       ? ""
       : `spec ${s.spec}: acceptance ${(100 * s.acceptance_rate).toFixed(1)}%, ` +
         `${s.tokens_per_pass.toFixed(2)} tok/target pass` +
+        (s.tree_shape ? `, tree ${s.tree_shape}` : "") +
         (s.draft_time_share === null
           ? ""
           : `, draft ${(100 * s.draft_time_share).toFixed(0)}% of GPU time`) +

@@ -15,6 +15,22 @@
  *           the rejected rows, put the last token in verifyIn[0]
  * Plain decoding is the same cycle with k = 0 and no draft.
  *
+ * A tree cycle (a draft model and a {@linkcode TreeShape} `depth x width`), with the tree's
+ * nodes in `verifyIn` (node 0 = the last emitted token) and its ancestor table in a GPU buffer:
+ *   draft   the root through the draft (T = 1), then per level: the best `width` of the level's
+ *           candidates (kernels/tree_draft.ts: each node's top `width` tokens by path log q) become
+ *           the next level's nodes, and that level goes through the draft in one forward (T =
+ *           width, tree mask); the last level enters the draft's cache only
+ *   verify  the target's forward over all 1 + depth * width nodes with the tree mask
+ *   accept  kernels/tree_accept.ts: walk from the root along the target's argmax while a child
+ *           matches; the argmax at the last accepted node is the bonus token
+ *   compact kernels/kv_compact.ts: the accepted path's KV rows into contiguous positions, in
+ *           both models' caches; then commit as above (with k = nodes - 1)
+ * Sampled (temperature > 0), the layout is fixed (`sampledTreeParents`: each level is `width`
+ * children of the previous level's first node, drawn from its q without replacement by
+ * kernels/tree_draft.ts) and acceptance is multi-candidate recursive rejection sampling
+ * (kernels/tree_sample_accept.ts, engine/tree_sampling.ts); the rest is the same.
+ *
  * @module
  */
 import type { Dispatch, Gpu } from "./gpu.ts";
@@ -24,6 +40,19 @@ import { createAccept } from "../kernels/accept.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
+import { createTreeDraft, createTreeDraftSampled } from "../kernels/tree_draft.ts";
+import { createTreeAccept } from "../kernels/tree_accept.ts";
+import { createTreeSampleAccept } from "../kernels/tree_sample_accept.ts";
+import { createKvCompact } from "../kernels/kv_compact.ts";
+import {
+  checkTreeShape,
+  sampledTreeParents,
+  TREE_MAX_NODES,
+  TREE_WORDS,
+  treeNodes,
+  type TreeShape,
+  treeTable,
+} from "./token_tree.ts";
 
 /** Sampling settings of one generation (the target's p and the draft's q alike). */
 export interface SamplingSettings {
@@ -69,10 +98,12 @@ export interface DecodeResult {
   decodeMs: number;
   /** Target forward passes after prefill (cycles). */
   targetPasses: number;
-  /** Draft tokens proposed. */
+  /** Draft tokens proposed (a tree cycle counts its depth, the longest path it offers). */
   proposed: number;
   /** Draft tokens accepted. */
   accepted: number;
+  /** The tree shape the cycles used, when tree speculation ran. */
+  tree?: TreeShape;
   /** GPU time in drafting and in verify/accept/commit (ms), where timestamps exist. */
   gpuMs?: { draft: number; verify: number };
 }
@@ -94,10 +125,23 @@ export function decoderBytes(
   timestamps: boolean,
 ): number {
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
-  let n = maxSeq * 4 + 2 * (MAX_DRAFT + 1) * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
-  n += pad4(speculative ? MAX_DRAFT * vocab * 4 : 4) + 16 + RING * (RUN_SLOTS + maxSeq + 1) * 4;
+  let n = maxSeq * 4 + 2 * TREE_MAX_NODES * 4 + 4 + 4 + RUN_SLOTS * 4 + 2 * (maxSeq + 1) * 4;
+  n += pad4(speculative ? TREE_MAX_NODES * vocab * 4 : 4) + 16 +
+    RING * (RUN_SLOTS + maxSeq + 1) * 4;
+  // Tree buffers: two ancestor tables, path scores, path, argmax, candidates, and the sampled
+  // acceptance's residual rows.
+  n += TREE_MAX_NODES * 4 * (2 * TREE_WORDS + 1 + 1 + 1 + 2) + (speculative ? 2 * vocab * 4 : 4);
   if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
+}
+
+/**
+ * Logit rows the target is created with: a whole token tree's (64) when a draft model may draft
+ * trees, else the chain's widest verify (MAX_DRAFT + 1 = 17). The session and the VRAM planner
+ * both use this.
+ */
+export function targetLogitRows(draftModel: boolean): number {
+  return draftModel ? TREE_MAX_NODES : MAX_DRAFT + 1;
 }
 
 /** What one submission's readback says. */
@@ -128,12 +172,19 @@ export class Decoder {
     "prompt" | "verifyIn" | "outTokens" | "outCount" | "one" | "q" | "run" | "out" | "history",
     GPUBuffer
   >;
+  // Tree speculation: ancestor table [64, 4] u32 (greedy: drafted), the fixed table of sampled
+  // trees, path scores [64] f32, accepted path [64] u32, the target's argmax per node [64] u32,
+  // draft candidates [64] (id, log q), residual rows [2, V] f32 of the sampled acceptance.
+  readonly #tree: Record<
+    "table" | "fixed" | "scores" | "path" | "argmax" | "cand" | "res",
+    GPUBuffer
+  >;
   readonly #dummyState: GPUBuffer;
   readonly #staging: GPUBuffer[]; // [RING] run state + out ids, read back per submission
   // Timestamps: 4 per cycle (draft begin/end, verify begin/end), RING slices of the set.
   readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer[] };
   #samplingKey = "";
-  #cycles = new Map<number, { draft: Dispatch[]; verify: Dispatch[] }>();
+  #cycles = new Map<number | string, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
 
   /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
@@ -156,16 +207,29 @@ export class Decoder {
     const speculative = spec.kind !== "none";
     this.#buf = {
       prompt: b("prompt", this.#maxSeq * 4), // [maxSeq] u32 prompt ids
-      verifyIn: b("verify_in", (MAX_DRAFT + 1) * 4), // [k + 1] u32: last token, d1..dk
-      outTokens: b("out_tokens", (MAX_DRAFT + 1) * 4), // [k + 1] u32 accepted + 1
+      verifyIn: b("verify_in", TREE_MAX_NODES * 4), // [k + 1] u32: last token, d1..dk (or tree nodes)
+      outTokens: b("out_tokens", TREE_MAX_NODES * 4), // [k + 1] u32 accepted + 1
       outCount: b("out_count", 4), // [1] u32 accepted + 1
       one: b("one", 4), // [1] u32 = 1: the count of a plain step
-      q: b("q", speculative ? MAX_DRAFT * V * 4 : 4), // [k, V] f32 draft distributions
+      q: b("q", speculative ? TREE_MAX_NODES * V * 4 : 4), // [k (or nodes), V] f32 draft q
       run: b("run", RUN_SLOTS * 4), // run state, kernels/commit.ts RUN
       out: b("out", (this.#maxSeq + 1) * 4), // [maxSeq + 1] u32 emitted ids
       history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
     };
     gpu.write(this.#buf.one, new Uint32Array([1]));
+    const N = TREE_MAX_NODES;
+    this.#tree = {
+      table: b("tree.table", N * TREE_WORDS * 4),
+      scores: b("tree.scores", N * 4),
+      path: b("tree.path", N * 4),
+      argmax: b("tree.argmax", N * 4),
+      cand: b("tree.cand", N * 8),
+      fixed: b("tree.fixed", N * TREE_WORDS * 4),
+      res: b("tree.res", speculative ? 2 * V * 4 : 4),
+    };
+    // Node 0 (the root) never changes: ancestors {0}, depth 0, score 0.
+    gpu.write(this.#tree.table, treeTable([-1]));
+    gpu.write(this.#tree.scores, new Float32Array(N));
     this.#dummyState = b("dummy_state", 16);
     const read = GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ;
     this.#staging = Array.from(
@@ -201,7 +265,9 @@ export class Decoder {
   /** GPU bytes this decoder allocated. */
   get bytes(): number {
     let n = this.#dummyState.size;
-    for (const b of [...Object.values(this.#buf), ...this.#staging]) n += b.size;
+    for (const b of [...Object.values(this.#buf), ...Object.values(this.#tree), ...this.#staging]) {
+      n += b.size;
+    }
     if (this.#query) {
       n += this.#query.resolve.size;
       for (const b of this.#query.staging) n += b.size;
@@ -321,6 +387,147 @@ export class Decoder {
     return c;
   }
 
+  /**
+   * The dispatches of one tree cycle of `shape` (see the module doc), greedy or sampled (then the
+   * layout is `sampledTreeParents` and its table `#tree.fixed`). Built once.
+   */
+  async #treeCycle(
+    shape: TreeShape,
+    s: SamplingSettings,
+  ): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
+    const sampled = s.temperature > 0;
+    const key = `tree${shape.depth}x${shape.width}${sampled ? "s" : ""}`;
+    const cached = this.#cycles.get(key);
+    if (cached) return cached;
+    const g = this.#gpu, t = this.#target, B = this.#buf, T = this.#tree, spec = this.#spec;
+    if (spec.kind !== "model") throw new Error("tree speculation needs a draft model");
+    const d = spec.draft, V = t.config.vocabSize, { depth, width } = shape, N = treeNodes(shape);
+    const at = (first: number) => ({ buffer: B.verifyIn, offset: first });
+    const table = sampled ? T.fixed : T.table;
+    // Greedy: the best width of each level's candidates by path score (tree_draft.ts top-k).
+    // Sampled: width children of the level's first node, drawn from its q without replacement.
+    const expand = sampled
+      ? async (_R: number, parentFirst: number) => [
+        await createTreeDraftSampled(g, {
+          label: `decode.tree.sampled${parentFirst}`,
+          logits: d.logits,
+          probs: B.q,
+          tokens: B.verifyIn,
+          state: B.run,
+          counterIndex: RUN.sampleRng,
+          parent: parentFirst,
+          newFirst: parentFirst === 0 ? 1 : parentFirst + width,
+          width,
+          V,
+          ...s,
+        }),
+      ]
+      : (R: number, parentFirst: number) => greedyExpand(R, parentFirst);
+    const greedyExpand = (R: number, parentFirst: number) =>
+      createTreeDraft(g, {
+        label: `decode.tree.level${parentFirst}`,
+        logits: d.logits,
+        cand: T.cand,
+        tokens: B.verifyIn,
+        scores: T.scores,
+        table,
+        R,
+        width,
+        parentFirst,
+        newFirst: parentFirst + R,
+        V,
+      });
+    const draft: Dispatch[] = [];
+    // The root (the last emitted token) through the draft at its position, then level 1.
+    draft.push(...await d.plan(1, at(0), "last"), ...await expand(1, 0));
+    for (let level = 1; level < depth; level++) {
+      const first = 1 + (level - 1) * width;
+      draft.push(...await d.plan(width, at(first), "all", { table, first }));
+      draft.push(...await expand(width, first));
+    }
+    // The last level enters the draft's cache too, so every node has its draft KV rows.
+    const last = 1 + (depth - 1) * width;
+    draft.push(...await d.plan(width, at(last), "none", { table, first: last }));
+    const compact = (m: LlamaGpu, label: string) =>
+      createKvCompact(g, {
+        label,
+        kCache: m.kvCaches.k,
+        vCache: m.kvCaches.v,
+        state: m.state,
+        path: T.path,
+        count: B.outCount,
+        nodes: N,
+        dtype: m.kvType,
+        layers: m.config.nLayers,
+        maxSeq: m.maxSeq,
+        nKvHeads: m.config.nKvHeads,
+        headDim: m.config.headDim,
+      });
+    const accept = sampled
+      ? [
+        await createTreeSampleAccept(g, {
+          label: "decode.tree.sample_accept",
+          targetLogits: t.logits,
+          draftProbs: B.q,
+          tokens: B.verifyIn,
+          table,
+          outTokens: B.outTokens,
+          outCount: B.outCount,
+          path: T.path,
+          state: B.run,
+          counterIndex: RUN.acceptRng,
+          scratch: T.res,
+          nodes: N,
+          V,
+          draw: "without-replacement",
+          ...s,
+        }),
+      ]
+      : await createTreeAccept(g, {
+        label: "decode.tree.accept",
+        targetLogits: t.logits,
+        tokens: B.verifyIn,
+        table,
+        argmax: T.argmax,
+        outTokens: B.outTokens,
+        outCount: B.outCount,
+        path: T.path,
+        nodes: N,
+        V,
+      });
+    const verify: Dispatch[] = [
+      ...await t.plan(N, at(0), "all", { table, first: 0 }),
+      ...accept,
+      await compact(t, "decode.tree.compact.target"),
+      await compact(d, "decode.tree.compact.draft"),
+      await this.#commit(N - 1),
+    ];
+    const c = { draft, verify };
+    this.#cycles.set(key, c);
+    return c;
+  }
+
+  /** Throws unless tree speculation of `shape` can run on this decoder. */
+  #checkTree(shape: TreeShape): void {
+    checkTreeShape(shape);
+    const spec = this.#spec, N = treeNodes(shape), name = `${shape.depth}x${shape.width}`;
+    if (spec.kind !== "model") {
+      throw new Error(`tree speculation (${name}) needs a draft model (--draft)`);
+    }
+    if (N > this.#target.maxLogitRows || N > this.#target.maxT) {
+      throw new RangeError(
+        `a ${name} tree verifies ${N} rows but the target holds logits for ` +
+          `${this.#target.maxLogitRows} (maxLogitRows) and ${this.#target.maxT} rows per forward`,
+      );
+    }
+    if (shape.width > spec.draft.maxLogitRows) {
+      throw new RangeError(
+        `a ${name} tree drafts ${shape.width} rows per level but the draft holds logits for ` +
+          `${spec.draft.maxLogitRows}`,
+      );
+    }
+  }
+
   async #prepare(s: SamplingSettings): Promise<void> {
     const key = JSON.stringify([s.temperature, s.topK, s.topP, s.seed]);
     if (key === this.#samplingKey) return;
@@ -331,8 +538,8 @@ export class Decoder {
 
   /**
    * Generates up to `maxTokens` ids after `prompt` (the caches start empty), with draft length
-   * `k` per cycle. Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when
-   * cancelled.
+   * `k` per cycle, or with a draft tree of `tree`'s shape (a draft model; `k` unused).
+   * Stops at an EOS id, at `maxTokens`, at the end of the KV cache, or when cancelled.
    */
   async generate(
     prompt: readonly number[],
@@ -340,6 +547,7 @@ export class Decoder {
     sampling: SamplingSettings,
     events: DecodeEvents,
     k: DraftLength = 4,
+    tree?: TreeShape,
   ): Promise<DecodeResult> {
     const g = this.#gpu, t = this.#target, spec = this.#spec, B = this.#buf;
     if (prompt.length < 1) throw new RangeError("the prompt must hold at least one token");
@@ -351,6 +559,11 @@ export class Decoder {
     }
     if (k !== "auto" && (!Number.isInteger(k) || k < 1 || k > MAX_DRAFT)) {
       throw new RangeError(`draft length ${k} is outside [1, ${MAX_DRAFT}]`);
+    }
+    if (tree) {
+      this.#checkTree(tree);
+      // A sampled tree's layout is fixed: its ancestor table is written once per generation.
+      if (sampling.temperature > 0) g.write(this.#tree.fixed, treeTable(sampledTreeParents(tree)));
     }
     await this.#prepare(sampling);
     const P = prompt.length;
@@ -389,33 +602,46 @@ export class Decoder {
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
-    const inflight: { read: Promise<ReadState>; kc: number; n: number }[] = [];
+    // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
+    const inflight: { read: Promise<ReadState>; kc: number; n: number; per: number }[] = [];
+    const N = tree ? treeNodes(tree) : 0;
     let worst = 0; // tokens the chunks in flight may still add
     let least = 0; // tokens they add at least (one per cycle)
     while (true) {
       const stop = state.done || events.cancelled();
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
-      const kc = Math.min(kNow, room - 1);
+      // A tree cycle writes N cache rows before compaction: near the end of the cache, chains.
+      const useTree = tree !== undefined && room >= N;
+      const kc = useTree ? tree.depth : Math.min(tree?.depth ?? kNow, room - 1);
+      const per = kc + 1;
       const left = maxTokens - tokens.length - least;
-      const n = Math.min(cycles, MAX_CYCLES, Math.floor(room / (kc + 1)), left);
+      const n = Math.min(
+        cycles,
+        MAX_CYCLES,
+        useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
+        left,
+      );
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
-        const cyc = await this.#cycle(kc, sampling);
+        const cyc = useTree
+          ? await this.#treeCycle(tree, sampling)
+          : await this.#cycle(kc, sampling);
         const e = g.device.createCommandEncoder({ label: "decode.cycles" });
         // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
         // the set. Only written queries are resolved (an unwritten one can stall the resolve).
         const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
-        const per = cyc.draft.length ? 4 : 2;
+        const qPer = cyc.draft.length ? 4 : 2;
         const times = (at: number) =>
           q && { querySet: q.set, beginningOfPassWriteIndex: at, endOfPassWriteIndex: at + 1 };
         for (let i = 0; i < n; i++) {
-          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + per * i));
-          g.encode(e, "decode.verify", cyc.verify, times(base + per * i + per - 2));
+          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + qPer * i));
+          g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
         }
-        const timed = q ? { cycles: n, per } : undefined;
-        inflight.push({ read: this.#submit(e, tokens.length, timed, issued % RING), kc, n });
+        const timed = q ? { cycles: n, per: qPer } : undefined;
+        const read = this.#submit(e, tokens.length, timed, issued % RING);
+        inflight.push({ read, kc, n, per });
         issued++;
-        worst += n * (kc + 1);
+        worst += n * per;
         least += n;
         cycles *= 2;
         continue; // issue the next chunk before waiting on this one
@@ -424,7 +650,7 @@ export class Decoder {
       if (!chunk) break;
       const before = state;
       state = await chunk.read;
-      worst -= chunk.n * (chunk.kc + 1);
+      worst -= chunk.n * chunk.per;
       least -= chunk.n;
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
@@ -433,7 +659,7 @@ export class Decoder {
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
       proposed += dCycles * chunk.kc;
-      if (k === "auto" && chunk.kc > 0 && dCycles > 0) {
+      if (k === "auto" && !tree && chunk.kc > 0 && dCycles > 0) {
         alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * chunk.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
       }
@@ -454,6 +680,7 @@ export class Decoder {
       proposed,
       accepted: state.accepted,
       gpuMs: this.#query ? gpuMs : undefined,
+      tree,
     };
   }
 
@@ -522,7 +749,9 @@ export class Decoder {
 
   /** Frees the decoder's buffers. */
   destroy(): void {
-    for (const b of [...Object.values(this.#buf), ...this.#staging]) b.destroy();
+    for (const b of [...Object.values(this.#buf), ...Object.values(this.#tree), ...this.#staging]) {
+      b.destroy();
+    }
     this.#dummyState.destroy();
     if (this.#query) {
       this.#query.set.destroy();

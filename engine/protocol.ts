@@ -63,6 +63,11 @@ export interface GenerateOptions {
   spec?: "model" | "ngram" | "none";
   /** Draft tokens per cycle, 1..16, or "auto" (follows the running acceptance). Default 4. */
   draftTokens?: number | "auto";
+  /**
+   * Draft a token tree instead of a chain (a draft model): "DEPTHxWIDTH" such as
+   * "6x3" (depth levels of width nodes, 1 + depth * width <= 64). Overrides `draftTokens`.
+   */
+  draftTree?: string;
 }
 
 /** Why generation stopped. */
@@ -98,6 +103,8 @@ export interface GenerateStats {
   target_passes: number;
   /** Tokens emitted per target forward pass after prefill (1 for plain decoding). */
   tokens_per_pass: number;
+  /** The draft tree's shape ("6x3") when tree speculation ran, else null. */
+  tree_shape: string | null;
   /** Share of decode GPU time spent drafting (null where timestamps are unavailable). */
   draft_time_share: number | null;
   /** Share of decode GPU time spent verifying, accepting and committing. */

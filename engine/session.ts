@@ -6,7 +6,8 @@
  */
 import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
-import { Decoder, type Speculation } from "./decode.ts";
+import { Decoder, type Speculation, targetLogitRows } from "./decode.ts";
+import { parseTreeShape, type TreeShape } from "./token_tree.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { planFormats } from "./quant_plan.ts";
 import {
@@ -172,15 +173,16 @@ export class Session {
     progress(
       `uploading ${host.tensors.size} target tensors (${formatBytes(planned.target_weights)})`,
     );
+    const draftModel = self ? host : draftHost;
     const target = await LlamaGpu.create(gpu, store, host, {
       label: "target",
       maxSeq,
+      maxLogitRows: targetLogitRows(draftModel !== undefined),
       noF16: options.noF16,
       formats: targetFormats,
       kv,
     });
     let draft: LlamaGpu | undefined;
-    const draftModel = self ? host : draftHost;
     if (draftModel) {
       progress(
         `uploading ${self ? "the self-draft" : "draft"} tensors (${
@@ -273,6 +275,16 @@ export class Session {
       throw new Error("speculation with a draft model needs a draft (--draft <dir|file>)");
     }
     const k = o.draftTokens ?? 4;
+    let tree: TreeShape | undefined;
+    if (o.draftTree !== undefined) {
+      if (spec !== "model") {
+        throw new Error(
+          `a draft tree (${o.draftTree}) needs a draft model (--draft or --spec self), not ` +
+            `--spec ${spec}`,
+        );
+      }
+      tree = parseTreeShape(o.draftTree);
+    }
     let prompt: number[];
     if (o.promptTokens) {
       const bad = o.promptTokens.find((t) => !Number.isInteger(t) || t < 0 || t >= V);
@@ -284,15 +296,22 @@ export class Session {
     const streamer = this.#tokenizer?.decoder();
     let ttft = 0;
     const sampling = { temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed };
-    const r = await this.#decoder(spec).generate(prompt, o.maxTokens, sampling, {
-      onTokens: (ids) => {
-        if (ids.length === 0) return;
-        if (!ttft) ttft = performance.now() - tStart;
-        const text = streamer ? ids.map((id) => streamer.push(id)).join("") : "";
-        onChunk({ text, tokens: ids });
+    const r = await this.#decoder(spec).generate(
+      prompt,
+      o.maxTokens,
+      sampling,
+      {
+        onTokens: (ids) => {
+          if (ids.length === 0) return;
+          if (!ttft) ttft = performance.now() - tStart;
+          const text = streamer ? ids.map((id) => streamer.push(id)).join("") : "";
+          onChunk({ text, tokens: ids });
+        },
+        cancelled,
       },
-      cancelled,
-    }, k);
+      k,
+      tree,
+    );
     const tail = streamer?.flush() ?? "";
     if (tail) onChunk({ text: tail, tokens: [] });
     const info = this.info();
@@ -312,6 +331,7 @@ export class Session {
       accepted_tokens: r.accepted,
       target_passes: r.targetPasses,
       tokens_per_pass: r.targetPasses ? (r.tokens.length - 1) / r.targetPasses : 0,
+      tree_shape: r.tree ? `${r.tree.depth}x${r.tree.width}` : null,
       draft_time_share: gpuTotal ? r.gpuMs!.draft / gpuTotal : null,
       verify_time_share: gpuTotal ? r.gpuMs!.verify / gpuTotal : null,
       gpu_busy: r.gpuMs && r.decodeMs > 0 ? gpuTotal / r.decodeMs : null,

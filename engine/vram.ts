@@ -20,7 +20,7 @@ import type { LoadedModel } from "../models/types.ts";
 import type { Gpu } from "./gpu.ts";
 import { llamaBufferSizes, uploadList } from "../models/llama.ts";
 import { storedBytes, tensorKey } from "./weights.ts";
-import { decoderBytes } from "./decode.ts";
+import { decoderBytes, targetLogitRows } from "./decode.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 
@@ -147,7 +147,11 @@ export function planBuffers(
   let kv = 0, scratch = 0;
   for (const m of [setup.target, setup.draft]) {
     if (!m) continue;
-    const s = llamaBufferSizes(m.model.config, shape);
+    // With a draft model the target holds logits for a whole token tree (as the session does).
+    const rows = m === setup.target && setup.maxLogitRows === undefined
+      ? targetLogitRows(setup.draft !== undefined)
+      : shape.maxLogitRows;
+    const s = llamaBufferSizes(m.model.config, { ...shape, maxLogitRows: rows });
     const limit = Math.min(a.maxBufferSize, a.maxStorageBufferBindingSize);
     if (s.kvCache > limit) {
       problems.push(`a ${setup.kv} KV cache of ${maxSeq} rows needs ${s.kvCache} bytes > ${limit}`);

@@ -646,6 +646,7 @@ export interface AttentionRefShape {
  * CPU reference: two-pass softmax attention of `q` ([T, nHeads, headDim]) over the caches
  * ([layers, maxSeq, nKvHeads, headDim], f32 values; pass f16-rounded values for an f16 cache and
  * the dequantized values, `kvDequantizeRef`, for a q8 cache).
+ * `visible(t, s)`, when given, also hides key s from row t (a tree mask; kernels/fused_attention.ts).
  * Returns out: [T, nHeads, headDim]. Computed in f64.
  */
 export function attentionRef(
@@ -653,6 +654,7 @@ export function attentionRef(
   kCache: Float32Array,
   vCache: Float32Array,
   s: AttentionRefShape,
+  visible?: (t: number, key: number) => boolean,
 ): Float32Array {
   const { T, pos, nHeads, nKvHeads, headDim: hd, maxSeq, layer } = s;
   const group = nHeads / nKvHeads, scale = 1 / Math.sqrt(hd);
@@ -668,7 +670,7 @@ export function attentionRef(
         const ko = ((layer * maxSeq + j) * nKvHeads + kvh) * hd;
         let d = 0;
         for (let i = 0; i < hd; i++) d += q[qo + i] * kCache[ko + i];
-        scores[j] = d * scale;
+        scores[j] = visible && !visible(t, j) ? -Infinity : d * scale;
         if (scores[j] > max) max = scores[j];
       }
       let sum = 0;

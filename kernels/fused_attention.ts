@@ -10,6 +10,12 @@
  * so this forward's rows are used exactly as a later forward reads them back, and K[s], V[s] are
  * the cache for s < pos and k_s-pos, v_s-pos for the new rows. `pos` is read from `state[0]`.
  *
+ * Tree attention (option `tree`, engine/token_tree.ts): the T rows are nodes first..first+T-1 of a
+ * token tree whose node j lies in cache row b + j, b = pos - first. Row t is at position
+ * b + depth(t) (RoPE of q and of its k), and its keys are the rows s < b plus the tree rows of its
+ * ancestors and itself: the softmax skips the others. KV rows are written as in the chain (row t
+ * to cache row pos + t). The chain is the default and its WGSL is unchanged.
+ *
  * The work split is "flash" / "flash-split" of `kernels/attention.ts` (same plan, same predicate
  * {@linkcode attentionUsesSplitK}): workgroup (row block, kv head, key chunk). Two additions:
  * - New rows are computed while the K/V tile is staged (RoPE in registers; for q8 a per-key
@@ -36,6 +42,7 @@ import {
 } from "./attention.ts";
 import { checkKvCache, kvDequantizeRef, type KvDType, kvQuantizeRef } from "./kv_write.ts";
 import { ropeRef } from "./rope.ts";
+import { TREE_MAX_NODES, TREE_WORDS, treeSees } from "../engine/token_tree.ts";
 
 const LOG2E = 1.4426950408889634;
 /** Running-max start: finite, so exp2(m_old - m_new) never becomes exp2(-inf + inf) = NaN. */
@@ -103,6 +110,7 @@ export function fusedAttentionWgsl(
   plan: AttentionPlan,
   dtype: KvDType,
   layout: RopeLayout,
+  tree = false,
 ): string {
   const HD4 = headDim / 4, { bq: BQ, kt: KT } = plan, WG = ATTN_WG;
   const split = plan.variant === "flash-split";
@@ -141,6 +149,7 @@ struct Params {
   lastBlock: u32,  // index of the last row block (its workgroups write the cache)
   accBase: u32,    // split: first word of the partial accumulators in part (after the counters)
   mlBase: u32,     // split: first word of the (m, l) partials in part
+  treeFirst: u32,  // tree: the tree node of query row 0 (rows are nodes treeFirst..+T-1)
 }
 @group(0) @binding(0) var<storage, read> qkv: array<vec4<f32>>;        // qkv: [T, (nHeads + 2 nKv) * ${headDim}] f32
 @group(0) @binding(1) var<storage, read_write> kCache: array<${DT}>;  // [layers, maxSeq, nKv, ${headDim}] ${dtype}${
@@ -156,6 +165,11 @@ struct Params {
 ${
     split
       ? `@group(0) @binding(7) var<storage, read_write> part: array<atomic<u32>>; // counters [${COUNTERS}], acc [NS, T, nHeads, ${headDim}], (m, l) [NS, T, nHeads]`
+      : ""
+  }
+${
+    tree
+      ? `@group(0) @binding(8) var<storage, read> tree: array<vec4<u32>>; // ancestor table [nodes]: (mask lo, mask hi, depth, parent)`
       : ""
   }
 
@@ -185,6 +199,20 @@ var<workgroup> vScale: array<f32, ${KT}>;`
       : ""
   }
 ${split ? "var<workgroup> isLast: u32;" : ""}
+${
+    tree
+      ? `
+// Tree mask: cache rows below treeBase are the committed context, visible to every row; row
+// treeBase + j holds tree node j, visible to a row whose node has j among its ancestors.
+fn sees(lo: u32, hi: u32, s: u32, treeBase: u32) -> bool {
+  if (s < treeBase) { return true; }
+  let j = s - treeBase;
+  if (j < 32u) { return ((lo >> j) & 1u) != 0u; }
+  if (j < 64u) { return ((hi >> (j - 32u)) & 1u) != 0u; }
+  return false;
+}`
+      : ""
+  }
 
 ${
     q8
@@ -208,7 +236,12 @@ fn pack4(q: vec4<i32>) -> u32 {
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: u32) {
   let kh = wg.y;
   let row0 = wg.x * BQ;
-  let pos = state[0];
+  let pos = state[0];${
+    tree
+      ? `
+  let treeBase = pos - p.treeFirst; // cache row of tree node 0 (the root)`
+      : ""
+  }
   let writer = wg.x == p.lastBlock;
   let lastRow = min(row0 + BQ, p.rows) - 1u;
   let blockEnd = min(pos + lastRow / p.group + 1u, p.maxSeq);
@@ -226,13 +259,30 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
     if (row < p.rows) {
       let t = row / p.group;
       let h = kh * p.group + row % p.group;
-      x = rope4(t * p.qkvRow4 + h * HD4, e % HD4, f32(pos + t)) * p.scale;
+      x = rope4(t * p.qkvRow4 + h * HD4, e % HD4, f32(${
+    tree ? "treeBase + tree[p.treeFirst + t].z" : "pos + t"
+  })) * p.scale;
     }
     Qs[e] = x;
   }
-  if (tid < BQ) {
+${
+    tree
+      ? `  var seeLo = 0u; // ancestor mask of this invocation's row (tid < BQ)
+  var seeHi = 0u;
+`
+      : ""
+  }  if (tid < BQ) {
     let row = row0 + tid;
-    rowEnd[tid] = select(0u, min(pos + row / p.group + 1u, kEnd), row < p.rows);
+    rowEnd[tid] = select(0u, min(pos + row / p.group + 1u, kEnd), row < p.rows);${
+    tree
+      ? `
+    if (row < p.rows) {
+      let m = tree[p.treeFirst + row / p.group];
+      seeLo = m.x;
+      seeHi = m.y;
+    }`
+      : ""
+  }
     rowM[tid] = ${NEG};
     rowL[tid] = 0.0;
   }
@@ -252,7 +302,9 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
           vx = loadV(gi);
         } else {
           let t = s - pos;
-          var x = rope4(t * p.qkvRow4 + p.kOff4 + kh * HD4, e % HD4, f32(s));
+          var x = rope4(t * p.qkvRow4 + p.kOff4 + kh * HD4, e % HD4, f32(${
+    tree ? "treeBase + tree[s - treeBase].z" : "s"
+  }));
           kx = ${round};
           x = qkv[t * p.qkvRow4 + p.vOff4 + kh * HD4 + e % HD4];
           vx = ${round};${
@@ -321,11 +373,17 @@ ${
       let mOld = rowM[tid];
       var mNew = mOld;
       for (var j = 0u; j < nValid; j++) {
-        mNew = max(mNew, S[tid * KT + j]);
+        ${
+    tree
+      ? "if (sees(seeLo, seeHi, s0 + j, treeBase)) { mNew = max(mNew, S[tid * KT + j]); }"
+      : "mNew = max(mNew, S[tid * KT + j]);"
+  }
       }
       var sum = 0.0;
       for (var j = 0u; j < KT; j++) {
-        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid);
+        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid${
+    tree ? " && sees(seeLo, seeHi, s0 + j, treeBase)" : ""
+  });
         S[tid * KT + j] = w;
         sum += w;
       }
@@ -450,6 +508,14 @@ export interface FusedAttentionArgs extends AttentionShape {
    * created (its counters return to 0 after every dispatch); unused when not split.
    */
   scratch?: GPUBuffer;
+  /**
+   * Tree attention (engine/token_tree.ts): `table` is an ancestor table `[nodes, 4] u32` and this
+   * forward's row t is tree node `first + t`; tree node j sits in cache row pos - first + j.
+   * Row t then sees the cache rows below pos - first (the context) and the tree rows of its
+   * ancestors (and itself), at RoPE position pos - first + depth. Absent: a chain (row t at
+   * pos + t sees every row up to its own).
+   */
+  tree?: { table: GPUBuffer; first: number };
 }
 
 /**
@@ -465,6 +531,22 @@ export async function createFusedAttention(
     throw new Error(`${label}: T must be a positive integer, got ${args.T}`);
   }
   checkKvCache(label, args);
+  const tree = args.tree;
+  if (tree) {
+    const { first } = tree;
+    if (!Number.isInteger(first) || first < 0 || first + args.T > TREE_MAX_NODES) {
+      throw new RangeError(
+        `${label}: tree rows ${first}..${first + args.T - 1} outside the ${TREE_MAX_NODES} nodes ` +
+          `a tree may have`,
+      );
+    }
+    if (tree.table.size < (first + args.T) * TREE_WORDS * 4) {
+      throw new RangeError(
+        `${label}: ancestor table of ${tree.table.size} bytes is too small for nodes ` +
+          `0..${first + args.T - 1}`,
+      );
+    }
+  }
   if (args.nHeads % args.nKvHeads !== 0) {
     throw new Error(
       `${label}: nHeads ${args.nHeads} is not a multiple of nKvHeads ${args.nKvHeads}`,
@@ -506,6 +588,7 @@ export async function createFusedAttention(
     blocks - 1,
     COUNTERS,
     COUNTERS + plan.nSplits * rowsQ * headDim,
+    tree?.first ?? 0,
   ]);
   if (split && blocks * args.nKvHeads > COUNTERS) {
     throw new Error(`${label}: ${blocks * args.nKvHeads} split-K counters > ${COUNTERS}`);
@@ -513,10 +596,10 @@ export async function createFusedAttention(
   new Float32Array(raw.buffer)[7] = LOG2E / Math.sqrt(headDim);
   const params = gpu.uniform(`${label}.params`, raw);
   const key = `attention.fused.${plan.variant}.hd${headDim}.${dtype}.${args.layout}.bq${plan.bq}` +
-    `.kt${plan.kt}.ns${plan.nSplits}.wg${ATTN_WG}`;
+    `.kt${plan.kt}.ns${plan.nSplits}.wg${ATTN_WG}${tree ? ".tree" : ""}`;
   const pipeline = await gpu.pipeline(
     key,
-    () => fusedAttentionWgsl(headDim, plan, dtype, args.layout),
+    () => fusedAttentionWgsl(headDim, plan, dtype, args.layout, tree !== undefined),
   );
   return {
     label,
@@ -530,6 +613,7 @@ export async function createFusedAttention(
       params,
       args.invFreq,
       split ? args.scratch : undefined,
+      tree?.table,
     ]),
     workgroups: [blocks, args.nKvHeads, plan.nSplits],
   };
@@ -555,13 +639,16 @@ export interface FusedAttentionRefShape {
   dtype: KvDType;
   /** RoPE pairing. */
   layout: RopeLayout;
+  /** Tree attention, as {@linkcode FusedAttentionArgs.tree} with the table's host copy. */
+  tree?: { table: Uint32Array; first: number };
 }
 
 /**
  * CPU reference, composed from the unfused references: split `qkv` into q, k, v; `ropeRef` on q
- * and k at positions pos..; write k, v into (copies of) the caches as the cache stores them
+ * and k at positions pos.. (tree: the tree base plus each node's depth); write k, v into (copies of) the caches as the cache stores them
  * (f16-rounded or q8-quantized per head vector); `attentionRef` over the result. The caches are
- * f32 values ([layers, maxSeq, nKvHeads, headDim]). Returns out [T, nHeads, headDim] and the
+ * f32 values ([layers, maxSeq, nKvHeads, headDim]); a tree masks the keys by the
+ * ancestor table. Returns out [T, nHeads, headDim] and the
  * updated caches.
  */
 export function fusedAttentionRef(
@@ -580,8 +667,18 @@ export function fusedAttentionRef(
     k.set(qkv.subarray(t * W + qDim, t * W + qDim + kvDim), t * kvDim);
     v.set(qkv.subarray(t * W + qDim + kvDim, (t + 1) * W), t * kvDim);
   }
-  const qr = ropeRef(q, nHeads, hd, s.pos, invFreq, s.layout);
-  const kr = ropeRef(k, nKvHeads, hd, s.pos, invFreq, s.layout);
+  // Row t's position: pos + t (chain), or the tree base plus its node's depth.
+  const tree = s.tree, base = s.pos - (tree?.first ?? 0);
+  const at = (node: number) => tree ? base + tree.table[node * TREE_WORDS + 2] : s.pos + node;
+  const rope = (x: Float32Array, heads: number) => {
+    const y = new Float32Array(x.length), n = heads * hd;
+    for (let t = 0; t < T; t++) {
+      const row = x.subarray(t * n, (t + 1) * n);
+      y.set(ropeRef(row, heads, hd, at((tree?.first ?? 0) + t), invFreq, s.layout), t * n);
+    }
+    return y;
+  };
+  const qr = rope(q, nHeads), kr = rope(k, nKvHeads);
   const kc = kCache.slice(), vc = vCache.slice();
   for (const [cache, src] of [[kc, kr], [vc, v]]) {
     for (let t = 0; t < T && s.pos + t < s.maxSeq; t++) {
@@ -595,6 +692,8 @@ export function fusedAttentionRef(
       }
     }
   }
-  const out = attentionRef(qr, kc, vc, s);
+  const visible = tree &&
+    ((t: number, key: number) => key < base || treeSees(tree.table, tree.first + t, key - base));
+  const out = attentionRef(qr, kc, vc, s, visible);
   return { out, kCache: kc, vCache: vc };
 }

@@ -101,6 +101,18 @@ export interface TokenSource {
   offset: number;
 }
 
+/**
+ * A forward over tree nodes (engine/token_tree.ts): `table` is the ancestor table `[nodes, 4]
+ * u32`, and the forward's row t is tree node `first + t` (its cache row is pos + t, its position
+ * the tree's base plus its depth).
+ */
+export interface TreeRows {
+  /** Ancestor table, `[nodes, 4] u32`. */
+  table: GPUBuffer;
+  /** Tree node of the forward's row 0. */
+  first: number;
+}
+
 /** A model's GPU state: weights, KV cache, activations and cached plans. */
 export class LlamaGpu {
   /** Resolved hyperparameters. */
@@ -324,28 +336,38 @@ export class LlamaGpu {
    * The dispatches of one forward over `T` rows whose ids are read from `tokens`, at positions
    * state[0] .. state[0]+T-1; it ends by advancing state[0] by T. Logits go to `this.logits`:
    * for the last row only ("last": prefill, decode), for all rows ("all": verify, T ≤
-   * maxLogitRows) or none ("none": rows that only fill the cache). Plans are built once per
-   * (T, source, rows) and cached.
+   * maxLogitRows) or none ("none": rows that only fill the cache). With `tree`, the rows are
+   * tree nodes and attend by its ancestor table (see {@linkcode TreeRows}). Plans are built once
+   * per (T, source, rows, tree) and cached.
    */
-  plan(T: number, tokens: TokenSource, rows: LogitRows): Promise<Dispatch[]> {
+  plan(T: number, tokens: TokenSource, rows: LogitRows, tree?: TreeRows): Promise<Dispatch[]> {
     if (T < 1 || T > this.maxT) {
       throw new RangeError(`${this.#label}: T=${T} outside [1, ${this.maxT}]`);
     }
     if (rows === "all" && T > this.maxLogitRows) {
       throw new RangeError(`${this.#label}: ${T} logit rows > maxLogitRows ${this.maxLogitRows}`);
     }
-    let id = this.#sourceIds.get(tokens.buffer);
-    if (id === undefined) this.#sourceIds.set(tokens.buffer, id = this.#sourceIds.size);
-    const key = `${T}:${id}:${tokens.offset}:${rows}`;
+    const idOf = (b: GPUBuffer) => {
+      let id = this.#sourceIds.get(b);
+      if (id === undefined) this.#sourceIds.set(b, id = this.#sourceIds.size);
+      return id;
+    };
+    const key = `${T}:${idOf(tokens.buffer)}:${tokens.offset}:${rows}` +
+      (tree ? `:tree${idOf(tree.table)}.${tree.first}` : "");
     let p = this.#plans.get(key);
     if (!p) {
-      p = this.#build(T, tokens, rows);
+      p = this.#build(T, tokens, rows, tree);
       this.#plans.set(key, p);
     }
     return p;
   }
 
-  async #build(T: number, tokens: TokenSource, rows: LogitRows): Promise<Dispatch[]> {
+  async #build(
+    T: number,
+    tokens: TokenSource,
+    rows: LogitRows,
+    tree?: TreeRows,
+  ): Promise<Dispatch[]> {
     const g = this.#gpu, c = this.config, a = this.#act, L = this.#label;
     const qDim = c.nHeads * c.headDim, qkvDim = qDim + 2 * c.nKvHeads * c.headDim;
     const eps = c.normEps;
@@ -391,7 +413,8 @@ export class LlamaGpu {
         );
       }
       // 2. Rotate q and k by their positions (state[0] + t), append k, v to the cache rows
-      //    state[0] .. state[0]+T-1 and attend causally: att = softmax(q·K^T / √d)·V.
+      //    state[0] .. state[0]+T-1 and attend causally: att = softmax(q·K^T / √d)·V. A tree:
+      //    positions by depth, and each row attends to the context and its ancestors only.
       d.push(
         await createFusedAttention(g, {
           label: `${P}.attn`,
@@ -411,6 +434,7 @@ export class LlamaGpu {
           layers: c.nLayers,
           layer: l,
           scratch: this.#attnScratch,
+          tree,
         }),
       );
       // 3. x += att·Wo (residual fused into the product).
@@ -446,6 +470,14 @@ export class LlamaGpu {
     // state[0] += T: these rows are now in the cache.
     d.push(await createAdvance(g, { label: `${L}.advance`, state: this.state, by: T }));
     return d;
+  }
+
+  /**
+   * The K and V caches, `[layers, maxSeq, nKvHeads, headDim]` of {@linkcode LlamaGpu.kvType}
+   * (q8: then per-row scales), for kernels that move cache rows (kernels/kv_compact.ts).
+   */
+  get kvCaches(): { k: GPUBuffer; v: GPUBuffer } {
+    return { k: this.#kCache, v: this.#vCache };
   }
 
   /** Sets state[0] (the cache position) from the host; use between generations, not per token. */

@@ -59,6 +59,19 @@ Deno.test("generate rejects bad flags before loading anything", async () => {
       /nf4 has no GGUF type/,
     ],
     [["perplexity", "--model", stories, "--file", "/nonexistent.txt"], /--file .* no such file/],
+    [
+      ["generate", "--model", stories, "--prompt", "a", "--draft-tree", "6by3"],
+      /--draft-tree: tree shape "6by3" is not DEPTHxWIDTH/,
+    ],
+    [
+      ["generate", "--model", stories, "--prompt", "a", "--draft-tree", "9x8"],
+      /--draft-tree: tree depth 9 x width 8 needs 73 nodes/,
+    ],
+    [["generate", "--model", stories, "--prompt", "a", "--draft-tree", "3x2"], /pass --draft/],
+    [
+      ["generate", "--model", stories, "--prompt", "a", "--spec", "ngram", "--draft-tree", "3x2"],
+      /--draft-tree drafts with a model/,
+    ],
   ];
   for (const [args, re] of cases) {
     const r = await cli(...args);
@@ -320,5 +333,24 @@ Deno.test({
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  },
+});
+
+Deno.test({
+  name: "generate --draft-tree prints the greedy tokens and the tree shape in the stats",
+  ignore: noGpu,
+  async fn() {
+    const draft = await fixture("saltyduckegg-llama2xs.c/model.bin");
+    const args = ["--model", stories, "--tokenizer", tok512, "--prompt", "Once upon a time"];
+    const common = [...args, "--max-tokens", "24", "--temperature", "0", "--json"];
+    const plain = await cli("generate", ...common);
+    assert.equal(plain.code, 0, plain.stderr);
+    const tree = await cli("generate", ...common, "--draft", draft, "--draft-tree", "4x2");
+    assert.equal(tree.code, 0, tree.stderr);
+    const a = JSON.parse(plain.stdout), b = JSON.parse(tree.stdout);
+    assert.deepEqual(b.tokens, a.tokens);
+    assert.equal(b.stats.tree_shape, "4x2");
+    assert.equal(a.stats.tree_shape, null);
+    assert.ok(b.stats.tokens_per_pass > 1, JSON.stringify(b.stats));
   },
 });

@@ -10,7 +10,8 @@ import { kvCacheBytes, kvDequantizeRef, type KvDType, kvQuantizeRef } from "../k
 import { ropeInvFreq } from "../kernels/rope.ts";
 import type { RopeLayout } from "../models/types.ts";
 import type { Gpu } from "../engine/gpu.ts";
-import { assertClose, gpuTest, randomArray } from "./harness.ts";
+import { chainParents, TREE_MAX_NODES, treeTable } from "../engine/token_tree.ts";
+import { assertClose, gpuTest, randomArray, rng } from "./harness.ts";
 import assert from "@specdec/assert";
 
 /**
@@ -35,6 +36,8 @@ interface Case {
   maxSeq: number;
   dtype: KvDType;
   layout: RopeLayout;
+  /** Tree attention: the tree's parents and the node of row 0 (rows are nodes first..+T-1). */
+  tree?: { parents: number[]; first: number };
 }
 
 /** What a cache of `dtype` holds for `values` (f32 values) and the bytes to upload. */
@@ -62,8 +65,10 @@ function readCache(dtype: KvDType, bytes: ArrayBuffer, n: number, headDim: numbe
   );
 }
 
-async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<void> {
+async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<Float32Array> {
   const { T, pos, nHeads, nKvHeads, headDim, maxSeq, dtype, layout } = c;
+  const table = c.tree && treeTable(c.tree.parents);
+  const tree = c.tree && { table: table!, first: c.tree.first };
   const seed = T * 7 + pos * 131 + nHeads * 17 + headDim;
   const W = (nHeads + 2 * nKvHeads) * headDim;
   const qkv = randomArray(T * W, seed, 2);
@@ -72,7 +77,7 @@ async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<void> {
   const k0 = cacheImage(dtype, randomArray(n, seed + 1), headDim);
   const v0 = cacheImage(dtype, randomArray(n, seed + 2), headDim);
   const invFreq = ropeInvFreq(headDim, 10000);
-  const shape: FusedAttentionRefShape = { ...c, layer: 1 };
+  const shape: FusedAttentionRefShape = { ...c, layer: 1, tree };
   const want = fusedAttentionRef(qkv, k0.held, v0.held, invFreq, shape);
   const size = kvCacheBytes(dtype, LAYERS, maxSeq, nKvHeads, headDim);
   const kCache = gpu.upload("k", k0.bytes, RW), vCache = gpu.upload("v", v0.bytes, RW);
@@ -93,15 +98,19 @@ async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<void> {
     layers: LAYERS,
     layer: 1,
     scratch,
+    tree: tree && { table: gpu.upload("tree", table!), first: tree.first },
   });
   // Twice: the split counters must have returned to 0 for the second run to merge correctly.
+  let got = new Float32Array(0);
   for (let rep = 0; rep < 2; rep++) {
     if (rep) gpu.write(kCache, k0.bytes), gpu.write(vCache, v0.bytes);
     await gpu.run("test", [d]);
     const name = `${dtype} ${layout} T=${T} pos=${pos} heads=${nHeads}/${nKvHeads} hd=${headDim}` +
-      ` maxSeq=${maxSeq} ${plan.variant} ns=${plan.nSplits} rep=${rep}`;
+      ` maxSeq=${maxSeq} ${plan.variant} ns=${plan.nSplits} rep=${rep}` +
+      (c.tree ? ` tree=[${c.tree.parents}] first=${c.tree.first}` : "");
     const tol = dtype === "q8" ? Q8_TOL : TOL;
-    assertClose(`${name} out`, new Float32Array(await gpu.read(out)), want.out, tol);
+    got = new Float32Array(await gpu.read(out));
+    assertClose(`${name} out`, got, want.out, tol);
     // One rounding step of the cache type apart at most (f16: an ulp of values below 4).
     const cacheTol = dtype === "q8"
       ? { nmse: 1e-5, maxAbs: 2.01 / 127 * 2 }
@@ -113,6 +122,7 @@ async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<void> {
     assertClose(`${name} k cache`, kGot, want.kCache, cacheTol);
     assertClose(`${name} v cache`, vGot, want.vCache, cacheTol);
   }
+  return got;
 }
 
 Deno.test("fusedAttentionRef() writes the new rows and leaves the others", () => {
@@ -224,5 +234,161 @@ gpuTest("fused attention refuses a split plan without enough scratch", async (gp
         scratch: b(4),
       }),
     /L0\.attn: split-K scratch of 4 bytes is too small/,
+  );
+});
+
+/** A random tree of `n` nodes (each parent uniform among the earlier nodes, or among the last 3). */
+function randomTree(n: number, seed: number, bushy: boolean): number[] {
+  const r = rng(seed);
+  return Array.from({ length: n }, (_, i) => {
+    if (i === 0) return -1;
+    const lo = bushy ? Math.max(0, i - 3) : 0;
+    return lo + Math.floor(r() * (i - lo));
+  });
+}
+
+/** The parents of a level-by-level tree of `depth` levels of `width` nodes under one root. */
+function levelTree(depth: number, width: number): number[] {
+  const parents = [-1];
+  for (let d = 1; d <= depth; d++) {
+    for (let i = 0; i < width; i++) {
+      parents.push(d === 1 ? 0 : 1 + (d - 2) * width + ((i * 2) % width));
+    }
+  }
+  return parents;
+}
+
+Deno.test("fusedAttentionRef() with a tree hides non-ancestors and places rows by depth", () => {
+  // Root (node 0) and two children (1, 2): node 2 must not see node 1, and sits at depth 1.
+  const s: FusedAttentionRefShape = {
+    T: 3,
+    pos: 1,
+    nHeads: 1,
+    nKvHeads: 1,
+    headDim: 2,
+    maxSeq: 4,
+    layer: 0,
+    dtype: "f32",
+    layout: "interleaved",
+    tree: { table: treeTable([-1, 0, 0]), first: 0 },
+  };
+  // q = (1, 0) everywhere; k = (0, 0) so all visible keys weigh the same; v marks the row.
+  const row = (v: number) => [1, 0, 0, 0, v, 0];
+  const r = fusedAttentionRef(
+    new Float32Array([...row(10), ...row(20), ...row(30)]),
+    new Float32Array(8),
+    new Float32Array([4, 0, 9, 9, 9, 9, 9, 9]),
+    new Float32Array([0]),
+    s,
+  );
+  // Row 0 sees cache row 0 (4) and itself (10); row 1: 4, 10, 20; row 2: 4, 10, 30 (not 20).
+  assert.deepEqual([r.out[0], r.out[2], r.out[4]], [7, 34 / 3, 44 / 3].map(Math.fround));
+});
+
+const star = (n: number) => Array.from({ length: n }, (_, i) => i === 0 ? -1 : 0);
+/**
+ * Tree cases (parents, rows = nodes first..first+T-1, pos): one node, stars (depth 1), a chain,
+ * random trees up to the 64-node budget, and draft-style forwards of one level whose earlier
+ * nodes are already in the cache (then pos = context + first).
+ */
+const TREES: { parents: number[]; first: number; T: number; pos: number }[] = [
+  { parents: [-1], first: 0, T: 1, pos: 0 },
+  { parents: [-1], first: 0, T: 1, pos: 37 },
+  { parents: star(5), first: 0, T: 5, pos: 5 },
+  { parents: chainParents(9), first: 0, T: 9, pos: 29 },
+  { parents: randomTree(17, 1, false), first: 0, T: 17, pos: 3 },
+  { parents: randomTree(33, 2, true), first: 0, T: 33, pos: 130 },
+  { parents: randomTree(TREE_MAX_NODES, 3, false), first: 0, T: TREE_MAX_NODES, pos: 11 },
+  { parents: randomTree(40, 4, true), first: 0, T: 40, pos: 0 },
+  // Level 3 of a 6x3 tree (nodes 7..9; nodes 0..6 cached after a context of 20), and level 6.
+  { parents: levelTree(6, 3), first: 7, T: 3, pos: 20 + 7 },
+  { parents: levelTree(6, 3), first: 16, T: 3, pos: 64 + 16 },
+  // The leaves of a star: nodes 1..12 after the root (cached after a context of 1).
+  { parents: star(13), first: 1, T: 12, pos: 1 + 1 },
+];
+
+for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
+  const features = dtype === "f16" ? ["shader-f16" as const] : [];
+  gpuTest(
+    `fused tree attention (${dtype} cache) matches the masked reference on ragged trees`,
+    async (gpu) => {
+      let split = 0, unsplit = 0;
+      for (const [nHeads, nKvHeads, headDim] of SHAPES.slice(0, 3)) {
+        for (const [i, { parents, first, T, pos }] of TREES.entries()) {
+          const layout: RopeLayout = (i + headDim) % 2 ? "interleaved" : "rotate-half";
+          const extra = i % 2 ? 64 : 0;
+          const c: Case = {
+            T,
+            pos,
+            nHeads,
+            nKvHeads,
+            headDim,
+            maxSeq: pos + T + extra,
+            dtype,
+            layout,
+            tree: { parents, first },
+          };
+          const kt = fusedAttentionPlan(c, gpu.limits.maxComputeWorkgroupStorageSize).kt;
+          if (attentionUsesSplitK(c, kt)) split++;
+          else unsplit++;
+          await check(gpu, c);
+        }
+      }
+      assert.ok(split > 0 && unsplit > 0, `both paths exercised (${split} split, ${unsplit} not)`);
+    },
+    { features },
+  );
+}
+
+gpuTest(
+  "fused tree attention over a chain's table equals the chain kernel exactly",
+  async (gpu) => {
+    for (const [T, pos, extra] of [[1, 37, 64], [5, 130, 3], [17, 29, 64], [40, 0, 0]]) {
+      const c: Case = {
+        T,
+        pos,
+        nHeads: 9,
+        nKvHeads: 3,
+        headDim: 64,
+        maxSeq: pos + T + extra,
+        dtype: "f32",
+        layout: "rotate-half",
+      };
+      const chain = await check(gpu, c);
+      const tree = await check(gpu, { ...c, tree: { parents: chainParents(T), first: 0 } });
+      assert.deepEqual(tree, chain, `T=${T} pos=${pos}`);
+    }
+  },
+);
+
+gpuTest("fused attention refuses tree rows past the node budget", async (gpu) => {
+  const size = kvCacheBytes("f32", 1, 128, 2, 16);
+  const b = (n: number) => gpu.buffer("b", n, RW);
+  const args = {
+    label: "L0.attn",
+    T: 4,
+    nHeads: 4,
+    nKvHeads: 2,
+    headDim: 16,
+    maxSeq: 128,
+    dtype: "f32" as KvDType,
+    layout: "interleaved" as RopeLayout,
+    qkv: b(4 * 128 * 4),
+    kCache: b(size),
+    vCache: b(size),
+    state: b(16),
+    out: b(4 * 64 * 4),
+    invFreq: b(32),
+    layers: 1,
+    layer: 0,
+    scratch: b(1 << 16),
+  };
+  await assert.rejects(
+    () => createFusedAttention(gpu, { ...args, tree: { table: b(64 * 16), first: 61 } }),
+    /L0\.attn: tree rows 61\.\.64 outside the 64 nodes/,
+  );
+  await assert.rejects(
+    () => createFusedAttention(gpu, { ...args, tree: { table: b(4 * 16), first: 1 } }),
+    /ancestor table of 64 bytes is too small for nodes 0\.\.4/,
   );
 });
