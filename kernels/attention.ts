@@ -174,6 +174,63 @@ struct Params {
 }`;
 }
 
+/**
+ * WGSL of one K/V tile's work in the flash kernels, after the tile is staged in `Ks`, `Vs`: the
+ * BQ x KT scores, the online softmax of BQ rows (invocation r < BQ: new running max over its
+ * visible keys, weights, rescale `alpha`), and the accumulator update `acc = acc * alpha + S·V`.
+ * Key j of the tile is visible to row `tid` when `j < nValid` (the causal end) and, if given,
+ * the WGSL boolean `visible` (an expression of `j`, e.g. a tree mask).
+ */
+export function flashTileWgsl(visible?: string): string {
+  const also = visible ? ` && ${visible}` : "";
+  const keepMax = visible
+    ? `if (${visible}) { mNew = max(mNew, S[tid * KT + j]); }`
+    : "mNew = max(mNew, S[tid * KT + j]);";
+  return `    for (var e = tid; e < BQ * KT; e += WG) {
+      let qb = (e / KT) * HD4;
+      let kb = (e % KT) * HD4;
+      var d = 0.0;
+      for (var c = 0u; c < HD4; c++) {
+        d += dot(Qs[qb + c], Ks[kb + c]);
+      }
+      S[e] = d;
+    }
+    workgroupBarrier();
+    if (tid < BQ) {
+      let end = rowEnd[tid];
+      let nValid = select(0u, min(end - s0, KT), end > s0);
+      let mOld = rowM[tid];
+      var mNew = mOld;
+      for (var j = 0u; j < nValid; j++) {
+        ${keepMax}
+      }
+      var sum = 0.0;
+      for (var j = 0u; j < KT; j++) {
+        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid${also});
+        S[tid * KT + j] = w;
+        sum += w;
+      }
+      let alpha = exp2(mOld - mNew);
+      rowL[tid] = rowL[tid] * alpha + sum;
+      rowM[tid] = mNew;
+      rowAlpha[tid] = alpha;
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < ACC; i++) {
+      let e = tid + i * WG;
+      if (e < BQ * HD4) {
+        let r = e / HD4;
+        let c = e % HD4;
+        var a = acc[i] * rowAlpha[r];
+        for (var j = 0u; j < KT; j++) {
+          a += S[r * KT + j] * Vs[j * HD4 + c];
+        }
+        acc[i] = a;
+      }
+    }
+`;
+}
+
 /** WGSL of the flash kernel (split = write partials for the merge pass). */
 export function attentionFlashWgsl(
   headDim: number,
@@ -279,49 +336,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
       Vs[e] = vx;
     }
     workgroupBarrier();
-    for (var e = tid; e < BQ * KT; e += WG) {
-      let qb = (e / KT) * HD4;
-      let kb = (e % KT) * HD4;
-      var d = 0.0;
-      for (var c = 0u; c < HD4; c++) {
-        d += dot(Qs[qb + c], Ks[kb + c]);
-      }
-      S[e] = d;
-    }
-    workgroupBarrier();
-    if (tid < BQ) {
-      let end = rowEnd[tid];
-      let nValid = select(0u, min(end - s0, KT), end > s0);
-      let mOld = rowM[tid];
-      var mNew = mOld;
-      for (var j = 0u; j < nValid; j++) {
-        mNew = max(mNew, S[tid * KT + j]);
-      }
-      var sum = 0.0;
-      for (var j = 0u; j < KT; j++) {
-        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid);
-        S[tid * KT + j] = w;
-        sum += w;
-      }
-      let alpha = exp2(mOld - mNew);
-      rowL[tid] = rowL[tid] * alpha + sum;
-      rowM[tid] = mNew;
-      rowAlpha[tid] = alpha;
-    }
-    workgroupBarrier();
-    for (var i = 0u; i < ACC; i++) {
-      let e = tid + i * WG;
-      if (e < BQ * HD4) {
-        let r = e / HD4;
-        let c = e % HD4;
-        var a = acc[i] * rowAlpha[r];
-        for (var j = 0u; j < KT; j++) {
-          a += S[r * KT + j] * Vs[j * HD4 + c];
-        }
-        acc[i] = a;
-      }
-    }
-  }
+${flashTileWgsl()}  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
 
   for (var i = 0u; i < ACC; i++) {

@@ -38,6 +38,7 @@ import {
   ATTN_MIN_WORKGROUPS,
   ATTN_WG,
   cacheElem,
+  flashTileWgsl,
   kvLoadersWgsl,
 } from "./attention.ts";
 import { checkKvCache, kvDequantizeRef, type KvDType, kvQuantizeRef } from "./kv_write.ts";
@@ -357,55 +358,7 @@ ${
     }
 `
       : ""
-  }    for (var e = tid; e < BQ * KT; e += WG) {
-      let qb = (e / KT) * HD4;
-      let kb = (e % KT) * HD4;
-      var d = 0.0;
-      for (var c = 0u; c < HD4; c++) {
-        d += dot(Qs[qb + c], Ks[kb + c]);
-      }
-      S[e] = d;
-    }
-    workgroupBarrier();
-    if (tid < BQ) {
-      let end = rowEnd[tid];
-      let nValid = select(0u, min(end - s0, KT), end > s0);
-      let mOld = rowM[tid];
-      var mNew = mOld;
-      for (var j = 0u; j < nValid; j++) {
-        ${
-    tree
-      ? "if (sees(seeLo, seeHi, s0 + j, treeBase)) { mNew = max(mNew, S[tid * KT + j]); }"
-      : "mNew = max(mNew, S[tid * KT + j]);"
-  }
-      }
-      var sum = 0.0;
-      for (var j = 0u; j < KT; j++) {
-        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid${
-    tree ? " && sees(seeLo, seeHi, s0 + j, treeBase)" : ""
-  });
-        S[tid * KT + j] = w;
-        sum += w;
-      }
-      let alpha = exp2(mOld - mNew);
-      rowL[tid] = rowL[tid] * alpha + sum;
-      rowM[tid] = mNew;
-      rowAlpha[tid] = alpha;
-    }
-    workgroupBarrier();
-    for (var i = 0u; i < ACC; i++) {
-      let e = tid + i * WG;
-      if (e < BQ * HD4) {
-        let r = e / HD4;
-        let c = e % HD4;
-        var a = acc[i] * rowAlpha[r];
-        for (var j = 0u; j < KT; j++) {
-          a += S[r * KT + j] * Vs[j * HD4 + c];
-        }
-        acc[i] = a;
-      }
-    }
-  }
+  } ${flashTileWgsl(tree ? "sees(seeLo, seeHi, s0 + j, treeBase)" : undefined)}  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
 ${split ? splitTail() : unsplitTail()}
 }
