@@ -8,6 +8,7 @@ import { FormatError, type LoadedModel } from "../models/types.ts";
 import { tensorToF32 } from "../models/convert.ts";
 import type { LlamaGpu } from "../models/llama.ts";
 import type { Gpu } from "../engine/gpu.ts";
+import { processLogits } from "../engine/speculative_math.ts";
 
 /** The fixtures folder: SPECDEC_MODELS, else ../shared/models beside the checkout. */
 export const FIXTURES = Deno.env.get("SPECDEC_MODELS") ??
@@ -101,3 +102,27 @@ export const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 
 /** Decode events that ignore streamed tokens and never cancel. */
 export const QUIET = { onTokens: () => {}, cancelled: () => false };
+
+/**
+ * The target's processed distribution after `prompt` plus its likeliest next token t*: the exact
+ * law a sampled speculative cycle's first token must follow, among runs whose first emitted token
+ * (the target's own sampler) was t*.
+ */
+export async function likeliestNext(
+  gpu: Gpu,
+  t: LlamaGpu,
+  prompt: number[],
+  s: { temperature: number; topK: number; topP: number },
+): Promise<{ tStar: number; p1: Float32Array }> {
+  const V = t.config.vocabSize;
+  const logitsAfter = async (seq: number[]) => {
+    const buf = gpu.upload("test.seq", new Uint32Array(seq));
+    t.setPosition(0);
+    await gpu.run("p", await t.plan(seq.length, { buffer: buf, offset: 0 }, "last"));
+    buf.destroy();
+    return new Float32Array(await gpu.read(t.logits, 0, V * 4));
+  };
+  const p0 = processLogits(await logitsAfter(prompt), s);
+  const tStar = p0.indexOf(Math.max(...p0));
+  return { tStar, p1: processLogits(await logitsAfter([...prompt, tStar]), s) };
+}

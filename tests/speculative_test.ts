@@ -5,6 +5,7 @@
  * distribution at temperature > 0 equals the target's (chi-square).
  */
 import assert from "@specdec/assert";
+import { likeliestNext } from "./fixtures.ts";
 import { assertClose, gpuTest } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
@@ -12,7 +13,7 @@ import { autoDraftLength, Decoder, type DraftLength } from "../engine/decode.ts"
 import { LlamaGpu } from "../models/llama.ts";
 import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
-import { chiSquareTest, processLogits } from "../engine/speculative_math.ts";
+import { chiSquareTest } from "../engine/speculative_math.ts";
 import { checkSameVocabulary } from "../engine/session.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { Gpu } from "../engine/gpu.ts";
@@ -148,16 +149,7 @@ gpuTest(
     const prompt = [1, 403, 407, 261, 378, 432]; // BOS "Once upon a time, there"
     const s = { temperature: 1.3, topK: 10, topP: 1 };
     const V = t.config.vocabSize;
-    const logitsAfter = async (seq: number[]) => {
-      const buf = gpu.upload("test.seq", new Uint32Array(seq));
-      t.setPosition(0);
-      await gpu.run("p", await t.plan(seq.length, { buffer: buf, offset: 0 }, "last"));
-      buf.destroy();
-      return new Float32Array(await gpu.read(t.logits, 0, V * 4));
-    };
-    const p0 = processLogits(await logitsAfter(prompt), s);
-    const tStar = p0.indexOf(Math.max(...p0));
-    const p1 = processLogits(await logitsAfter([...prompt, tStar]), s);
+    const { tStar, p1 } = await likeliestNext(gpu, t, prompt, s);
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
     const counts = new Array(V).fill(0);
     let used = 0;
