@@ -16,7 +16,13 @@
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
-import { formatBlock, isBlockFormat, type WeightFormat, weightWgsl } from "./qformats.ts";
+import {
+  formatBlock,
+  formatGroups,
+  isBlockFormat,
+  type WeightFormat,
+  weightWgsl,
+} from "./qformats.ts";
 
 /** Storage format of a weight matrix (an alias of {@linkcode WeightFormat}). */
 export type WeightDType = WeightFormat;
@@ -193,7 +199,7 @@ ${P <= TREE_MAX_PARTIALS ? tree : serial}`;
  */
 function matvecBlockWgsl(s: MatmulSpec & { T: number; vec4: boolean }): string {
   const T = s.T, R = matvecRows(T), P = T * R, S = MATVEC_WG + 1;
-  const G = blockGroups(s.dtype);
+  const G = formatGroups(s.dtype);
   const xLoad = s.vec4
     ? "return x[p.xOffset / 4u + t * p.vecK + k4];"
     : `let i = p.xOffset + t * p.K + 4u * k4;
@@ -248,11 +254,6 @@ ${groups}
 ${reduceWgsl(T)}
 }
 `;
-}
-
-/** vec4 groups per decode unit of a block format (W_GROUPS in its WGSL). */
-function blockGroups(f: WeightFormat): number {
-  return { q8_0: 1, q4_0: 2, nf4: 2, q4_k: 2, q6_k: 4 }[f as "q8_0"] ?? 0;
 }
 
 /** `n` generated source lines (the micro-tile is unrolled so accumulators stay in registers). */

@@ -89,6 +89,17 @@ const GGML_SYMBOLS = {
   ggml_backend_load_all_from_path: { parameters: ["buffer"], result: "void" },
 } as const;
 
+const GGML_BASE_SYMBOLS = {
+  ggml_get_type_traits: { parameters: ["i32"], result: "pointer" },
+  ggml_quantize_chunk: {
+    parameters: ["i32", "buffer", "buffer", "i64", "i64", "i64", "pointer"],
+    result: "usize",
+  },
+} as const;
+
+/** ggml's `to_float` of a type: `(const void * x, float * y, int64_t k)`. */
+const TO_FLOAT = { parameters: ["buffer", "buffer", "i64"], result: "void" } as const;
+
 type Lib = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
 /** Which prebuilt build to open. */
@@ -104,6 +115,8 @@ export interface LlamaCpp {
   readonly build: LlamaBuild;
   /** llama.cpp's system info line (CPU features, backends). */
   readonly systemInfo: string;
+  /** libggml-base: ggml's own quantizers and dequantizers. */
+  readonly ggmlBase: Deno.DynamicLibrary<typeof GGML_BASE_SYMBOLS>["symbols"];
 }
 
 /** The folder of `libllama*.so` for `build`, from the environment (see the module doc). */
@@ -144,9 +157,10 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
   try {
     file = [...Deno.readDirSync(dir)].map((e) => e.name).find((n) => /^libllama\..*so$/.test(n));
   } catch { /* reported below */ }
-  const ggmlFile = file && [...Deno.readDirSync(dir)].map((e) => e.name)
-    .find((n) => /^libggml\..*so$/.test(n));
-  if (!file || !ggmlFile) {
+  const names = file ? [...Deno.readDirSync(dir)].map((e) => e.name) : [];
+  const ggmlFile = names.find((n) => /^libggml\..*so$/.test(n));
+  const baseFile = names.find((n) => /^libggml-base.*\.so$/.test(n));
+  if (!file || !ggmlFile || !baseFile) {
     throw new Error(
       `llama.cpp (${build}) not found: no libllama*.so / libggml*.so in ${dir}. Install the ` +
         `pinned peer with \`mkdir -p DIR && cd DIR && npm i -E --ignore-scripts ` +
@@ -156,6 +170,7 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
   }
   const lib = Deno.dlopen(join(dir, file), SYMBOLS).symbols;
   const ggml = Deno.dlopen(join(dir, ggmlFile), GGML_SYMBOLS).symbols;
+  const ggmlBase = Deno.dlopen(join(dir, baseFile), GGML_BASE_SYMBOLS).symbols;
   // Drop llama.cpp's log lines (model loading prints ~100 of them per file).
   const sink = new Deno.UnsafeCallback(
     { parameters: ["i32", "pointer", "pointer"], result: "void" } as const,
@@ -180,7 +195,7 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
     );
   }
   const info = Deno.UnsafePointerView.getCString(lib.llama_print_system_info()!);
-  const out = { lib, dir, build, systemInfo: info };
+  const out = { lib, dir, build, systemInfo: info, ggmlBase };
   opened.set(build, out);
   return out;
 }
@@ -382,4 +397,45 @@ export function llamaQuantize(
   if (rc !== 0) {
     throw new Error(`llama_model_quantize(${input} -> ${output}, ${ftype}) returned ${rc}`);
   }
+}
+
+/**
+ * ggml's own quantization of `values` (`[rows, cols]`) to ggml type id `type`
+ * (`ggml_quantize_chunk`, no importance matrix: what llama-quantize does without `--imatrix`).
+ */
+export function ggmlQuantize(
+  cpp: LlamaCpp,
+  type: number,
+  values: Float32Array,
+  rows: number,
+  cols: number,
+  bytes: number,
+): Uint8Array {
+  const out = new Uint8Array(bytes);
+  const src = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+  const n = cpp.ggmlBase.ggml_quantize_chunk(type, src, out, 0n, BigInt(rows), BigInt(cols), null);
+  if (Number(n) !== bytes) {
+    throw new Error(`ggml_quantize_chunk(type ${type}) wrote ${n} bytes, want ${bytes}`);
+  }
+  return out;
+}
+
+/** ggml's own dequantization (`type_traits.to_float`) of `n` values of type id `type`. */
+export function ggmlDequantize(
+  cpp: LlamaCpp,
+  type: number,
+  data: Uint8Array,
+  n: number,
+): Float32Array {
+  const traits = cpp.ggmlBase.ggml_get_type_traits(type);
+  if (traits === null) throw new Error(`ggml has no traits for type ${type}`);
+  const fn = new Deno.UnsafePointerView(traits).getPointer(40); // to_float
+  if (fn === null) throw new Error(`ggml type ${type} has no to_float`);
+  const y = new Float32Array(n);
+  new Deno.UnsafeFnPointer(fn as Deno.PointerObject<typeof TO_FLOAT>, TO_FLOAT).call(
+    data as Uint8Array<ArrayBuffer>,
+    new Uint8Array(y.buffer),
+    BigInt(n),
+  );
+  return y;
 }
