@@ -14,9 +14,10 @@
  *
  * Per engine, over the same prompts (code, cut to `--prompt-tokens`): prefill tok/s (prompt
  * tokens / wall time of the prompt pass), decode tok/s (greedy new tokens after the first / wall
- * time), and with `--draft` specdec's speculative tok/s (draft model, k = `--k`). llama.cpp's
- * speculative decoding lives in its C++ `common` library and node-llama-cpp's JavaScript, not in
- * the C API used here, so its column stays empty. Memory: specdec's GPU bytes as allocated
+ * time), and with `--draft` the speculative tok/s of both (draft model, k = `--k`, counted the same
+ * way). llama.cpp's speculative decoding is not in its C API: it runs through node-llama-cpp's
+ * `DraftSequenceTokenPredictor` in a Node child process (bench/llama_spec.mjs; `node` must be on
+ * PATH), drafting exactly k tokens (no confidence cut-off). Memory: specdec's GPU bytes as allocated
  * (weights + KV cache + scratch); llama.cpp's model bytes (`llama_model_size`: in RAM for the CPU
  * build, on the GPU with Vulkan).
  */
@@ -34,6 +35,7 @@ import {
   type LlamaBuild,
   LlamaCppModel,
   type LlamaFtype,
+  llamaPeerDir,
   llamaQuantize,
   openLlamaCpp,
 } from "../tests/llama_cpp.ts";
@@ -179,17 +181,41 @@ for (const p of prompts) {
   ldTok += tokens - 1;
   theirs.push(out);
 }
+peer.close();
+let peerSpec:
+  | { spec_tok_s: number; validated: number; refuted: number; plain_tok_s: number }
+  | null = null;
+if (draftFile) {
+  // llama.cpp's own speculative loop, through node-llama-cpp in Node (see the module doc).
+  const peerDir = llamaPeerDir();
+  const input = {
+    peer: peerDir,
+    target: targetFile,
+    draft: draftFile,
+    prompts,
+    tokens,
+    k,
+    threads,
+    gpu: build === "cpu" ? false : "vulkan",
+  };
+  const out = await new Deno.Command("node", {
+    args: [new URL("./llama_spec.mjs", import.meta.url).pathname, JSON.stringify(input)],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  if (!out.success) throw new Error(`bench/llama_spec.mjs exited with ${out.code}`);
+  peerSpec = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").at(-1)!);
+}
 rows.push({
   engine: `llama.cpp ${build} (node-llama-cpp 3.21.1, ${threads} threads)`,
   prefill_tok_s: pTok / (lpMs / 1000),
   decode_tok_s: ldTok / (ldMs / 1000),
-  spec_tok_s: null,
-  acceptance: null,
+  spec_tok_s: peerSpec?.spec_tok_s ?? null,
+  acceptance: peerSpec ? peerSpec.validated / (peerSpec.validated + peerSpec.refuted) : null,
   memory_bytes: peer.modelBytes,
   memory_what: build === "cpu" ? "model bytes (RAM)" : "model bytes",
   outputs: theirs,
 });
-peer.close();
 await Deno.remove(dir, { recursive: true });
 
 const same = ours.filter((o, i) => o.every((t, j) => t === theirs[i][j])).length;
@@ -215,4 +241,12 @@ if (args.values.json) {
     );
   }
   console.log(`\ngreedy outputs identical on ${same}/${prompts.length} prompts`);
+  if (peerSpec) {
+    console.log(
+      `llama.cpp plain decode through node-llama-cpp's JS loop: ${
+        peerSpec.plain_tok_s.toFixed(1)
+      } ` +
+        "tok/s (the table's plain column calls libllama directly)",
+    );
+  }
 }

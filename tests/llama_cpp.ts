@@ -119,16 +119,21 @@ export interface LlamaCpp {
   readonly ggmlBase: Deno.DynamicLibrary<typeof GGML_BASE_SYMBOLS>["symbols"];
 }
 
-/** The folder of `libllama*.so` for `build`, from the environment (see the module doc). */
-export function llamaLibDir(build: LlamaBuild = "cpu"): string {
-  const explicit = Deno.env.get("SPECDEC_LLAMA_LIB_DIR");
-  if (explicit) return explicit;
-  const peer = Deno.env.get("SPECDEC_LLAMA_PEER") ??
+/** The folder where node-llama-cpp is installed (`$SPECDEC_LLAMA_PEER` or the default). */
+export function llamaPeerDir(): string {
+  return Deno.env.get("SPECDEC_LLAMA_PEER") ??
     join(
       Deno.env.get("HOME") ?? "/root",
       ".cache/specdec",
       `node-llama-cpp-${NODE_LLAMA_CPP_VERSION}`,
     );
+}
+
+/** The folder of `libllama*.so` for `build`, from the environment (see the module doc). */
+export function llamaLibDir(build: LlamaBuild = "cpu"): string {
+  const explicit = Deno.env.get("SPECDEC_LLAMA_LIB_DIR");
+  if (explicit) return explicit;
+  const peer = llamaPeerDir();
   const pkg = build === "cpu" ? "linux-x64" : "linux-x64-vulkan";
   return join(peer, "node_modules/@node-llama-cpp", pkg, "bins", pkg);
 }
