@@ -207,7 +207,9 @@ if (draftFile) {
   peerSpec = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").at(-1)!);
 }
 rows.push({
-  engine: `llama.cpp ${build} (node-llama-cpp 3.21.1, ${threads} threads)`,
+  engine: `llama.cpp ${build} (node-llama-cpp 3.21.1; ${
+    cpp.devices.join(", ")
+  }; ${threads} threads)`,
   prefill_tok_s: pTok / (lpMs / 1000),
   decode_tok_s: ldTok / (ldMs / 1000),
   spec_tok_s: peerSpec?.spec_tok_s ?? null,

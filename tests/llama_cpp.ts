@@ -87,6 +87,10 @@ const SYMBOLS = {
 
 const GGML_SYMBOLS = {
   ggml_backend_load_all_from_path: { parameters: ["buffer"], result: "void" },
+  ggml_backend_dev_count: { parameters: [], result: "usize" },
+  ggml_backend_dev_get: { parameters: ["usize"], result: "pointer" },
+  ggml_backend_dev_name: { parameters: ["pointer"], result: "pointer" },
+  ggml_backend_dev_description: { parameters: ["pointer"], result: "pointer" },
 } as const;
 
 const GGML_BASE_SYMBOLS = {
@@ -115,6 +119,8 @@ export interface LlamaCpp {
   readonly build: LlamaBuild;
   /** llama.cpp's system info line (CPU features, backends). */
   readonly systemInfo: string;
+  /** The ggml devices found, "name: description" (e.g. "Vulkan0: NVIDIA H200", "CPU: ..."). */
+  readonly devices: readonly string[];
   /** libggml-base: ggml's own quantizers and dequantizers. */
   readonly ggmlBase: Deno.DynamicLibrary<typeof GGML_BASE_SYMBOLS>["symbols"];
 }
@@ -200,7 +206,15 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
     );
   }
   const info = Deno.UnsafePointerView.getCString(lib.llama_print_system_info()!);
-  const out = { lib, dir, build, systemInfo: info, ggmlBase };
+  const devices: string[] = [];
+  for (let i = 0n; i < BigInt(ggml.ggml_backend_dev_count()); i++) {
+    const dev = ggml.ggml_backend_dev_get(i);
+    const str = (p: Deno.PointerValue) => p ? Deno.UnsafePointerView.getCString(p) : "?";
+    devices.push(
+      `${str(ggml.ggml_backend_dev_name(dev))}: ${str(ggml.ggml_backend_dev_description(dev))}`,
+    );
+  }
+  const out = { lib, dir, build, systemInfo: info, ggmlBase, devices };
   opened.set(build, out);
   return out;
 }
