@@ -118,9 +118,10 @@ for (const s of SUBJECTS) {
         await quantizeToGguf({ model, quant, out, ...(tokenizer ? { tokenizer } : {}) });
         const tok = (await loadModel(out)).tokenizer!;
         const prompts = s.prompts.map((p) => tok.encode(p, { bos: true }));
+        // specdec first (GPU), then llama.cpp (CPU): the two never run at the same time.
+        const mine = await ours(gpu, out, prompts, s.tokens);
         const peer = LlamaCppModel.load(cpp, out, { nCtx: 128 });
         let theirs: number[][];
-        const mine = await ours(gpu, out, prompts, s.tokens);
         let same = 0, agree = 0;
         const notes: string[] = [];
         try {
