@@ -182,12 +182,23 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
   const lib = Deno.dlopen(join(dir, file), SYMBOLS).symbols;
   const ggml = Deno.dlopen(join(dir, ggmlFile), GGML_SYMBOLS).symbols;
   const ggmlBase = Deno.dlopen(join(dir, baseFile), GGML_BASE_SYMBOLS).symbols;
-  // Drop llama.cpp's log lines (model loading prints ~100 of them per file).
-  const sink = new Deno.UnsafeCallback(
-    { parameters: ["i32", "pointer", "pointer"], result: "void" } as const,
-    () => {},
-  );
-  lib.llama_log_set(sink.pointer, null);
+  // Drop llama.cpp's log lines (model loading prints ~100 of them per file). The callback must
+  // be native code, not a Deno.UnsafeCallback: the library is shared by every test worker of a
+  // `deno test --parallel` process, so a JS callback of one worker would be called from the
+  // others' threads (blocking until its own isolate runs it, or crashing once that worker has
+  // exited; full-suite runs with a JS callback hung once and segfaulted once). glibc's endpwent() takes no arguments and does nothing unless
+  // the passwd database is open (it never is here); the three arguments are ignored (x86-64 ABI).
+  const libc = Deno.dlopen("libc.so.6", {
+    dlsym: { parameters: ["pointer", "buffer"], result: "pointer" },
+    dlopen: { parameters: ["buffer", "i32"], result: "pointer" },
+  }).symbols;
+  // One more reference to each library that is never released: when a test worker ends, Deno
+  // closes its handles, and the libraries (with ggml's CPU backends and their threads) must not
+  // be unmapped under the other workers.
+  for (const f of [file, ggmlFile, baseFile]) libc.dlopen(cstr(join(dir, f)), 2 /* RTLD_NOW */);
+  const noop = libc.dlsym(null, cstr("endpwent")); // RTLD_DEFAULT
+  if (noop === null) throw new Error("dlsym(endpwent) failed: no glibc?");
+  lib.llama_log_set(noop, null);
   ggml.ggml_backend_load_all_from_path(cstr(dir));
   lib.llama_backend_init();
 
