@@ -5,9 +5,10 @@
  *
  * Rules, in order:
  * 1. **1-D tensors** (norm weights, biases) are always `f32` (why: "norm", "bias" or "1-D").
- * 2. **No `quant`**: keep what was loaded. GGUF `q8_0`/`q4_0`/`q4_k`/`q6_k` run as they are; `f16`
- *    stays `f16`; `f32` and `bf16` become `f32`; the GGUF block types without a kernel (`q4_1`,
- *    `q5_0`, `q5_1`, `q5_k`) are dequantized to `f16`.
+ * 2. **No `quant`**: keep what was loaded. Every GGUF block type specdec reads (`q8_0`, `q4_0`,
+ *    `q4_1`, `q5_0`, `q5_1`, `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k`: all of llama.cpp's Q*_K_M
+ *    mixes) runs as it is, decoded inside the kernels; `f16` stays `f16`; `f32` and `bf16`
+ *    become `f32`.
  * 3. **With `quant`**: every 2-D weight gets `quant`, except the kept groups, which get
  *    `keepFormat`. Groups (default `keep` = all four): `embed` = `token_embd.weight`; `output` =
  *    `output.weight`, or `token_embd.weight` when the embeddings are tied; `first` = every matrix
@@ -18,9 +19,10 @@
  *    `[out, in]` weight) to be a multiple of its block. Otherwise: `q4_k` -> `q4_0` -> `f16`;
  *    `q6_k` -> `q8_0` -> `f16`; `nf4` -> `q4_0` -> `f16`; `q8_0`/`q4_0` -> `f16` (why:
  *    "fallback: 576 cols not a multiple of 256"). The pycode target (dim 576) needs this for q4_k.
- * 5. **No re-encoding upward**: a tensor loaded in a format that runs as it is (`q8_0`, `q4_0`,
- *    `q4_k`, `q6_k`) is never re-encoded into a different format with as many or more bits per
- *    weight (f32 32, f16 16, q8_0 8.5, q6_k 6.56, q4_0/q4_k/nf4 4.5): that would cost memory and
+ * 5. **No re-encoding upward**: a tensor loaded in a GGUF block format (they all run as they
+ *    are) is never re-encoded into a different format with as many or more bits per weight
+ *    (f32 32, f16 16, q8_0 8.5, q6_k 6.56, q5_1 6, q5_0/q5_k 5.5, q4_1 5, q4_0/q4_k/nf4 4.5,
+ *    q3_k 3.44, q2_k 2.63): that would cost memory and
  *    add rounding error without recovering any precision. It stays as loaded (why: "source q4_0
  *    kept: ..."). Going down (a q8_0 tensor asked for q4_0) dequantizes and re-quantizes.
  * 6. **No shader-f16** (`f16: false`): every `f16` choice becomes `f32` (why: "... no shader-f16").
@@ -87,6 +89,12 @@ const BITS: Readonly<Record<WeightFormat, number>> = {
   q4_k: 4.5,
   q4_0: 4.5,
   nf4: 4.5,
+  q4_1: 5,
+  q5_0: 5.5,
+  q5_1: 6,
+  q2_k: 2.625,
+  q3_k: 3.4375,
+  q5_k: 5.5,
 };
 
 /** The next format to try when a row does not hold whole blocks (rule 4). */
@@ -99,7 +107,18 @@ const FALLBACK: Readonly<Partial<Record<WeightFormat, WeightFormat>>> = {
 };
 
 /** Source dtypes that run as they are (rule 2 and rule 5). */
-const RUNNABLE_BLOCKS: ReadonlySet<DType> = new Set(["q8_0", "q4_0", "q4_k", "q6_k"]);
+const RUNNABLE_BLOCKS: ReadonlySet<DType> = new Set([
+  "q8_0",
+  "q4_0",
+  "q4_1",
+  "q5_0",
+  "q5_1",
+  "q2_k",
+  "q3_k",
+  "q4_k",
+  "q5_k",
+  "q6_k",
+]);
 
 const KEEP_WHY: Readonly<Record<KeepGroup, string>> = {
   embed: "embeddings",
@@ -193,10 +212,8 @@ export function planQuant(
       continue;
     }
     if (quant === undefined) {
-      if (RUNNABLE_BLOCKS.has(source) || source === "f16" || source === "f32") {
-        choose(source as WeightFormat, "as loaded");
-      } else if (source === "bf16") choose("f32", "bf16 -> f32");
-      else choose("f16", `${source} has no kernel -> f16`);
+      if (source === "bf16") choose("f32", "bf16 -> f32");
+      else choose(source, "as loaded"); // f32, f16 and every block type run as stored
       continue;
     }
     const kept = groupsOf(name, config).filter((g) => keep.has(g));

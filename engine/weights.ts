@@ -18,6 +18,7 @@ import { dequantize } from "../models/quant.ts";
 import {
   encodeWeights,
   halfWords,
+  isGgufFormat,
   packGguf,
   weightBytes,
   type WeightFormat,
@@ -186,17 +187,7 @@ function hex(b: number): string {
 /** The GPU bytes of `t` in `format` (see `kernels/qformats.ts` for the layouts). */
 export function encodeTensor(t: HostTensor, format: StoredFormat): Uint8Array {
   const [rows, cols] = matrixShape(t.shape);
-  if (t.dtype === format) {
-    switch (format) {
-      case "f32":
-      case "f16":
-      case "q8_0":
-      case "q4_0":
-      case "q4_k":
-      case "q6_k":
-        return packGguf(format, t.data, rows, cols);
-    }
-  }
+  if (t.dtype === format && isGgufFormat(format)) return packGguf(format, t.data, rows, cols);
   return encodeWeights(format, toF32(t), rows, cols);
 }
 

@@ -18,8 +18,8 @@ export function fillWgsl(): string {
   return /* wgsl */ `
 // Random fill: invocation i (2-D grid, x fastest; invocations past n return) writes word i:
 // hash(i, seed), or two small f16 (exponent 2^-7, random sign and mantissa) where the word holds
-// f16 scales or weights: i >= halfFrom, or i % halfStride == 0 when halfStride > 0.
-struct Params { n: u32, seed: u32, halfFrom: u32, halfStride: u32, gridStride: u32 }
+// f16 scales or weights: i >= halfFrom, or i % halfStride == halfPhase when halfStride > 0.
+struct Params { n: u32, seed: u32, halfFrom: u32, halfStride: u32, halfPhase: u32, gridStride: u32 }
 @group(0) @binding(0) var<storage, read_write> w: array<u32>; // w: [n] u32
 @group(0) @binding(1) var<uniform> p: Params;
 
@@ -37,7 +37,7 @@ fn main(@builtin(global_invocation_id) g: vec3u) {
   let i = g.y * p.gridStride + g.x;
   if (i >= p.n) { return; }
   var v = hash(i ^ hash(p.seed));
-  if (i >= p.halfFrom || (p.halfStride > 0u && i % p.halfStride == 0u)) {
+  if (i >= p.halfFrom || (p.halfStride > 0u && i % p.halfStride == p.halfPhase)) {
     v = (v & 0x83ff83ffu) | 0x20002000u; // sign, mantissa random; exponent 8 (2^-7)
   }
   w[i] = v;
@@ -74,8 +74,8 @@ export async function createFill(gpu: Gpu, args: FillArgs): Promise<Dispatch> {
       args.seed >>> 0,
       args.halfFrom,
       args.halfStride,
+      args.halfPhase,
       groups[0] * FILL_WG,
-      0,
       0,
       0,
     ]),
@@ -104,7 +104,7 @@ function hash(x0: number): number {
  * @example
  * ```ts
  * import { fillRef } from "./fill.ts";
- * const w = fillRef(4, 1, { halfFrom: 2, halfStride: 0 });
+ * const w = fillRef(4, 1, { halfFrom: 2, halfStride: 0, halfPhase: 0 });
  * console.log(new Float16Array(w.buffer).slice(4).every((x) => Math.abs(x) < 1 / 64)); // true
  * ```
  */
@@ -112,7 +112,7 @@ export function fillRef(words: number, seed: number, half: HalfWords): Uint32Arr
   const out = new Uint32Array(words), s = hash(seed);
   for (let i = 0; i < words; i++) {
     let v = hash((i ^ s) >>> 0);
-    if (i >= half.halfFrom || (half.halfStride > 0 && i % half.halfStride === 0)) {
+    if (i >= half.halfFrom || (half.halfStride > 0 && i % half.halfStride === half.halfPhase)) {
       v = ((v & 0x83ff83ff) | 0x20002000) >>> 0;
     }
     out[i] = v;

@@ -22,7 +22,13 @@
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
-import { formatBlock, isBlockFormat, type WeightFormat, weightWgsl } from "./qformats.ts";
+import {
+  formatBlock,
+  formatGroups,
+  isBlockFormat,
+  type WeightFormat,
+  weightWgsl,
+} from "./qformats.ts";
 import { rmsnormRef } from "./rmsnorm.ts";
 import { swigluRef } from "./swiglu.ts";
 
@@ -162,11 +168,6 @@ function unrolled(n: number, line: (i: number) => string): string {
   return Array.from({ length: n }, (_, i) => line(i)).join("\n");
 }
 
-/** vec4 groups per decode unit of a block format (W_GROUPS in its WGSL). */
-function blockGroups(f: WeightFormat): number {
-  return { q8_0: 1, q4_0: 2, nf4: 2, q4_k: 2, q6_k: 4 }[f as "q8_0"] ?? 0;
-}
-
 /**
  * WGSL of the matrix-vector path for `T` rows with the split `shape`. With `vec4` (K % 4 == 0
  * and xOffset % 4 == 0) x is loaded as vec4 (float weights too); otherwise as scalars, so any K
@@ -193,7 +194,7 @@ export function matvecWgsl(
   const slots = R * T + (s.norm ? T : 0);
   // One weight unit of each of the RT rows: its values as vec4 groups (or a scalar) at x
   // positions k (the same k for every row: rows are walked in step).
-  const G = block ? blockGroups(s.dtype) : 1;
+  const G = block ? formatGroups(s.dtype) : 1;
   const unitCount = block ? "(p.K / W_BLOCK) * W_UNITS" : v ? "p.vecK" : "p.K";
   const decode = block
     ? `    let kb = u / W_UNITS;

@@ -21,6 +21,16 @@
  *   scales: i8[16]`) at `208b`, then the blocks' `d: half[nb]` at `208 nb`.
  * - `nf4` (64, see `models/nf4.ts`): quants `u8[nb * 32]` (low nibble of byte j = value j, high
  *   = value j + 32) at `32b`, then absmax scales `half[nb]` at `32 nb`. `y = d * NF4[index]`.
+ * - `q4_1` (32): quants `u8[nb * 16]` as q4_0, then `(d, m): half[2]` per block at `16 nb + 4b`.
+ *   `y = d * nibble + m`.
+ * - `q5_0` (32): GGUF's block without `d` (`qh: u32, qs: u8[16]`, 20 bytes) at `20b`, then
+ *   `d: half[nb]` at `20 nb`. `y = d * (q5 - 16)`, bit 4 of value j = bit j of `qh`.
+ * - `q5_1` (32): as q5_0, then `(d, m): half[2]` per block at `20 nb + 4b`. `y = d * q5 + m`.
+ * - `q2_k` (256): GGUF's 84-byte blocks unchanged (`scales: u8[16], qs: u8[64], d, dmin`).
+ * - `q3_k` (256): the first 108 bytes of each GGUF block (`hmask: u8[32], qs: u8[64],
+ *   scales: u8[12]`) at `108b`, then the blocks' `d: half[nb]` at `108 nb`.
+ * - `q5_k` (256): GGUF's 176-byte blocks unchanged (`d, dmin, scales: u8[12], qh: u8[32],
+ *   qs: u8[128]`).
  *
  * So every word the kernels load is 4-byte aligned, quants of one row are contiguous (coalesced
  * loads), and the byte count equals GGUF's (`nb * blockBytes`) plus padding to a multiple of 4
@@ -34,10 +44,23 @@ import { dequantize, quantize, tensorBytes } from "../models/quant.ts";
 import { dequantizeNf4, NF4_BLOCK_BYTES, NF4_CODEBOOK, quantizeNf4 } from "../models/nf4.ts";
 
 /** Storage format of a weight matrix. */
-export type WeightFormat = "f32" | "f16" | "q8_0" | "q4_0" | "q4_k" | "q6_k" | "nf4";
+export type WeightFormat =
+  | "f32"
+  | "f16"
+  | "q8_0"
+  | "q4_0"
+  | "q4_k"
+  | "q6_k"
+  | "nf4"
+  | "q4_1"
+  | "q5_0"
+  | "q5_1"
+  | "q2_k"
+  | "q3_k"
+  | "q5_k";
 
-/** The weight formats that exist as GGUF tensor types. */
-export type GgufWeightFormat = "q8_0" | "q4_0" | "q4_k" | "q6_k" | "f16" | "f32";
+/** The weight formats that exist as GGUF tensor types (every format but nf4). */
+export type GgufWeightFormat = Exclude<WeightFormat, "nf4">;
 
 /** Every {@linkcode WeightFormat}. */
 export const WEIGHT_FORMATS: readonly WeightFormat[] = Object.freeze(
@@ -49,6 +72,12 @@ export const WEIGHT_FORMATS: readonly WeightFormat[] = Object.freeze(
     "q4_k",
     "q6_k",
     "nf4",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k",
+    "q5_k",
   ] as const,
 );
 
@@ -61,18 +90,29 @@ interface Layout {
   readonly block: number;
   /** Bytes per block in GGUF (or the nf4 host layout). */
   readonly blockBytes: number;
-  /** Byte offset of the 2-byte f16 scale moved to the trailing region, or -1 (copied as is). */
-  readonly scaleAt: number;
+  /**
+   * Byte offset in a block of the scale bytes moved to the trailing region (0: they open the
+   * block; blockBytes - headBytes: they close it), or -1 (blocks copied as they are).
+   */
+  readonly headAt: number;
+  /** Bytes moved per block (2: one f16 scale; 4: f16 scale and min). */
+  readonly headBytes: number;
 }
 
 const LAYOUT: Readonly<Record<WeightFormat, Layout>> = {
-  f32: { block: 1, blockBytes: 4, scaleAt: -1 },
-  f16: { block: 1, blockBytes: 2, scaleAt: -1 },
-  q8_0: { block: 32, blockBytes: 34, scaleAt: 0 },
-  q4_0: { block: 32, blockBytes: 18, scaleAt: 0 },
-  q4_k: { block: 256, blockBytes: 144, scaleAt: -1 },
-  q6_k: { block: 256, blockBytes: 210, scaleAt: 208 },
-  nf4: { block: 64, blockBytes: NF4_BLOCK_BYTES, scaleAt: 0 },
+  f32: { block: 1, blockBytes: 4, headAt: -1, headBytes: 0 },
+  f16: { block: 1, blockBytes: 2, headAt: -1, headBytes: 0 },
+  q8_0: { block: 32, blockBytes: 34, headAt: 0, headBytes: 2 },
+  q4_0: { block: 32, blockBytes: 18, headAt: 0, headBytes: 2 },
+  q4_k: { block: 256, blockBytes: 144, headAt: -1, headBytes: 0 },
+  q6_k: { block: 256, blockBytes: 210, headAt: 208, headBytes: 2 },
+  nf4: { block: 64, blockBytes: NF4_BLOCK_BYTES, headAt: 0, headBytes: 2 },
+  q4_1: { block: 32, blockBytes: 20, headAt: 0, headBytes: 4 },
+  q5_0: { block: 32, blockBytes: 22, headAt: 0, headBytes: 2 },
+  q5_1: { block: 32, blockBytes: 24, headAt: 0, headBytes: 4 },
+  q2_k: { block: 256, blockBytes: 84, headAt: -1, headBytes: 0 },
+  q3_k: { block: 256, blockBytes: 110, headAt: 108, headBytes: 2 },
+  q5_k: { block: 256, blockBytes: 176, headAt: -1, headBytes: 0 },
 };
 
 function layout(f: WeightFormat): Layout {
@@ -82,7 +122,8 @@ function layout(f: WeightFormat): Layout {
 }
 
 /**
- * Values per block: 1 for f32/f16, 32 for q8_0/q4_0, 256 for q4_k/q6_k, 64 for nf4.
+ * Values per block: 1 for f32/f16, 32 for q8_0/q4_0/q4_1/q5_0/q5_1, 256 for the K formats
+ * (q2_k .. q6_k), 64 for nf4.
  *
  * @example
  * ```ts
@@ -108,8 +149,38 @@ export function isBlockFormat(f: WeightFormat): boolean {
 }
 
 /**
+ * vec4 groups per decode unit of a block format (`W_GROUPS` of its WGSL, see
+ * {@linkcode weightWgsl}): how many vec4s `wUnit` returns; 0 for f32 and f16.
+ *
+ * @example
+ * ```ts
+ * import { formatGroups } from "./qformats.ts";
+ * console.log(formatGroups("q8_0"), formatGroups("q6_k"), formatGroups("f16")); // 1 4 0
+ * ```
+ */
+export function formatGroups(f: WeightFormat): number {
+  return GROUPS[f];
+}
+
+/**
+ * Whether `f` is also a GGUF tensor type, so GGUF bytes of that type convert to the GPU layout
+ * with {@linkcode packGguf} (every format but nf4).
+ *
+ * @example
+ * ```ts
+ * import { isGgufFormat } from "./qformats.ts";
+ * console.log(isGgufFormat("q3_k"), isGgufFormat("nf4")); // true false
+ * ```
+ */
+export function isGgufFormat(f: WeightFormat): f is GgufWeightFormat {
+  layout(f);
+  return f !== "nf4";
+}
+
+/**
  * Storage bits per weight, scales included: 32, 16, 8.5 (q8_0), 4.5 (q4_0, q4_k),
- * 6.5625 (q6_k), 4.25 (nf4).
+ * 6.5625 (q6_k), 4.25 (nf4), 5 (q4_1), 5.5 (q5_0, q5_k), 6 (q5_1), 2.625 (q2_k),
+ * 3.4375 (q3_k).
  *
  * @example
  * ```ts
@@ -160,60 +231,65 @@ export function weightBytes(f: WeightFormat, rows: number, cols: number): number
 export interface HalfWords {
   /** First word of the trailing f16 region (the word count when there is none). */
   readonly halfFrom: number;
-  /** Words i with i % halfStride == 0 hold f16 pairs too (block headers); 0 for none. */
+  /** Words i with i % halfStride == halfPhase hold f16 pairs too (block headers); 0 for none. */
   readonly halfStride: number;
+  /** Word of each block, counted from its start, that holds the block's f16 pair. */
+  readonly halfPhase: number;
 }
 
 /**
  * The words of the GPU layout of a `[rows, cols]` matrix in `f` that hold f16 values: all of
- * them for f16, the trailing scale region for formats whose scale moved there (q8_0, q4_0, q6_k,
- * nf4), the first word of every block for q4_k (its `d, dmin` header). A random fill must put
- * finite f16 in exactly these words (`kernels/fill.ts`). f32 has none (it is refused).
+ * them for f16; the trailing scale region for formats whose scales moved there (q8_0, q4_0,
+ * q4_1, q5_0, q5_1, q3_k, q6_k, nf4); the word of every block holding its `d, dmin` pair for
+ * the blocks copied whole (q4_k and q5_k open with it, q2_k closes with it). A random fill must
+ * put finite f16 in exactly these words (`kernels/fill.ts`). f32 has none (it is refused).
  *
  * @example
  * ```ts
  * import { halfWords } from "./qformats.ts";
- * console.log(halfWords("q8_0", 2, 64)); // { halfFrom: 32, halfStride: 0 }
+ * console.log(halfWords("q8_0", 2, 64)); // { halfFrom: 16, halfStride: 0, halfPhase: 0 }
  * ```
  */
 export function halfWords(f: WeightFormat, rows: number, cols: number): HalfWords {
   const nb = blocks(f, rows, cols), l = layout(f);
   const words = weightBytes(f, rows, cols) / 4;
   if (f === "f32") throw new RangeError("halfWords: f32 matrices hold no f16 words");
-  if (f === "f16") return { halfFrom: 0, halfStride: 0 };
-  if (l.scaleAt >= 0) return { halfFrom: (nb * (l.blockBytes - 2)) / 4, halfStride: 0 };
+  if (f === "f16") return { halfFrom: 0, halfStride: 0, halfPhase: 0 };
+  if (l.headAt >= 0) {
+    return { halfFrom: (nb * (l.blockBytes - l.headBytes)) / 4, halfStride: 0, halfPhase: 0 };
+  }
   if (l.blockBytes % 4) throw new RangeError(`halfWords: ${f} blocks are not whole words`);
-  return { halfFrom: words, halfStride: l.blockBytes / 4 };
+  // d and dmin (two f16) open q4_k/q5_k blocks and close q2_k's.
+  const phase = f === "q2_k" ? l.blockBytes / 4 - 1 : 0;
+  return { halfFrom: words, halfStride: l.blockBytes / 4, halfPhase: phase };
 }
 
 /** GGUF / host block bytes -> GPU layout (scales moved to a trailing region), padded to 4. */
 function pack(f: WeightFormat, src: Uint8Array, nb: number, out: Uint8Array): Uint8Array {
-  const { blockBytes: S, scaleAt } = layout(f);
-  if (scaleAt < 0) {
+  const { blockBytes: S, headAt, headBytes: H } = layout(f);
+  if (headAt < 0) {
     out.set(src.subarray(0, nb * S));
     return out;
   }
-  const Q = S - 2, qFrom = scaleAt === 0 ? 2 : 0;
+  const Q = S - H, qFrom = headAt === 0 ? H : 0;
   for (let b = 0; b < nb; b++) {
     const o = b * S;
     out.set(src.subarray(o + qFrom, o + qFrom + Q), b * Q);
-    out[nb * Q + 2 * b] = src[o + scaleAt];
-    out[nb * Q + 2 * b + 1] = src[o + scaleAt + 1];
+    out.set(src.subarray(o + headAt, o + headAt + H), nb * Q + H * b);
   }
   return out;
 }
 
 /** GPU layout -> GGUF / host block bytes (the inverse of `pack`). */
 function unpack(f: WeightFormat, gpu: Uint8Array, nb: number): Uint8Array {
-  const { blockBytes: S, scaleAt } = layout(f);
-  if (scaleAt < 0) return gpu.slice(0, nb * S);
+  const { blockBytes: S, headAt, headBytes: H } = layout(f);
+  if (headAt < 0) return gpu.slice(0, nb * S);
   const out = new Uint8Array(nb * S);
-  const Q = S - 2, qTo = scaleAt === 0 ? 2 : 0;
+  const Q = S - H, qTo = headAt === 0 ? H : 0;
   for (let b = 0; b < nb; b++) {
     const o = b * S;
     out.set(gpu.subarray(b * Q, b * Q + Q), o + qTo);
-    out[o + scaleAt] = gpu[nb * Q + 2 * b];
-    out[o + scaleAt + 1] = gpu[nb * Q + 2 * b + 1];
+    out.set(gpu.subarray(nb * Q + H * b, nb * Q + H * b + H), o + headAt);
   }
   return out;
 }
@@ -340,10 +416,30 @@ fn hi4(q: u32) -> vec4<f32> {
   return vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
 }
 fn w1(e: u32, nb: u32) -> f32 { return w4(e & ~3u, nb)[e & 3u]; }
+// Bit k of each byte of v (byte 0 first), as u32s.
+fn bit4(v: u32, k: u32) -> vec4<u32> {
+  return (vec4<u32>(v, v >> 8u, v >> 16u, v >> 24u) >> vec4<u32>(k)) & vec4<u32>(1u);
+}
+`;
+
+/** q4_K / q5_K: the 6-bit scale and min of a sub-block from the 16-byte block header. */
+const K_SCALE_MIN = /* wgsl */ `
+// (d * scale, dmin * min) of sub-block s (0..7), h = the header words (d and dmin as f16, then
+// the 12 scale bytes): ggml's get_scale_min_k4.
+fn kScaleMin(h: vec4<u32>, s: u32) -> vec2<f32> {
+  let sh = 8u * (s & 3u);
+  let a = (h.y >> sh) & 255u; // scales[s % 4]
+  let c = (h.z >> sh) & 255u; // scales[s % 4 + 4]
+  let e = (h.w >> sh) & 255u; // scales[s % 4 + 8]
+  let sm = select(vec2<u32>(a & 63u, c & 63u),
+                  vec2<u32>((e & 15u) | ((a >> 6u) << 4u), (e >> 4u) | ((c >> 6u) << 4u)),
+                  s >= 4u);
+  return unpack2x16float(h.x) * vec2<f32>(sm);
+}
 `;
 
 /** Decoders of each block format (see the module doc for the layouts). */
-const BLOCK_WGSL: Record<"q8_0" | "q4_0" | "q4_k" | "q6_k" | "nf4", string> = {
+const BLOCK_WGSL: Record<Exclude<WeightFormat, "f32" | "f16">, string> = {
   q8_0: /* wgsl */ `
 const W_BLOCK = 32u;
 const W_UNITS = 8u;  // a unit is one u32 of quants: 4 values
@@ -419,18 +515,7 @@ fn kHeader(b: u32) -> vec4<u32> {
   let o = b * 36u;
   return vec4<u32>(w[o], w[o + 1u], w[o + 2u], w[o + 3u]);
 }
-// (d * scale, dmin * min) of sub-block s (0..7): ggml's get_scale_min_k4 on the header.
-fn kScaleMin(h: vec4<u32>, s: u32) -> vec2<f32> {
-  let sh = 8u * (s & 3u);
-  let a = (h.y >> sh) & 255u; // scales[s % 4]
-  let c = (h.z >> sh) & 255u; // scales[s % 4 + 4]
-  let e = (h.w >> sh) & 255u; // scales[s % 4 + 8]
-  let sm = select(vec2<u32>(a & 63u, c & 63u),
-                  vec2<u32>((e & 15u) | ((a >> 6u) << 4u), (e >> 4u) | ((c >> 6u) << 4u)),
-                  s >= 4u);
-  return unpack2x16float(h.x) * vec2<f32>(sm);
-}
-fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+${K_SCALE_MIN}fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
   let g = j / 8u;
   let q = w[b * 36u + 4u + j];
   let h = kHeader(b);
@@ -494,6 +579,184 @@ fn w4(e: u32, nb: u32) -> vec4<f32> {
   return (wHalf(nb * 104u + b) * q6Scale(b, s)) * q6x4(ql, 4u * (quarter >> 1u), qh, 2u * quarter);
 }
 `,
+  q4_1: /* wgsl */ `
+const W_BLOCK = 32u;
+const W_UNITS = 4u;  // a unit is one u32 of quants: values 4j.. (low nibbles), 16+4j.. (high)
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let dm = unpack2x16float(w[nb * 4u + b]); // (d, m)
+  let q = w[b * 4u + j];
+  return array<vec4<f32>, 2>(dm.x * lo4(q) + dm.y, dm.x * hi4(q) + dm.y);
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j + 4u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 32u;
+  let r = e % 32u;
+  let q = w[b * 4u + (r % 16u) / 4u];
+  let dm = unpack2x16float(w[nb * 4u + b]);
+  return dm.x * select(lo4(q), hi4(q), r >= 16u) + dm.y;
+}
+`,
+  q5_0: /* wgsl */ `
+const W_BLOCK = 32u;
+const W_UNITS = 4u;  // a unit is one u32 of qs: values 4j.. (low nibbles), 16+4j.. (high)
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+// Values r .. r+3 of a block (r % 4 == 0): nibbles of q plus 16 * bits r.. of qh.
+fn q5x4(q: u32, qh: u32, r: u32) -> vec4<f32> {
+  let n = select(lo4(q), hi4(q), r >= 16u);
+  return n + 16.0 * vec4<f32>((vec4<u32>(qh) >> (vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let d = wHalf(nb * 10u + b);
+  let qh = w[b * 5u];
+  let q = w[b * 5u + 1u + j];
+  return array<vec4<f32>, 2>(d * (q5x4(q, qh, 4u * j) - 16.0), d * (q5x4(q, qh, 16u + 4u * j) - 16.0));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j + 4u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 32u;
+  let r = e % 32u;
+  let q = w[b * 5u + 1u + (r % 16u) / 4u];
+  return wHalf(nb * 10u + b) * (q5x4(q, w[b * 5u], r) - 16.0);
+}
+`,
+  q5_1: /* wgsl */ `
+const W_BLOCK = 32u;
+const W_UNITS = 4u;  // a unit is one u32 of qs: values 4j.. (low nibbles), 16+4j.. (high)
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+// Values r .. r+3 of a block (r % 4 == 0): nibbles of q plus 16 * bits r.. of qh.
+fn q5x4(q: u32, qh: u32, r: u32) -> vec4<f32> {
+  let n = select(lo4(q), hi4(q), r >= 16u);
+  return n + 16.0 * vec4<f32>((vec4<u32>(qh) >> (vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u))) & vec4<u32>(1u));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let dm = unpack2x16float(w[nb * 5u + b]); // (d, m)
+  let qh = w[b * 5u];
+  let q = w[b * 5u + 1u + j];
+  return array<vec4<f32>, 2>(dm.x * q5x4(q, qh, 4u * j) + dm.y, dm.x * q5x4(q, qh, 16u + 4u * j) + dm.y);
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return j + 4u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 32u;
+  let r = e % 32u;
+  let q = w[b * 5u + 1u + (r % 16u) / 4u];
+  let dm = unpack2x16float(w[nb * 5u + b]);
+  return dm.x * q5x4(q, w[b * 5u], r) + dm.y;
+}
+`,
+  q2_k: /* wgsl */ `
+const W_BLOCK = 256u;
+const W_UNITS = 16u; // a unit: qs word j, n = j/8, l = 4(j%8): values 128n + 32g + l.. for g 0..3
+const W_GROUPS = 4u;
+fn wInit(lid: u32) {}
+// Group g of unit q: values 128n + 32g + l .. + 3 of block word offset o; s = their sub-block.
+fn q2Group(o: u32, q: u32, g: u32, s: u32) -> vec4<f32> {
+  let dm = unpack2x16float(w[o + 20u]); // (d, dmin)
+  let sc = (w[o + s / 4u] >> (8u * (s % 4u))) & 255u;
+  let v = (vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) >> vec4<u32>(2u * g)) & vec4<u32>(3u);
+  return (dm.x * f32(sc & 15u)) * vec4<f32>(v) - dm.y * f32(sc >> 4u);
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 4> {
+  let o = b * 21u;
+  let q = w[o + 4u + j];
+  let s = 8u * (j / 8u) + (j % 8u) / 4u; // sub-block of group 0; group g: s + 2g
+  return array<vec4<f32>, 4>(q2Group(o, q, 0u, s), q2Group(o, q, 1u, s + 2u),
+                             q2Group(o, q, 2u, s + 4u), q2Group(o, q, 3u, s + 6u));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 32u + j % 8u + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let o = (e / 256u) * 21u;
+  let r = e % 256u; // 128n + 32g + l
+  let q = w[o + 4u + 8u * (r / 128u) + (r % 32u) / 4u];
+  return q2Group(o, q, (r % 128u) / 32u, r / 16u);
+}
+`,
+  q3_k: /* wgsl */ `
+const W_BLOCK = 256u;
+const W_UNITS = 16u; // a unit: qs word j, n = j/8, l = 4(j%8): values 128n + 32g + l.. for g 0..3
+const W_GROUPS = 4u;
+fn wInit(lid: u32) {}
+// Signed scale of sub-block s (0..15) of the block at word o: ggml's 6-bit q3_K scale - 32.
+fn q3Scale(o: u32, s: u32) -> f32 {
+  let lo = (w[o + 24u + (s % 8u) / 4u] >> (8u * (s % 4u) + 4u * (s / 8u))) & 15u;
+  let hi = (w[o + 26u] >> (8u * (s % 4u) + 2u * (s / 4u))) & 3u;
+  return f32(i32(lo | (hi << 4u)) - 32);
+}
+// Group g of the values in qs word q and hmask word hm (n = the 128-value half), times d * scale.
+fn q3Group(o: u32, d: f32, q: u32, hm: u32, n: u32, g: u32, s: u32) -> vec4<f32> {
+  let v = (vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) >> vec4<u32>(2u * g)) & vec4<u32>(3u);
+  let h = bit4(hm, 4u * n + g);
+  return (d * q3Scale(o, s)) * (vec4<f32>(v) - 4.0 + 4.0 * vec4<f32>(h));
+}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 4> {
+  let o = b * 27u;
+  let d = wHalf(nb * 54u + b);
+  let n = j / 8u;
+  let q = w[o + 8u + j];
+  let hm = w[o + j % 8u];
+  let s = 8u * n + (j % 8u) / 4u;
+  return array<vec4<f32>, 4>(q3Group(o, d, q, hm, n, 0u, s), q3Group(o, d, q, hm, n, 1u, s + 2u),
+                             q3Group(o, d, q, hm, n, 2u, s + 4u), q3Group(o, d, q, hm, n, 3u, s + 6u));
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 32u + j % 8u + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let b = e / 256u;
+  let o = b * 27u;
+  let r = e % 256u; // 128n + 32g + l
+  let n = r / 128u;
+  let l4 = (r % 32u) / 4u;
+  return q3Group(o, wHalf(nb * 54u + b), w[o + 8u + 8u * n + l4], w[o + l4], n, (r % 128u) / 32u, r / 16u);
+}
+`,
+  q5_k: /* wgsl */ `
+const W_BLOCK = 256u;
+const W_UNITS = 32u; // a unit is one u32 of qs: group g = j/8, values g*64+4(j%8).. and +32
+const W_GROUPS = 2u;
+fn wInit(lid: u32) {}
+${K_SCALE_MIN}
+fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
+  let o = b * 44u;
+  let g = j / 8u;
+  let q = w[o + 12u + j];
+  let qh = w[o + 4u + j % 8u];
+  let h = vec4<u32>(w[o], w[o + 1u], w[o + 2u], w[o + 3u]);
+  let s0 = kScaleMin(h, 2u * g);
+  let s1 = kScaleMin(h, 2u * g + 1u);
+  return array<vec4<f32>, 2>(s0.x * (lo4(q) + 16.0 * vec4<f32>(bit4(qh, 2u * g))) - s0.y,
+                             s1.x * (hi4(q) + 16.0 * vec4<f32>(bit4(qh, 2u * g + 1u))) - s1.y);
+}
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 16u + j % 8u + 8u * g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> {
+  let o = (e / 256u) * 44u;
+  let r = e % 256u;
+  let g = r / 64u;
+  let hi = (r % 64u) >= 32u;
+  let q = w[o + 12u + g * 8u + (r % 32u) / 4u];
+  let qh = w[o + 4u + (r % 32u) / 4u];
+  let s = kScaleMin(vec4<u32>(w[o], w[o + 1u], w[o + 2u], w[o + 3u]), 2u * g + u32(hi));
+  return s.x * (select(lo4(q), hi4(q), hi) + 16.0 * vec4<f32>(bit4(qh, 2u * g + u32(hi)))) - s.y;
+}
+`,
+};
+
+/** `W_GROUPS` of each format's decoder (0: no decode units). */
+const GROUPS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 0,
+  q8_0: 1,
+  q4_0: 2,
+  q4_k: 2,
+  q6_k: 4,
+  nf4: 2,
+  q4_1: 2,
+  q5_0: 2,
+  q5_1: 2,
+  q2_k: 4,
+  q3_k: 4,
+  q5_k: 2,
 };
 
 /**

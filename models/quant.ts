@@ -11,6 +11,14 @@
  * - `q5_0` (32, 22): `d: half, qh: u32, qs: u8[16]`; bit j of `qh` is bit 4 of value j;
  *   `y = d * (q5 - 16)`.
  * - `q5_1` (32, 24): `d: half, m: half, qh: u32, qs: u8[16]`; `y = d * q5 + m`.
+ * - `q2_k` (256, 84): `scales: u8[16], qs: u8[64], d: half, dmin: half`; sixteen 16-value
+ *   sub-blocks (sub-block s = values 16s..16s+15), each with a 4-bit scale (low nibble of
+ *   `scales[s]`) and 4-bit min (high nibble); value `e = 128n + 32j + l` (n 0..1, j 0..3,
+ *   l 0..31) is bits 2j..2j+1 of `qs[32n + l]`; `y = d * sc * q2 - dmin * m`.
+ * - `q3_k` (256, 110): `hmask: u8[32], qs: u8[64], scales: u8[12], d: half`; sixteen 16-value
+ *   sub-blocks with 6-bit scales stored minus 32 (see `scaleQ3K`); value `e = 128n + 32j + l`
+ *   takes its low 2 bits from bits 2j of `qs[32n + l]` and subtracts 4 unless bit 4n + j of
+ *   `hmask[l]` is set; `y = d * (sc - 32) * (q2 - 4 * !hbit)`.
  * - `q4_k` (256, 144): `d: half, dmin: half, scales: u8[12], qs: u8[128]`; eight 32-value
  *   sub-blocks with 6-bit scale `sc` and min `m` packed in `scales` (see `scaleMinK4`);
  *   `y = d * sc * q4 - dmin * m`. Each 64 values share 32 bytes of `qs`: low nibbles first.
@@ -46,6 +54,8 @@ export const BLOCK_INFO: Readonly<Record<DType, BlockInfo>> = {
   q4_1: { blockSize: 32, bytesPerBlock: 20 },
   q5_0: { blockSize: 32, bytesPerBlock: 22 },
   q5_1: { blockSize: 32, bytesPerBlock: 24 },
+  q2_k: { blockSize: 256, bytesPerBlock: 84 },
+  q3_k: { blockSize: 256, bytesPerBlock: 110 },
   q4_k: { blockSize: 256, bytesPerBlock: 144 },
   q5_k: { blockSize: 256, bytesPerBlock: 176 },
   q6_k: { blockSize: 256, bytesPerBlock: 210 },
@@ -130,6 +140,17 @@ export function scaleMinK4(scales: Uint8Array, o: number, j: number): [number, n
   const sc = (scales[o + j + 4] & 0xf) | ((scales[o + j - 4] >> 6) << 4);
   const m = (scales[o + j + 4] >> 4) | ((scales[o + j] >> 6) << 4);
   return [sc, m];
+}
+
+/**
+ * The signed scale of q3_K sub-block `s` (0..15) from the 12 `scales` bytes at `o`: a 6-bit
+ * value whose low 4 bits are the low (s < 8) or high (s >= 8) nibble of byte s % 8 and whose
+ * top 2 bits are bits 2(s / 4) of byte 8 + s % 4, minus 32.
+ */
+export function scaleQ3K(scales: Uint8Array, o: number, s: number): number {
+  const lo = s < 8 ? scales[o + s] & 0xf : scales[o + s - 8] >> 4;
+  const hi = (scales[o + 8 + (s % 4)] >> (2 * (s >> 2))) & 3;
+  return (lo | (hi << 4)) - 32;
 }
 
 /**
@@ -219,6 +240,27 @@ export function dequantize(dtype: DType, data: Uint8Array, n: number): Float32Ar
       }
       break;
     }
+    case "q2_k":
+      for (let b = 0; b < nb; b++) {
+        const o = b * 84, d = half(o + 80), dmin = half(o + 82);
+        for (let e = 0; e < 256; e++) { // e = 128n + 32j + l; sub-block e >> 4
+          const n = e >> 7, j = (e >> 5) & 3, l = e & 31, sc = data[o + (e >> 4)];
+          const q = (data[o + 16 + 32 * n + l] >> (2 * j)) & 3;
+          y[b * 256 + e] = f32(d * (sc & 0xf)) * q - f32(dmin * (sc >> 4));
+        }
+      }
+      break;
+    case "q3_k":
+      for (let b = 0; b < nb; b++) {
+        const o = b * 110, d = half(o + 108);
+        for (let e = 0; e < 256; e++) {
+          const n = e >> 7, j = (e >> 5) & 3, l = e & 31;
+          const q = (data[o + 32 + 32 * n + l] >> (2 * j)) & 3;
+          const h = (data[o + l] >> (4 * n + j)) & 1;
+          y[b * 256 + e] = f32(d * scaleQ3K(data, o + 96, e >> 4)) * (q - (h ? 0 : 4));
+        }
+      }
+      break;
     case "q4_k":
     case "q5_k": {
       const five = dtype === "q5_k", size = five ? 176 : 144;
@@ -280,7 +322,8 @@ export function dequantize(dtype: DType, data: Uint8Array, n: number): Float32Ar
  * even. `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1` follow ggml's reference `quantize_row_*_ref`
  * bit for bit (f32 arithmetic emulated with `Math.fround`). The K formats use a simple
  * round-to-nearest scheme (per-sub-block min/max, 6-bit or 8-bit scale quantization), not ggml's
- * iterative search, so their bytes differ from llama-quantize's while the layout is identical.
+ * iterative search, so their bytes differ from llama-quantize's while the layout is identical
+ * (q2_k and q3_k too: tests/llama_cpp_quant_test.ts dequantizes llama.cpp's own bytes).
  * Throws a `RangeError` if the length is not a whole number of blocks.
  *
  * @example
@@ -373,6 +416,16 @@ export function quantize(dtype: DType, values: Float32Array): Uint8Array {
     case "q5_k":
       for (let b = 0; b < nb; b++) {
         quantizeBlockQ45K(values.subarray(b * 256, b * 256 + 256), out, b, dtype === "q5_k");
+      }
+      break;
+    case "q2_k":
+      for (let b = 0; b < nb; b++) {
+        quantizeBlockQ2K(values.subarray(b * 256, b * 256 + 256), out, b);
+      }
+      break;
+    case "q3_k":
+      for (let b = 0; b < nb; b++) {
+        quantizeBlockQ3K(values.subarray(b * 256, b * 256 + 256), out, b);
       }
       break;
     case "q6_k":
@@ -485,6 +538,80 @@ function quantizeBlockQ6K(x: Float32Array, out: Uint8Array, b: number): void {
       out[ql + l + 32] = (L[e + l + 32] & 0xf) | ((L[e + l + 96] & 0xf) << 4);
       out[qh + l] = (L[e + l] >> 4) | ((L[e + l + 32] >> 4) << 2) |
         ((L[e + l + 64] >> 4) << 4) | ((L[e + l + 96] >> 4) << 6);
+    }
+  }
+}
+
+/**
+ * One q2_K super-block by plain rounding: each 16-value sub-block gets min m = min(0, min x) and
+ * scale (max - m) / 3; both are quantized to 4 bits against d = max(scale) / 15 and
+ * dmin = max(-m) / 15, then values are rounded to 0..3 with the quantized scale and min.
+ */
+function quantizeBlockQ2K(x: Float32Array, out: Uint8Array, b: number): void {
+  const o = b * 84;
+  const scale = new Float64Array(16), mins = new Float64Array(16);
+  for (let s = 0; s < 16; s++) {
+    let lo = 0, hi = -Infinity;
+    for (let l = 0; l < 16; l++) {
+      lo = Math.min(lo, x[16 * s + l]);
+      hi = Math.max(hi, x[16 * s + l]);
+    }
+    scale[s] = Math.max(0, hi - lo) / 3;
+    mins[s] = -lo;
+  }
+  const d = toHalf(Math.max(...scale) / 15), dmin = toHalf(Math.max(...mins) / 15);
+  const dv = new DataView(out.buffer, out.byteOffset);
+  dv.setUint16(o + 80, floatToHalfBits(d), true);
+  dv.setUint16(o + 82, floatToHalfBits(dmin), true);
+  for (let s = 0; s < 16; s++) {
+    let ls = d > 0 ? Math.min(15, Math.round(scale[s] / d)) : 0;
+    if (ls === 0 && scale[s] > 0 && d > 0) ls = 1; // keep a non-zero sub-block non-zero
+    const lm = dmin > 0 ? Math.min(15, Math.round(mins[s] / dmin)) : 0;
+    out[o + s] = ls | (lm << 4);
+    const dl = f32(d * ls), ml = f32(dmin * lm);
+    for (let l = 0; l < 16; l++) {
+      const e = 16 * s + l, n = e >> 7, j = (e >> 5) & 3;
+      const q = dl > 0 ? Math.max(0, Math.min(3, Math.round((x[e] + ml) / dl))) : 0;
+      out[o + 16 + 32 * n + (e & 31)] |= q << (2 * j);
+    }
+  }
+}
+
+/**
+ * One q3_K super-block by plain rounding: each 16-value sub-block gets scale v / -4 for its
+ * largest-magnitude value v; the 16 scales are quantized to -32..31 against
+ * d = max|scale| / 32, then values are rounded to -4..3 with the quantized scales.
+ */
+function quantizeBlockQ3K(x: Float32Array, out: Uint8Array, b: number): void {
+  const o = b * 110;
+  const scale = new Float64Array(16);
+  let maxScale = 0;
+  for (let s = 0; s < 16; s++) {
+    let amax = 0, vmax = 0;
+    for (let l = 0; l < 16; l++) {
+      const v = x[16 * s + l];
+      if (Math.abs(v) > amax) {
+        amax = Math.abs(v);
+        vmax = v;
+      }
+    }
+    scale[s] = vmax / -4;
+    if (Math.abs(scale[s]) > Math.abs(maxScale)) maxScale = scale[s];
+  }
+  const iscale = maxScale !== 0 ? -32 / maxScale : 0;
+  const d = toHalf(iscale ? 1 / iscale : 0);
+  new DataView(out.buffer, out.byteOffset).setUint16(o + 108, floatToHalfBits(d), true);
+  for (let s = 0; s < 16; s++) {
+    const q6 = Math.max(-32, Math.min(31, Math.round(iscale * scale[s]))) + 32; // inverse of scaleQ3K
+    if (s < 8) out[o + 96 + s] |= q6 & 0xf;
+    else out[o + 96 + s - 8] |= (q6 & 0xf) << 4;
+    out[o + 104 + (s % 4)] |= (q6 >> 4) << (2 * (s >> 2));
+    const dq = f32(d * (q6 - 32));
+    for (let l = 0; l < 16; l++) {
+      const e = 16 * s + l, n = e >> 7, j = (e >> 5) & 3;
+      const u = (dq !== 0 ? Math.max(-4, Math.min(3, Math.round(x[e] / dq))) : 0) + 4;
+      out[o + 32 + 32 * n + (e & 31)] |= (u & 3) << (2 * j);
+      out[o + (e & 31)] |= (u >> 2) << (4 * n + j);
     }
   }
 }

@@ -4,6 +4,8 @@ import {
   decodeWeights,
   encodeWeights,
   formatBlock,
+  isBlockFormat,
+  WEIGHT_FORMATS,
   type WeightFormat,
 } from "../kernels/qformats.ts";
 import { assertClose, gpuTest, randomArray, rng, roundF16, type Tolerance } from "./harness.ts";
@@ -71,7 +73,7 @@ gpuTest("embedding split into two row ranges writes each token from its range", 
 // `d*sc*q - dmin*m` into one rounding: max-abs <= 1e-6 on values of magnitude <= 1.
 const DEQUANT = { nmse: 1e-12, maxAbs: 1e-6 };
 
-for (const f of ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"] as WeightFormat[]) {
+for (const f of WEIGHT_FORMATS.filter(isBlockFormat)) {
   gpuTest(`embedding ${f} dequantizes the gathered rows in-kernel`, async (gpu) => {
     const b = formatBlock(f);
     for (const [V, D] of [[1, b], [7, 3 * b], [67, b === 256 ? 512 : 5 * 64]]) {

@@ -6,16 +6,23 @@ import assert from "@specdec/assert";
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
 Deno.test("halfWords() marks each format's scale words", () => {
-  assert.deepEqual(halfWords("f16", 3, 8), { halfFrom: 0, halfStride: 0 });
-  assert.deepEqual(halfWords("q4_0", 2, 64), { halfFrom: 4 * 4, halfStride: 0 });
-  assert.deepEqual(halfWords("q6_k", 1, 256), { halfFrom: 52, halfStride: 0 });
-  assert.deepEqual(halfWords("q4_k", 2, 256), { halfFrom: 72, halfStride: 36 });
+  assert.deepEqual(halfWords("f16", 3, 8), { halfFrom: 0, halfStride: 0, halfPhase: 0 });
+  assert.deepEqual(halfWords("q4_0", 2, 64), { halfFrom: 4 * 4, halfStride: 0, halfPhase: 0 });
+  assert.deepEqual(halfWords("q6_k", 1, 256), { halfFrom: 52, halfStride: 0, halfPhase: 0 });
+  assert.deepEqual(halfWords("q4_k", 2, 256), { halfFrom: 72, halfStride: 36, halfPhase: 0 });
+  assert.deepEqual(halfWords("q2_k", 2, 256), { halfFrom: 42, halfStride: 21, halfPhase: 20 });
   assert.throws(() => halfWords("f32", 1, 4), /no f16 words/);
 });
 
 gpuTest("fill writes exactly fillRef()'s words on ragged sizes", async (gpu) => {
   for (const words of [...RAGGED, 256 * 3 + 5]) {
-    for (const half of [{ halfFrom: words, halfStride: 0 }, { halfFrom: 5, halfStride: 3 }]) {
+    for (
+      const half of [{ halfFrom: words, halfStride: 0, halfPhase: 0 }, {
+        halfFrom: 5,
+        halfStride: 3,
+        halfPhase: 2,
+      }]
+    ) {
       const buf = gpu.buffer("fill", words * 4, RW);
       await gpu.run("fill", [
         await createFill(gpu, { label: "t", buffer: buf, words, seed: 7, ...half }),
@@ -32,7 +39,19 @@ gpuTest("fill writes exactly fillRef()'s words on ragged sizes", async (gpu) => 
 });
 
 gpuTest("a random fill decodes to finite, small weights in every format", async (gpu) => {
-  const formats: WeightFormat[] = ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"];
+  const formats: WeightFormat[] = [
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+    "nf4",
+  ];
   if (gpu.features.f16) formats.push("f16");
   for (const f of formats) {
     const rows = 3, cols = 512, bytes = weightBytes(f, rows, cols);

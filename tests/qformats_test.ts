@@ -3,8 +3,10 @@ import {
   decodeWeights,
   encodeWeights,
   formatBlock,
+  formatGroups,
   type GgufWeightFormat,
   isBlockFormat,
+  isGgufFormat,
   packGguf,
   unpackGpu,
   WEIGHT_BINDING,
@@ -18,7 +20,20 @@ import { dequantize, quantize, tensorBytes } from "../models/quant.ts";
 import { rng } from "./harness.ts";
 import assert from "@specdec/assert";
 
-const GGUF_FORMATS: GgufWeightFormat[] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k"];
+const GGUF_FORMATS: GgufWeightFormat[] = [
+  "f32",
+  "f16",
+  "q8_0",
+  "q4_0",
+  "q4_k",
+  "q6_k",
+  "q4_1",
+  "q5_0",
+  "q5_1",
+  "q2_k",
+  "q3_k",
+  "q5_k",
+];
 
 /** `n` seeded standard-normal values (Box-Muller). */
 function normal(n: number, seed: number, scale = 1): Float32Array {
@@ -50,6 +65,12 @@ Deno.test("WEIGHT_FORMATS lists every format with its block size and bits per we
     ["q4_k", 256, 4.5],
     ["q6_k", 256, 6.5625],
     ["nf4", 64, 4.25],
+    ["q4_1", 32, 5],
+    ["q5_0", 32, 5.5],
+    ["q5_1", 32, 6],
+    ["q2_k", 256, 2.625],
+    ["q3_k", 256, 3.4375],
+    ["q5_k", 256, 5.5],
   ];
   assert.deepEqual([...WEIGHT_FORMATS], want.map((w) => w[0]));
   for (const [f, block, bpw] of want) {
@@ -57,7 +78,7 @@ Deno.test("WEIGHT_FORMATS lists every format with its block size and bits per we
     assert.equal(bitsPerWeight(f), bpw, f);
     assert.equal(isBlockFormat(f), block > 1, f);
   }
-  assert.throws(() => formatBlock("q5_k" as WeightFormat), /unknown weight format "q5_k"/);
+  assert.throws(() => formatBlock("q7_k" as WeightFormat), /unknown weight format "q7_k"/);
 });
 
 Deno.test("weightBytes() is GGUF's byte count padded to 4, the length encodeWeights() returns", () => {
@@ -172,7 +193,8 @@ Deno.test("GPU layout: quants of all blocks first, then the f16 scales (q8_0, q4
 
 // Relative RMS error ||dequant(quant(x)) - x|| / ||x|| on N(0, 1) data, 64 rows of 512.
 // Measured with specdec's quantizers (seeds 2024, 1, 2): f16 0.021%, q8_0 0.53%, q6_k 1.88%,
-// q4_k 7.8%, q4_0 8.6%, nf4 9.2% (4.25 bits, blocks of 64). Bounds: ~20% headroom.
+// q4_k 7.8%, q4_0 8.6%, nf4 9.2% (4.25 bits, blocks of 64), q4_1 7.8%, q5_0 4.3%, q5_1 3.8%,
+// q5_k 3.8%, q3_k 15.5%, q2_k 32.9% (plain rounding, see models/quant.ts). Bounds: ~20% headroom.
 const RMS_BOUND: Record<WeightFormat, number> = {
   f32: 0,
   f16: 0.00026,
@@ -181,6 +203,12 @@ const RMS_BOUND: Record<WeightFormat, number> = {
   q4_k: 0.094,
   q4_0: 0.104,
   nf4: 0.11,
+  q4_1: 0.094,
+  q5_0: 0.052,
+  q5_1: 0.046,
+  q2_k: 0.4,
+  q3_k: 0.19,
+  q5_k: 0.046,
 };
 
 Deno.test("quantization error on normal data is within each format's stated bound", () => {
@@ -247,5 +275,46 @@ Deno.test("weightWgsl() declares the weights at WEIGHT_BINDING and the decoders 
     }
     assert.equal(src.includes("fn wUnit("), isBlockFormat(f), f);
     assert.equal(src.trimStart().startsWith("enable f16;"), f === "f16", f);
+    // formatGroups() is the W_GROUPS the decoder declares (matmul unrolls that many vec4s).
+    const groups = /const W_GROUPS = (\d+)u;/.exec(src);
+    assert.equal(groups ? Number(groups[1]) : 0, formatGroups(f), f);
+    assert.equal(isGgufFormat(f), f !== "nf4", f);
+  }
+});
+
+Deno.test("GPU layout of the 5- and 2/3-bit formats: scale (and min) bytes trail the quants", () => {
+  // q4_1 / q5_1: (d, m) move as 4 bytes per block; q5_0: d moves, qh + qs stay (20 bytes);
+  // q3_k: the trailing d of each 110-byte block moves; q2_k, q5_k: blocks unchanged.
+  for (
+    const [f, S, headAt, H] of [
+      ["q4_1", 20, 0, 4],
+      ["q5_0", 22, 0, 2],
+      ["q5_1", 24, 0, 4],
+      ["q3_k", 110, 108, 2],
+      ["q2_k", 84, -1, 0],
+      ["q5_k", 176, -1, 0],
+    ] as [GgufWeightFormat, number, number, number][]
+  ) {
+    const block = formatBlock(f), nb = 3;
+    const host = quantize(f, normal(nb * block, S));
+    const g = packGguf(f, host, 1, nb * block);
+    if (headAt < 0) {
+      assert.deepEqual(g.subarray(0, host.length), host, f);
+      continue;
+    }
+    const Q = S - H, from = headAt === 0 ? H : 0;
+    for (let b = 0; b < nb; b++) {
+      assert.deepEqual(
+        g.subarray(Q * b, Q * b + Q),
+        host.subarray(S * b + from, S * b + from + Q),
+        f,
+      );
+      assert.deepEqual(
+        g.subarray(Q * nb + H * b, Q * nb + H * b + H),
+        host.subarray(S * b + headAt, S * b + headAt + H),
+        f,
+      );
+    }
+    assert.deepEqual(unpackGpu(f, g, 1, nb * block), host, f);
   }
 });

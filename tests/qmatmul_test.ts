@@ -3,6 +3,8 @@ import {
   decodeWeights,
   encodeWeights,
   formatBlock,
+  isBlockFormat,
+  WEIGHT_FORMATS,
   weightBytes,
   type WeightFormat,
 } from "../kernels/qformats.ts";
@@ -17,7 +19,7 @@ import assert from "@specdec/assert";
 // max-abs <= 2e-4 (outputs are up to ~10 in magnitude).
 const TOL = { nmse: 1e-10, maxAbs: 2e-4 };
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-const BLOCK_FORMATS: WeightFormat[] = ["q8_0", "q4_0", "q4_k", "q6_k", "nf4"];
+const BLOCK_FORMATS: WeightFormat[] = WEIGHT_FORMATS.filter(isBlockFormat);
 const NS = [1, 7, 67];
 const MATVEC_TS = [1, 2, 3, 5, 16, 17];
 const TILED_TS = [1, 2, 3, 5, 16, 17, 40];

@@ -183,7 +183,7 @@ Deno.test("planQuant() on the pycode draft: q4_k holds on 256 cols, ffn_down (70
   assert.equal(fmt(p, "blk.2.ffn_down.weight"), "q8_0");
 });
 
-Deno.test("planQuant() without quant keeps what was loaded (bf16 -> f32, q5_k -> f16)", () => {
+Deno.test("planQuant() without quant keeps what was loaded (bf16 -> f32, every block type)", () => {
   const names: [DType, string][] = [
     ["f32", "f32"],
     ["f16", "f16"],
@@ -192,10 +192,12 @@ Deno.test("planQuant() without quant keeps what was loaded (bf16 -> f32, q5_k ->
     ["q4_0", "q4_0"],
     ["q4_k", "q4_k"],
     ["q6_k", "q6_k"],
-    ["q4_1", "f16"],
-    ["q5_0", "f16"],
-    ["q5_1", "f16"],
-    ["q5_k", "f16"],
+    ["q4_1", "q4_1"],
+    ["q5_0", "q5_0"],
+    ["q5_1", "q5_1"],
+    ["q2_k", "q2_k"],
+    ["q3_k", "q3_k"],
+    ["q5_k", "q5_k"],
   ];
   const t = new Map(names.map(([d]): [string, HostTensor] => [
     `blk.1.${d}`,
@@ -209,7 +211,8 @@ Deno.test("planQuant() without quant keeps what was loaded (bf16 -> f32, q5_k ->
   });
   const p = plan(SYNTH, t, {});
   assert.deepEqual([...p.values()].map((c) => c.format), [...names.map(([, f]) => f), "f32"]);
-  assert.equal(why(p, "blk.1.q5_k"), "q5_k has no kernel -> f16");
+  assert.equal(why(p, "blk.1.q5_k"), "as loaded");
+  assert.equal(why(p, "blk.1.bf16"), "bf16 -> f32");
   assert.equal(why(p, "blk.1.q8_0"), "as loaded");
   const noF16 = plan(SYNTH, t, { f16: false });
   assert.deepEqual(
@@ -227,10 +230,10 @@ Deno.test("planQuant() never re-encodes a runnable GGUF block tensor at equal or
   ]));
   const formats = (opts: QuantPlanOptions) =>
     [...plan(SYNTH, t, opts).values()].map((c) => c.format);
-  assert.deepEqual(formats({ quant: "q8_0" }), ["q8_0", "q4_0", "q4_k", "q6_k", "q8_0"]);
+  assert.deepEqual(formats({ quant: "q8_0" }), ["q8_0", "q4_0", "q4_k", "q6_k", "q5_k"]);
   assert.deepEqual(formats({ quant: "q4_0" }), ["q4_0", "q4_0", "q4_k", "q4_0", "q4_0"]);
-  assert.deepEqual(formats({ quant: "f16" }), ["q8_0", "q4_0", "q4_k", "q6_k", "f16"]);
-  assert.deepEqual(formats({ quant: "q6_k" }), ["q6_k", "q4_0", "q4_k", "q6_k", "q6_k"]);
+  assert.deepEqual(formats({ quant: "f16" }), ["q8_0", "q4_0", "q4_k", "q6_k", "q5_k"]);
+  assert.deepEqual(formats({ quant: "q6_k" }), ["q6_k", "q4_0", "q4_k", "q6_k", "q5_k"]);
   const p = plan(SYNTH, t, { quant: "f16" });
   assert.match(why(p, "blk.1.q4_0"), /^source q4_0 kept: quant asks f16, not lower$/);
   // A kept tensor of a q4_0 GGUF asked for q8_0 stays q4_0.

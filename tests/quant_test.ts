@@ -55,6 +55,8 @@ Deno.test("BLOCK_INFO and tensorBytes() match ggml's block sizes", () => {
     q4_1: [32, 20],
     q5_0: [32, 22],
     q5_1: [32, 24],
+    q2_k: [256, 84],
+    q3_k: [256, 110],
     q4_k: [256, 144],
     q5_k: [256, 176],
     q6_k: [256, 210],
