@@ -1,5 +1,12 @@
 import { createFill, fillRef } from "../kernels/fill.ts";
-import { decodeWeights, halfWords, weightBytes, type WeightFormat } from "../kernels/qformats.ts";
+import {
+  decodeWeights,
+  halfWords,
+  isBlockFormat,
+  WEIGHT_FORMATS,
+  weightBytes,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
 import { gpuTest, RAGGED } from "./harness.ts";
 import assert from "@specdec/assert";
 
@@ -39,19 +46,7 @@ gpuTest("fill writes exactly fillRef()'s words on ragged sizes", async (gpu) => 
 });
 
 gpuTest("a random fill decodes to finite, small weights in every format", async (gpu) => {
-  const formats: WeightFormat[] = [
-    "q8_0",
-    "q4_0",
-    "q4_1",
-    "q5_0",
-    "q5_1",
-    "q2_k",
-    "q3_k",
-    "q4_k",
-    "q5_k",
-    "q6_k",
-    "nf4",
-  ];
+  const formats: WeightFormat[] = WEIGHT_FORMATS.filter(isBlockFormat);
   if (gpu.features.f16) formats.push("f16");
   for (const f of formats) {
     const rows = 3, cols = 512, bytes = weightBytes(f, rows, cols);
