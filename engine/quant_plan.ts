@@ -31,7 +31,13 @@
  */
 import type { DType, HostTensor, ModelConfig } from "../models/types.ts";
 
-import { formatBlock, type WeightFormat } from "../kernels/qformats.ts";
+import {
+  formatBlock,
+  isBlockFormat,
+  isGgufFormat,
+  WEIGHT_FORMATS,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
 export type { WeightFormat };
 
 /** A format the user may ask every weight to be stored in (`--quant`). */
@@ -107,18 +113,9 @@ const FALLBACK: Readonly<Partial<Record<WeightFormat, WeightFormat>>> = {
 };
 
 /** Source dtypes that run as they are (rule 2 and rule 5). */
-const RUNNABLE_BLOCKS: ReadonlySet<DType> = new Set([
-  "q8_0",
-  "q4_0",
-  "q4_1",
-  "q5_0",
-  "q5_1",
-  "q2_k",
-  "q3_k",
-  "q4_k",
-  "q5_k",
-  "q6_k",
-]);
+const RUNNABLE_BLOCKS: ReadonlySet<DType> = new Set(
+  WEIGHT_FORMATS.filter((f) => isBlockFormat(f) && isGgufFormat(f)) as DType[],
+);
 
 const KEEP_WHY: Readonly<Record<KeepGroup, string>> = {
   embed: "embeddings",

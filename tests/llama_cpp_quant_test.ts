@@ -11,21 +11,20 @@ import { ggmlDequantize, ggmlQuantize, openLlamaCpp } from "./llama_cpp.ts";
 import { GGML_TYPE_IDS } from "../models/gguf.ts";
 import { dequantize, quantize, tensorBytes } from "../models/quant.ts";
 import type { DType } from "../models/types.ts";
-import { decodeWeights, type GgufWeightFormat, packGguf } from "../kernels/qformats.ts";
+import {
+  decodeWeights,
+  type GgufWeightFormat,
+  isBlockFormat,
+  isGgufFormat,
+  packGguf,
+  WEIGHT_FORMATS,
+} from "../kernels/qformats.ts";
 import { rng } from "./harness.ts";
 
-const TYPES: GgufWeightFormat[] = [
-  "q8_0",
-  "q4_0",
-  "q4_1",
-  "q5_0",
-  "q5_1",
-  "q2_k",
-  "q3_k",
-  "q4_k",
-  "q5_k",
-  "q6_k",
-];
+/** Every GGUF block type (f32/f16 are not block types). */
+const TYPES = WEIGHT_FORMATS.filter((f): f is GgufWeightFormat =>
+  isBlockFormat(f) && isGgufFormat(f)
+);
 
 /** `n` seeded normal values with a few outliers (as real weights have). */
 function weights(n: number, seed: number): Float32Array {
