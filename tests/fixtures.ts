@@ -6,7 +6,9 @@
 import assert from "@specdec/assert";
 import { FormatError, type LoadedModel } from "../models/types.ts";
 import { tensorToF32 } from "../models/convert.ts";
-import type { LlamaGpu } from "../models/llama.ts";
+import { LlamaGpu } from "../models/llama.ts";
+import { WeightStore } from "../engine/weights.ts";
+import { readLlama2c } from "../models/llama2c.ts";
 import type { Gpu } from "../engine/gpu.ts";
 import { processLogits } from "../engine/speculative_math.ts";
 
@@ -125,4 +127,40 @@ export async function likeliestNext(
   const p0 = processLogits(await logitsAfter(prompt), s);
   const tStar = p0.indexOf(Math.max(...p0));
   return { tStar, p1: processLogits(await logitsAfter([...prompt, tStar]), s) };
+}
+
+/** A llama2.c fixture (`rel` under ../shared/models) as a loaded model. */
+export async function llama2c(rel: string): Promise<LoadedModel> {
+  const path = await fixture(rel);
+  const { config, tensors } = readLlama2c(await Deno.readFile(path), path);
+  return { source: path, format: "llama2c", config, tensors };
+}
+
+/**
+ * Target and draft on the GPU in one store with `maxSeq` cache rows (the target producing up to
+ * `targetLogitRows` logit rows, default the model's), and one `destroy()` for all three.
+ */
+export async function gpuPair(
+  gpu: Gpu,
+  target: LoadedModel,
+  draft: LoadedModel,
+  maxSeq: number,
+  targetLogitRows?: number,
+): Promise<{ t: LlamaGpu; d: LlamaGpu; destroy(): void }> {
+  const store = new WeightStore(gpu);
+  const t = await LlamaGpu.create(gpu, store, target, {
+    label: "target",
+    maxSeq,
+    maxLogitRows: targetLogitRows,
+  });
+  const d = await LlamaGpu.create(gpu, store, draft, { label: "draft", maxSeq });
+  return {
+    t,
+    d,
+    destroy() {
+      t.destroy();
+      d.destroy();
+      store.destroy();
+    },
+  };
 }

@@ -5,22 +5,22 @@
  */
 import assert from "@specdec/assert";
 import { assertClose, gpuTest } from "./harness.ts";
-import { fixture, fixtureText, GREEDY, QUIET, readLogits, refWeights } from "./fixtures.ts";
+import {
+  fixture,
+  fixtureText,
+  GREEDY,
+  llama2c,
+  QUIET,
+  readLogits,
+  refWeights,
+} from "./fixtures.ts";
 import { WeightStore } from "../engine/weights.ts";
 import { Decoder } from "../engine/decode.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { LlamaRef } from "../models/llama_ref.ts";
-import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
-import type { LoadedModel } from "../models/types.ts";
 import { planQuant } from "../engine/quant_plan.ts";
 import { decodeWeights, encodeWeights, type WeightFormat } from "../kernels/qformats.ts";
-
-async function llama2c(rel: string): Promise<LoadedModel> {
-  const path = await fixture(rel);
-  const { config, tensors } = readLlama2c(await Deno.readFile(path), path);
-  return { source: path, format: "llama2c", config, tensors };
-}
 
 interface Reference {
   prompt_tokens: number[];

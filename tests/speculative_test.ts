@@ -5,42 +5,16 @@
  * distribution at temperature > 0 equals the target's (chi-square).
  */
 import assert from "@specdec/assert";
-import { likeliestNext } from "./fixtures.ts";
+import { gpuPair, likeliestNext, llama2c } from "./fixtures.ts";
 import { assertClose, gpuTest } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
-import { WeightStore } from "../engine/weights.ts";
 import { autoDraftLength, Decoder, type DraftLength } from "../engine/decode.ts";
-import { LlamaGpu } from "../models/llama.ts";
-import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
 import { chiSquareTest } from "../engine/speculative_math.ts";
 import { checkSameVocabulary } from "../engine/session.ts";
-import type { LoadedModel } from "../models/types.ts";
-import type { Gpu } from "../engine/gpu.ts";
 
 const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 const quiet = { onTokens: () => {}, cancelled: () => false };
-
-async function llama2c(rel: string): Promise<LoadedModel> {
-  const path = await fixture(rel);
-  const { config, tensors } = readLlama2c(await Deno.readFile(path), path);
-  return { source: path, format: "llama2c", config, tensors };
-}
-
-async function pair(gpu: Gpu, target: LoadedModel, draft: LoadedModel, maxSeq: number) {
-  const store = new WeightStore(gpu);
-  const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq });
-  const d = await LlamaGpu.create(gpu, store, draft, { label: "draft", maxSeq });
-  return {
-    t,
-    d,
-    destroy() {
-      t.destroy();
-      d.destroy();
-      store.destroy();
-    },
-  };
-}
 
 Deno.test("autoDraftLength() grows with acceptance and shrinks with draft cost", () => {
   assert.equal(autoDraftLength(0.1, 0.1), 1);
@@ -54,7 +28,7 @@ gpuTest(
   async (gpu) => {
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const { t, d, destroy } = await pair(gpu, target, draft, 256);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
     const n = 48;
     const prompt = [1, 403, 407, 261]; // BOS "Once upon a"
     const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
@@ -88,7 +62,7 @@ gpuTest(
     const target = await loadHfFolder(await fixture("pycode-pair/target"));
     const draft = await loadHfFolder(await fixture("pycode-pair/draft"));
     checkSameVocabulary(target, draft);
-    const { t, d, destroy } = await pair(gpu, target, draft, 96);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 96);
     // BOS "import os\nimport sys\n\n\ndef main():\n"
     const prompt = [1, 1053, 2897, 13, 5215, 10876, 13, 13, 13, 1753, 1667, 7295, 13];
     const n = 12;
@@ -111,7 +85,7 @@ gpuTest(
   async (gpu) => {
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const { t, d, destroy } = await pair(gpu, target, draft, 256);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
     const prompt = [1, 403, 407, 261];
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
     const r = await spec.generate(prompt, 40, GREEDY, quiet, 6);
@@ -145,7 +119,7 @@ gpuTest(
     // likely token t*, the cycle's token must follow p(· | prompt, t*), which we compute exactly.
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const { t, d, destroy } = await pair(gpu, target, draft, 64);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 64);
     const prompt = [1, 403, 407, 261, 378, 432]; // BOS "Once upon a time, there"
     const s = { temperature: 1.3, topK: 10, topP: 1 };
     const V = t.config.vocabSize;

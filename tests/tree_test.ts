@@ -6,7 +6,7 @@
  * the accepted sequence.
  */
 import assert from "@specdec/assert";
-import { likeliestNext } from "./fixtures.ts";
+import { gpuPair, likeliestNext, llama2c } from "./fixtures.ts";
 import {
   chainParents,
   TREE_MAX_NODES,
@@ -26,7 +26,6 @@ import { WeightStore } from "../engine/weights.ts";
 import { Decoder } from "../engine/decode.ts";
 import { chiSquareTest } from "../engine/speculative_math.ts";
 import { LlamaGpu } from "../models/llama.ts";
-import { readLlama2c } from "../models/llama2c.ts";
 import { loadHfFolder } from "../models/hf.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { Gpu } from "../engine/gpu.ts";
@@ -158,12 +157,6 @@ gpuTest("KV compaction kernel matches kvCompactRef() for f32, f16 and q8 caches"
     }
   }
 });
-
-async function llama2c(rel: string): Promise<LoadedModel> {
-  const path = await fixture(rel);
-  const { config, tensors } = readLlama2c(await Deno.readFile(path), path);
-  return { source: path, format: "llama2c", config, tensors };
-}
 
 /**
  * A tree around the greedy continuation `g` (g[0] = the root's token): `depth` levels of
@@ -355,31 +348,12 @@ gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included
   }
 });
 
-async function treePair(gpu: Gpu, target: LoadedModel, draft: LoadedModel, maxSeq: number) {
-  const store = new WeightStore(gpu);
-  const t = await LlamaGpu.create(gpu, store, target, {
-    label: "target",
-    maxSeq,
-    maxLogitRows: TREE_MAX_NODES,
-  });
-  const d = await LlamaGpu.create(gpu, store, draft, { label: "draft", maxSeq });
-  return {
-    t,
-    d,
-    destroy() {
-      t.destroy();
-      d.destroy();
-      store.destroy();
-    },
-  };
-}
-
 gpuTest(
   "tiny pair: tree speculation greedy equals plain greedy (1x1, 3x2, 6x3, 4x8, 21x3)",
   async (gpu) => {
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const { t, d, destroy } = await treePair(gpu, target, draft, 256);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 256, TREE_MAX_NODES);
     const n = 48, prompt = [1, 403, 407, 261]; // BOS "Once upon a"
     const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
@@ -399,7 +373,13 @@ gpuTest(
     // Stops at max tokens mid-cycle, and near the end of the cache falls back to chains.
     const r7 = await spec.generate(prompt, 7, GREEDY, quiet, 4, { depth: 6, width: 3 });
     assert.deepEqual(r7.tokens, plain.tokens.slice(0, 7));
-    const { t: t2, d: d2, destroy: destroy2 } = await treePair(gpu, target, draft, 40);
+    const { t: t2, d: d2, destroy: destroy2 } = await gpuPair(
+      gpu,
+      target,
+      draft,
+      40,
+      TREE_MAX_NODES,
+    );
     const short = await new Decoder(gpu, t2).generate(prompt, 64, GREEDY, quiet);
     const end = new Decoder(gpu, t2, { kind: "model", draft: d2 });
     const r = await end.generate(prompt, 64, GREEDY, quiet, 4, { depth: 6, width: 3 });
@@ -415,7 +395,7 @@ gpuTest(
 gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3)", async (gpu) => {
   const target = await loadHfFolder(await fixture("pycode-pair/target"));
   const draft = await loadHfFolder(await fixture("pycode-pair/draft"));
-  const { t, d, destroy } = await treePair(gpu, target, draft, 96);
+  const { t, d, destroy } = await gpuPair(gpu, target, draft, 96, TREE_MAX_NODES);
   // BOS "import os\nimport sys\n\n\ndef main():\n"
   const prompt = [1, 1053, 2897, 13, 5215, 10876, 13, 13, 13, 1753, 1667, 7295, 13];
   const n = 12;
@@ -465,7 +445,7 @@ gpuTest(
     // sampler) is the likeliest t*, the first tree cycle's first token must follow p(· | t*).
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const { t, d, destroy } = await treePair(gpu, target, draft, 64);
+    const { t, d, destroy } = await gpuPair(gpu, target, draft, 64, TREE_MAX_NODES);
     const prompt = [1, 403, 407, 261, 378, 432]; // BOS "Once upon a time, there"
     const s = { temperature: 1.3, topK: 10, topP: 1 };
     const V = t.config.vocabSize;
