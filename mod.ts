@@ -79,9 +79,9 @@ export { parseTreeShape, TREE_MAX_NODES, treeTable } from "./engine/token_tree.t
 export type { TreeShape } from "./engine/token_tree.ts";
 export { WeightStore } from "./engine/weights.ts";
 export type { StoredFormat, StoredTensor } from "./engine/weights.ts";
-export { main } from "./engine/cli.ts";
+export { main } from "./cli/main.ts";
 
-import { main } from "./engine/cli.ts";
+import { main } from "./cli/main.ts";
 
 if (import.meta.main) {
   Deno.exit(await main(Deno.args));

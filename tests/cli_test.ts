@@ -5,7 +5,7 @@
 import assert from "@specdec/assert";
 import { fixture } from "./fixtures.ts";
 import { testGpu } from "./harness.ts";
-import { numberFlag, parseTokenList, UsageError } from "../engine/cli.ts";
+import { numberFlag, parseTokenList, UsageError } from "../cli/common.ts";
 
 const MOD = new URL("../mod.ts", import.meta.url).pathname;
 
