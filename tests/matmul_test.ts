@@ -3,9 +3,9 @@ import {
   type MatmulPath,
   matmulPath,
   matmulRef,
+  MATVEC_FILL,
   MATVEC_MAX_T,
   type MatvecShape,
-  MATVEC_FILL,
   matvecShape,
   type WeightDType,
 } from "../kernels/matmul.ts";
