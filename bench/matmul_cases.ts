@@ -31,7 +31,7 @@ export interface MatmulCase {
   dtype: WeightDType;
   /** Force a path; default matmulPath(T). */
   path?: MatmulPath;
-  /** Force a matrix-vector split; default matvecShape(T). */
+  /** Force a matrix-vector split; default matvecShape(T, software, { K, N }). */
   shape?: MatvecShape;
 }
 
@@ -118,23 +118,49 @@ export const VERIFY_CASES: readonly MatmulCase[] = cases(
   ["f16", "q8_0", "q4_0", "q4_k", "q6_k", "nf4"],
 );
 
-/** Matrix-vector splits (rows x lanes x rows per invocation) compared on the f16 verify sweep. */
-export const SHAPE_CASES: readonly MatmulCase[] = [
-  { rows: 2, lanes: 64 },
-  { rows: 4, lanes: 64, perThread: 4 },
+/** The splits (rows x lanes x rows per invocation) the `--shapes` sweep compares. */
+const SPLITS: readonly MatvecShape[] = [
   { rows: 8, lanes: 32, perThread: 4 },
+  { rows: 8, lanes: 64, perThread: 4 },
+  { rows: 8, lanes: 128, perThread: 4 },
+  { rows: 4, lanes: 256, perThread: 4 },
   { rows: 8, lanes: 32 },
-  { rows: 16, lanes: 16 },
-].flatMap((shape) =>
-  [1, 8, 17].map((T): MatmulCase => ({
-    name: `4096→14336 ${shape.rows}x${shape.lanes}x${shape.perThread ?? 1}`,
-    T,
-    K: 4096,
-    N: 14336,
-    dtype: "f16",
-    path: "matvec",
-    shape,
-  }))
+  { rows: 4, lanes: 64 },
+  { rows: 2, lanes: 128 },
+];
+
+/**
+ * Matrix-vector splits compared at decode and verify widths: each product of `[name, K, N,
+ * dtype]` at T = 1, 8 and 17 with every split of {@linkcode SPLITS} that has lanes to spare
+ * (at least 2 vec4s of K per lane) and with the default (`matvecShape`, no forced split), so the
+ * rule can be read against the best split. The products: 8B-class ffn.up, a 1B model's down,
+ * qkv and o (N = 2048 and 3072: too few rows to fill the GPU with 8-row workgroups), and the
+ * pycode target's qkv, down and gate/up.
+ */
+export const SHAPE_CASES: readonly MatmulCase[] = (
+  [
+    ["4096→14336", 4096, 14336, "f16"],
+    ["1b.down 8192→2048", 8192, 2048, "f16"],
+    ["1b.qkv 2048→3072", 2048, 3072, "f16"],
+    ["1b.o 2048→2048", 2048, 2048, "f16"],
+    ["1b.down 8192→2048", 8192, 2048, "q4_0"],
+    ["pycode.qkv 576→960", 576, 960, "f16"],
+    ["pycode.down 1536→576", 1536, 576, "f16"],
+    ["pycode.gate_up 576→3072", 576, 3072, "f16"],
+  ] as [string, number, number, WeightDType][]
+).flatMap(([name, K, N, dtype]) =>
+  [1, 8, 17].flatMap((T): MatmulCase[] => [
+    { name: `${name} auto`, T, K, N, dtype, path: "matvec" },
+    ...SPLITS.filter((s) => 8 * s.lanes <= K && (T <= 8 || !s.perThread)).map((shape) => ({
+      name: `${name} ${shape.rows}x${shape.lanes}x${shape.perThread ?? 1}`,
+      T,
+      K,
+      N,
+      dtype,
+      path: "matvec" as const,
+      shape,
+    })),
+  ])
 );
 
 /**
@@ -160,7 +186,9 @@ export async function benchMatmul(
     if (c.dtype === "f16" && !gpu.features.f16) continue;
     const path = c.path ?? matmulPath(c.T);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
-    const shape = path === "matvec" ? (c.shape ?? matvecShape(c.T, gpu.software)) : undefined;
+    const shape = path === "matvec"
+      ? (c.shape ?? matvecShape(c.T, gpu.software, { K: c.K, N: c.N }))
+      : undefined;
     const wBytes = weightBytes(c.dtype, c.N, c.K);
     // Buffers are zero-filled: values do not change the work a dense product does.
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);

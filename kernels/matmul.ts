@@ -79,26 +79,74 @@ export interface MatvecShape {
   readonly perThread?: number;
 }
 
+/** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
+export interface MatvecSize {
+  /** Input width. */
+  readonly K: number;
+  /** Weight rows (output columns; twice the output width with swiglu). */
+  readonly N: number;
+}
+
+/**
+ * Invocations a matrix-vector product keeps in flight before {@linkcode matvecShape} stops
+ * widening its lanes: enough loads in flight to cover the memory latency of a large GPU
+ * (132 SMs on the H200). The base split of a 4096→14336 product (114k invocations at T ≤ 8)
+ * sits near it, a 2048-row product at a quarter.
+ */
+export const MATVEC_FILL = 1 << 16;
+/** Invocations per matrix-vector workgroup at most (WebGPU's guaranteed limit). */
+const MATVEC_MAX_WG = 256;
+/** Lanes per row at most. */
+const MATVEC_MAX_LANES = 256;
+/** Workgroup memory the partial sums of a widened split may take (bytes). */
+const MATVEC_RED_BYTES = 32768;
+
 /**
  * The matrix-vector split for `T` activation rows, 8 rows and 32 lanes per workgroup: up to T = 8
  * each invocation holds 4 of the rows, so each x load serves 4 weight rows from registers; above,
  * one row each (4 x T accumulators would spill). Measured on the H200 (`bench/gpu.ts --shapes`,
  * 4096→14336 f16): T = 1 36.6 µs (3.2 TB/s) against 43.5 for 2 rows x 64 lanes, T = 8 97.5 µs,
- * T = 17 202 µs against 271 with 4 rows per invocation. On a
- * `software` adapter (lavapipe) narrow lanes: each reduction step there is a barrier, a
- * coroutine switch per invocation, and coalescing buys nothing (measured 4x faster at T = 1).
+ * T = 17 202 µs against 271 with 4 rows per invocation.
+ *
+ * Given the product's `size`, a product too small to fill the GPU (fewer than
+ * {@linkcode MATVEC_FILL} invocations, e.g. the 2048-row down projection of a 1B model, or every
+ * product of a small model) doubles its lanes per row, keeping at least 2 units of K per lane
+ * (so every lane loads), and halves its rows per workgroup where the lanes would pass
+ * 256 invocations: more, shorter K strides in flight at once, the same epilogue (a row is still
+ * reduced inside one workgroup). On a `software` adapter (lavapipe) narrow lanes: each reduction
+ * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
+ * (measured 4x faster at T = 1).
  *
  * @example
  * ```ts
  * import { matvecShape } from "./matmul.ts";
  * console.log(matvecShape(1), matvecShape(17));
  * // { rows: 8, lanes: 32, perThread: 4 } { rows: 8, lanes: 32 }
+ * console.log(matvecShape(1, false, { K: 8192, N: 2048 })); // more lanes for a small N
+ * // { rows: 8, lanes: 128, perThread: 4 }
  * ```
  */
-export function matvecShape(T: number, software = false): MatvecShape {
+export function matvecShape(T: number, software = false, size?: MatvecSize): MatvecShape {
   if (software) return { rows: 8, lanes: 8 };
-  if (T <= 8) return { rows: 8, lanes: 32, perThread: 4 };
-  return { rows: 8, lanes: 32 };
+  const rt = T <= 8 ? 4 : 1;
+  let rows = 8, lanes = 32;
+  if (size) {
+    const units = Math.ceil(size.K / 4); // vec4s of K (a block format's units are as wide or wider)
+    const slotBytes = (r: number) => (r * T + T) * 4; // partial sums per lane (+ Σx²)
+    while (
+      lanes < MATVEC_MAX_LANES && (size.N / rt) * lanes < MATVEC_FILL && 4 * lanes <= units
+    ) {
+      let r = rows;
+      if ((r / rt) * lanes * 2 > MATVEC_MAX_WG) {
+        if (r / 2 < rt || (r / 2) % 2) break;
+        r /= 2;
+      }
+      if (slotBytes(r) * lanes * 2 > MATVEC_RED_BYTES) break;
+      rows = r;
+      lanes *= 2;
+    }
+  }
+  return rt > 1 ? { rows, lanes, perThread: rt } : { rows, lanes };
 }
 
 /** Specialization values baked into a matmul shader (all part of its pipeline key). */
@@ -467,7 +515,7 @@ export interface MatmulArgs {
   N: number;
   /** Force a path (tests, benchmarks); default {@linkcode matmulPath}(T). */
   path?: MatmulPath;
-  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T, software). */
+  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T, software, {K, N}). */
   shape?: MatvecShape;
 }
 
@@ -519,7 +567,7 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
         `${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`,
       );
     }
-    const shape = args.shape ?? matvecShape(T, gpu.software);
+    const shape = args.shape ?? matvecShape(T, gpu.software, { K, N });
     const rt = shape.perThread ?? 1;
     if (shape.rows % 2 || shape.lanes & (shape.lanes - 1) || shape.rows % rt) {
       throw new RangeError(

@@ -3,6 +3,7 @@ import {
   type MatmulPath,
   matmulPath,
   matmulRef,
+  MATVEC_FILL,
   MATVEC_MAX_T,
   type MatvecShape,
   matvecShape,
@@ -67,6 +68,26 @@ Deno.test("matvecShape() keeps rows even and lanes a power of 2, narrow on softw
   }
   assert.deepEqual(matvecShape(1, true), { rows: 8, lanes: 8 });
   assert.ok(matvecShape(1).lanes >= 32, "decode keeps wide, coalesced lanes on a GPU");
+});
+
+Deno.test("matvecShape() widens the lanes of products too small to fill the GPU, within limits", () => {
+  const sizes = [[1, 1], [3, 7], [64, 2], [576, 960], [1536, 576], [2048, 3072], [8192, 2048]];
+  for (const [K, N] of [...sizes, [4096, 14336], [14336, 4096], [576, 32000], [129, 67]]) {
+    for (let T = 1; T <= MATVEC_MAX_T; T++) {
+      const s = matvecShape(T, false, { K, N }), base = matvecShape(T);
+      const rt = s.perThread ?? 1, wg = (s.rows / rt) * s.lanes;
+      const what = `T=${T} K=${K} N=${N}: ${JSON.stringify(s)}`;
+      assert.ok(s.rows % 2 === 0 && s.rows % rt === 0 && (s.lanes & (s.lanes - 1)) === 0, what);
+      assert.ok(wg <= 256 && (s.rows * T + T) * s.lanes * 4 <= 32768, what);
+      assert.equal(rt, base.perThread ?? 1, what);
+      assert.ok(s.lanes >= base.lanes && s.lanes <= Math.max(base.lanes, K / 8), what);
+      const threads = (N / rt) * s.lanes;
+      if (s.lanes > base.lanes) assert.ok(threads / 2 < MATVEC_FILL, what);
+    }
+  }
+  assert.ok(matvecShape(1, false, { K: 8192, N: 2048 }).lanes > 32, "a 1B model's down widens");
+  assert.deepEqual(matvecShape(1, false, { K: 4096, N: 14336 }), matvecShape(1));
+  assert.deepEqual(matvecShape(1, true, { K: 8192, N: 2048 }), { rows: 8, lanes: 8 });
 });
 
 Deno.test("matmulRef() computes x·W^T + bias + y_old", () => {
@@ -162,6 +183,9 @@ gpuTest("matmul matvec gives the same products for every row/lane split", async 
     { rows: 4, lanes: 64, perThread: 4 },
     { rows: 8, lanes: 32, perThread: 2 },
     { rows: 16, lanes: 16, perThread: 4 },
+    { rows: 8, lanes: 128, perThread: 4 }, // widened splits of matvecShape (small N)
+    { rows: 4, lanes: 256, perThread: 4 },
+    { rows: 2, lanes: 128 },
   ];
   for (const shape of shapes) {
     for (const T of [1, 4, 17]) {
