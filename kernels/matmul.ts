@@ -98,6 +98,12 @@ export const MATVEC_FILL = 1 << 16;
 const MATVEC_MAX_WG = 256;
 /** Lanes per row at most. */
 const MATVEC_MAX_LANES = 256;
+/**
+ * Shortest K that widens: on the H200 (`--shapes`, one run) widening made the 1B model's K = 2048
+ * and 8192 products 1.2-1.9x faster at T = 1 and 8, but the pycode target's K = 576 and 1536
+ * products up to 1.8x slower at T = 8 and 17 (each lane's stride gets too short).
+ */
+export const MATVEC_WIDEN_MIN_K = 2048;
 /** Workgroup memory the partial sums of a widened split may take (bytes). */
 const MATVEC_RED_BYTES = 32768;
 
@@ -113,7 +119,7 @@ const MATVEC_RED_BYTES = 32768;
  * product of a small model) doubles its lanes per row, keeping at least 2 units of K per lane
  * (so every lane loads), and halves its rows per workgroup where the lanes would pass
  * 256 invocations: more, shorter K strides in flight at once, the same epilogue (a row is still
- * reduced inside one workgroup). On a `software` adapter (lavapipe) narrow lanes: each reduction
+ * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}. On a `software` adapter (lavapipe) narrow lanes: each reduction
  * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
  * (measured 4x faster at T = 1).
  *
@@ -130,7 +136,7 @@ export function matvecShape(T: number, software = false, size?: MatvecSize): Mat
   if (software) return { rows: 8, lanes: 8 };
   const rt = T <= 8 ? 4 : 1;
   let rows = 8, lanes = 32;
-  if (size) {
+  if (size && size.K >= MATVEC_WIDEN_MIN_K) {
     const units = Math.ceil(size.K / 4); // vec4s of K (a block format's units are as wide or wider)
     const slotBytes = (r: number) => (r * T + T) * 4; // partial sums per lane (+ Σx²)
     while (

@@ -5,6 +5,7 @@ import {
   matmulRef,
   MATVEC_FILL,
   MATVEC_MAX_T,
+  MATVEC_WIDEN_MIN_K,
   type MatvecShape,
   matvecShape,
   type WeightDType,
@@ -83,6 +84,7 @@ Deno.test("matvecShape() widens the lanes of products too small to fill the GPU,
       assert.ok(s.lanes >= base.lanes && s.lanes <= Math.max(base.lanes, K / 8), what);
       const threads = (N / rt) * s.lanes;
       if (s.lanes > base.lanes) assert.ok(threads / 2 < MATVEC_FILL, what);
+      if (K < MATVEC_WIDEN_MIN_K) assert.deepEqual(s, base, what);
     }
   }
   assert.ok(matvecShape(1, false, { K: 8192, N: 2048 }).lanes > 32, "a 1B model's down widens");
