@@ -14,8 +14,9 @@
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
  * at T = 1..17 per format, `--shapes` per row/lane split. With `--target` and `--draft`: plain,
- * chain drafts of each `--ks` length and auto, token trees of each `--trees` shape (greedy) and
- * n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as plain).
+ * chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
+ * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
+ * plain).
  */
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
@@ -318,7 +319,7 @@ async function benchSpeculative(
   tokens: number,
   tokenizer: string | undefined,
   ks: number[],
-  trees: TreeShape[],
+  trees: (TreeShape | "auto")[],
   ngram: boolean,
 ): Promise<SpecRow[]> {
   const th = await loadModel(targetPath, { tokenizer }),
@@ -335,7 +336,7 @@ async function benchSpeculative(
   const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }).slice(0, 64));
   const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
   const quiet = { onTokens: () => {}, cancelled: () => false };
-  const configs: [string, Speculation, DraftLength, TreeShape?][] = [
+  const configs: [string, Speculation, DraftLength, (TreeShape | "auto")?][] = [
     ["plain", { kind: "none" }, 1],
     ...ks.map((k): [string, Speculation, DraftLength] => [
       `draft model k=${k}`,
@@ -343,10 +344,10 @@ async function benchSpeculative(
       k,
     ]),
     ["draft model k=auto", { kind: "model", draft: d }, "auto"],
-    ...trees.map((s): [string, Speculation, DraftLength, TreeShape] => [
-      `draft tree ${s.depth}x${s.width}`,
+    ...trees.map((s): [string, Speculation, DraftLength, TreeShape | "auto"] => [
+      s === "auto" ? "draft tree auto" : `draft tree ${s.depth}x${s.width}`,
       { kind: "model", draft: d },
-      s.depth,
+      s === "auto" ? 4 : s.depth,
       s,
     ]),
   ];
@@ -552,7 +553,9 @@ if (import.meta.main) {
       Number(values.tokens),
       values.tokenizer,
       String(values.ks).split(",").filter((x: string) => x !== "").map(Number),
-      String(values.trees).split(",").filter((x: string) => x !== "").map(parseTreeShape),
+      String(values.trees).split(",").filter((x: string) => x !== "").map((x: string) =>
+        x === "auto" ? "auto" as const : parseTreeShape(x)
+      ),
       values["no-ngram"] !== true,
     );
     report.speculative = rows;

@@ -111,6 +111,7 @@ export function parseTokenList(raw: string, vocabSize?: number): number[] {
 export function treeFlag(v: Record<string, unknown>): string | undefined {
   const s = v["draft-tree"];
   if (s === undefined) return undefined;
+  if (s === "auto") return "auto";
   try {
     const shape = parseTreeShape(String(s));
     return `${shape.depth}x${shape.width}`;

@@ -43,7 +43,9 @@ ${COMMON_MODEL}
                         draft weights) or none (plain decoding)
   --draft-tokens <k>    draft tokens per cycle, 1..16, or auto (follows the acceptance; default 4)
   --draft-tree <DxW>    draft a token tree instead: D levels of W nodes (e.g. 6x3; W <= 8,
-                        1 + D*W <= 64), verified in one target pass (lossless when sampling too)
+                        1 + D*W <= 64), verified in one target pass (lossless when sampling too);
+                        auto: the shape is chosen per chunk from forward costs measured at load
+                        and the running acceptance (stats tree_shape: the shape most cycles used)
   --compare             also decode plainly on the same prompt and print the measured speedup
   --prompt <text>       prompt, tokenized with BOS
   --prompt-tokens <ids> comma-separated token ids, used as given (nothing added)

@@ -31,6 +31,10 @@
  * kernels/tree_draft.ts) and acceptance is multi-candidate recursive rejection sampling
  * (kernels/tree_sample_accept.ts, engine/tree_sampling.ts); the rest is the same.
  *
+ * With `tree = "auto"` the shape is chosen per chunk by engine/tree_auto.ts from a cost model
+ * measured once per decoder (wall time of target forwards over several row counts and draft
+ * forwards over 1..8 rows) and the top-1 acceptance fitted to the chunks read back so far.
+ *
  * @module
  */
 import type { Dispatch, Gpu } from "./gpu.ts";
@@ -53,6 +57,7 @@ import {
   type TreeShape,
   treeTable,
 } from "./token_tree.ts";
+import { chooseTreeShape, fitAcceptance, type TreeCostModel } from "./tree_auto.ts";
 
 /** Sampling settings of one generation (the target's p and the draft's q alike). */
 export interface SamplingSettings {
@@ -102,8 +107,10 @@ export interface DecodeResult {
   proposed: number;
   /** Draft tokens accepted. */
   accepted: number;
-  /** The tree shape the cycles used, when tree speculation ran. */
+  /** The tree shape the cycles used, when tree speculation ran (auto: the one most cycles used). */
   tree?: TreeShape;
+  /** Auto trees: cycles issued per shape ("DxW"), in the order the shapes were first chosen. */
+  treeCycles?: Record<string, number>;
   /** GPU time in drafting and in verify/accept/commit (ms), where timestamps exist. */
   gpuMs?: { draft: number; verify: number };
 }
@@ -186,6 +193,7 @@ export class Decoder {
   #samplingKey = "";
   #cycles = new Map<number | string, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
+  #cost?: TreeCostModel;
 
   /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
   constructor(gpu: Gpu, target: LlamaGpu, spec: Speculation = { kind: "none" }) {
@@ -507,6 +515,60 @@ export class Decoder {
     return c;
   }
 
+  /** The largest trees this decoder's target and draft can take. */
+  #treeLimits(): { maxNodes: number; maxWidth: number } {
+    const spec = this.#spec;
+    return {
+      maxNodes: Math.min(TREE_MAX_NODES, this.#target.maxLogitRows, this.#target.maxT),
+      maxWidth: spec.kind === "model" ? spec.draft.maxLogitRows : 1,
+    };
+  }
+
+  /**
+   * The cost model of auto trees, measured on the first call and kept: wall time of target
+   * forwards over 1, 2, 5, 9, 17, 33 and 64 rows (as many as the target takes) and of draft
+   * forwards over 1, 2, 4 and 8 rows (as many as it takes). Each point: one warm-up, then the
+   * median of 3 submissions of 2 forwards each, less the median of 3 empty submissions (the
+   * readback's fixed cost), divided by 2. The forwards write garbage KV rows from position 0;
+   * every generation starts by overwriting them with its prefill.
+   */
+  async treeCosts(): Promise<TreeCostModel> {
+    if (this.#cost) return this.#cost;
+    const spec = this.#spec;
+    if (spec.kind !== "model") throw new Error("tree costs need a draft model");
+    const g = this.#gpu, B = this.#buf;
+    g.write(B.verifyIn, new Uint32Array(TREE_MAX_NODES)); // token 0 in every row
+    const median = (xs: number[]) => xs.sort((a, b) => a - b)[xs.length >> 1];
+    const time = async (ds: Dispatch[], reps: number) => {
+      const t0 = performance.now();
+      const enc = g.device.createCommandEncoder({ label: "decode.tree_costs" });
+      for (let i = 0; i < reps; i++) g.encode(enc, "decode.tree_costs", ds);
+      g.device.queue.submit([enc.finish()]);
+      await g.device.queue.onSubmittedWorkDone();
+      g.throwIfFailed();
+      return performance.now() - t0;
+    };
+    const empty = [];
+    for (let i = 0; i < 3; i++) empty.push(await time([], 1));
+    const base = median(empty);
+    const measure = async (m: LlamaGpu, rows: number[]) => {
+      const points: [number, number][] = [];
+      for (const T of rows.filter((r) => r <= Math.min(m.maxT, m.maxLogitRows))) {
+        m.setPosition(0);
+        const ds = await m.plan(T, { buffer: B.verifyIn, offset: 0 }, "all");
+        await time(ds, 1);
+        const xs = [];
+        for (let i = 0; i < 3; i++) xs.push(await time(ds, 2));
+        points.push([T, Math.max(1e-3, (median(xs) - base) / 2)]);
+      }
+      return points;
+    };
+    const verify = await measure(this.#target, [1, 2, 5, 9, 17, 33, 64]);
+    const draft = await measure(spec.draft, [1, 2, 4, 8]);
+    this.#cost = { verify, draft };
+    return this.#cost;
+  }
+
   /** Throws unless tree speculation of `shape` can run on this decoder. */
   #checkTree(shape: TreeShape): void {
     checkTreeShape(shape);
@@ -547,7 +609,7 @@ export class Decoder {
     sampling: SamplingSettings,
     events: DecodeEvents,
     k: DraftLength = 4,
-    tree?: TreeShape,
+    treeOption?: TreeShape | "auto",
   ): Promise<DecodeResult> {
     const g = this.#gpu, t = this.#target, spec = this.#spec, B = this.#buf;
     if (prompt.length < 1) throw new RangeError("the prompt must hold at least one token");
@@ -560,11 +622,28 @@ export class Decoder {
     if (k !== "auto" && (!Number.isInteger(k) || k < 1 || k > MAX_DRAFT)) {
       throw new RangeError(`draft length ${k} is outside [1, ${MAX_DRAFT}]`);
     }
-    if (tree) {
-      this.#checkTree(tree);
-      // A sampled tree's layout is fixed: its ancestor table is written once per generation.
-      if (sampling.temperature > 0) g.write(this.#tree.fixed, treeTable(sampledTreeParents(tree)));
+    const auto = treeOption === "auto";
+    let alphaTree = 0.7; // auto trees: the running top-1 acceptance estimate
+    let cost: TreeCostModel | undefined;
+    if (auto) {
+      if (spec.kind !== "model") throw new Error("tree speculation (auto) needs a draft model");
+      cost = await this.treeCosts();
     }
+    const limits = this.#treeLimits();
+    let tree = auto ? chooseTreeShape(cost!, alphaTree, limits) : treeOption;
+    // A sampled tree's layout is fixed: its ancestor table is written whenever the shape changes
+    // (queue writes land between the submissions, so chunks in flight keep theirs).
+    let fixedShape = "";
+    const useShape = (shape: TreeShape) => {
+      this.#checkTree(shape);
+      const name = `${shape.depth}x${shape.width}`;
+      if (sampling.temperature > 0 && name !== fixedShape) {
+        g.write(this.#tree.fixed, treeTable(sampledTreeParents(shape)));
+        fixedShape = name;
+      }
+    };
+    if (tree) useShape(tree);
+    const treeCycles: Record<string, number> = {};
     await this.#prepare(sampling);
     const P = prompt.length;
     const run = new Uint32Array(RUN_SLOTS);
@@ -603,8 +682,13 @@ export class Decoder {
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
     // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
-    const inflight: { read: Promise<ReadState>; kc: number; n: number; per: number }[] = [];
-    const N = tree ? treeNodes(tree) : 0;
+    const inflight: {
+      read: Promise<ReadState>;
+      kc: number;
+      n: number;
+      per: number;
+      shape?: TreeShape;
+    }[] = [];
     let worst = 0; // tokens the chunks in flight may still add
     let least = 0; // tokens they add at least (one per cycle)
     while (true) {
@@ -612,8 +696,9 @@ export class Decoder {
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
       // A tree cycle writes N cache rows before compaction: near the end of the cache, chains.
+      const N = tree ? treeNodes(tree) : 0;
       const useTree = tree !== undefined && room >= N;
-      const kc = useTree ? tree.depth : Math.min(tree?.depth ?? kNow, room - 1);
+      const kc = useTree ? tree!.depth : Math.min(tree?.depth ?? kNow, room - 1);
       const per = kc + 1;
       const left = maxTokens - tokens.length - least;
       const n = Math.min(
@@ -623,8 +708,13 @@ export class Decoder {
         left,
       );
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
+        if (useTree) {
+          useShape(tree!);
+          const name = `${tree!.depth}x${tree!.width}`;
+          treeCycles[name] = (treeCycles[name] ?? 0) + n;
+        }
         const cyc = useTree
-          ? await this.#treeCycle(tree, sampling)
+          ? await this.#treeCycle(tree!, sampling)
           : await this.#cycle(kc, sampling);
         const e = g.device.createCommandEncoder({ label: "decode.cycles" });
         // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
@@ -639,7 +729,7 @@ export class Decoder {
         }
         const timed = q ? { cycles: n, per: qPer } : undefined;
         const read = this.#submit(e, tokens.length, timed, issued % RING);
-        inflight.push({ read, kc, n, per });
+        inflight.push({ read, kc, n, per, shape: useTree ? tree : undefined });
         issued++;
         worst += n * per;
         least += n;
@@ -659,6 +749,12 @@ export class Decoder {
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
       proposed += dCycles * chunk.kc;
+      if (auto && chunk.shape && dCycles > 0) {
+        // The top-1 acceptance that explains this chunk's mean accepted length, smoothed.
+        const fit = fitAcceptance(chunk.shape, dAcc / dCycles);
+        alphaTree = 0.5 * alphaTree + 0.5 * fit;
+        tree = chooseTreeShape(cost!, alphaTree, limits);
+      }
       if (k === "auto" && !tree && chunk.kc > 0 && dCycles > 0) {
         alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * chunk.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
@@ -680,7 +776,8 @@ export class Decoder {
       proposed,
       accepted: state.accepted,
       gpuMs: this.#query ? gpuMs : undefined,
-      tree,
+      tree: auto ? mostUsed(treeCycles) ?? tree : tree,
+      treeCycles: auto ? treeCycles : undefined,
     };
   }
 
@@ -759,6 +856,17 @@ export class Decoder {
       for (const b of this.#query.staging) b.destroy();
     }
   }
+}
+
+/** The key with the largest count (the first such), or undefined when there is none. */
+function mostUsed(counts: Record<string, number>): TreeShape | undefined {
+  let best: string | undefined;
+  for (const [name, n] of Object.entries(counts)) {
+    if (best === undefined || n > counts[best]) best = name;
+  }
+  if (best === undefined) return undefined;
+  const [depth, width] = best.split("x").map(Number);
+  return { depth, width };
 }
 
 /**

@@ -65,7 +65,9 @@ export interface GenerateOptions {
   draftTokens?: number | "auto";
   /**
    * Draft a token tree instead of a chain (a draft model): "DEPTHxWIDTH" such as
-   * "6x3" (depth levels of width nodes, 1 + depth * width <= 64). Overrides `draftTokens`.
+   * "6x3" (depth levels of width nodes, 1 + depth * width <= 64), or "auto" (the shape is chosen
+   * per chunk from forward costs measured once per load and the running acceptance; the stats'
+   * `tree_shape` is then the shape most cycles used). Overrides `draftTokens`.
    */
   draftTree?: string;
 }

@@ -275,7 +275,7 @@ export class Session {
       throw new Error("speculation with a draft model needs a draft (--draft <dir|file>)");
     }
     const k = o.draftTokens ?? 4;
-    let tree: TreeShape | undefined;
+    let tree: TreeShape | "auto" | undefined;
     if (o.draftTree !== undefined) {
       if (spec !== "model") {
         throw new Error(
@@ -283,7 +283,7 @@ export class Session {
             `--spec ${spec}`,
         );
       }
-      tree = parseTreeShape(o.draftTree);
+      tree = o.draftTree === "auto" ? "auto" : parseTreeShape(o.draftTree);
     }
     let prompt: number[];
     if (o.promptTokens) {

@@ -349,7 +349,7 @@ gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included
 });
 
 gpuTest(
-  "tiny pair: tree speculation greedy equals plain greedy (1x1, 3x2, 6x3, 4x8, 21x3)",
+  "tiny pair: tree speculation greedy equals plain greedy (auto, 1x1, 3x2, 6x3, 4x8, 21x3)",
   async (gpu) => {
     const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
     const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
@@ -358,6 +358,13 @@ gpuTest(
     const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
     const spec = new Decoder(gpu, t, { kind: "model", draft: d });
     const chain = await spec.generate(prompt, n, GREEDY, quiet, 3);
+    // auto: the shape from the measured costs and the running acceptance, same tokens.
+    const auto = await spec.generate(prompt, n, GREEDY, quiet, 4, "auto");
+    assert.deepEqual(auto.tokens, plain.tokens, "auto");
+    assert.ok(auto.tree && auto.treeCycles, "auto reports its shapes");
+    assert.ok(auto.targetPasses < n, `auto: ${auto.targetPasses} passes for ${n}`);
+    const costs = await spec.treeCosts();
+    assert.ok(costs.verify.length >= 3 && costs.draft.length >= 3, JSON.stringify(costs));
     for (const [depth, width] of [[1, 1], [3, 2], [6, 3], [4, 8], [21, 3]]) {
       const r = await spec.generate(prompt, n, GREEDY, quiet, 4, { depth, width });
       assert.deepEqual(r.tokens, plain.tokens, `${depth}x${width}`);
@@ -392,7 +399,7 @@ gpuTest(
   },
 );
 
-gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3)", async (gpu) => {
+gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3, auto)", async (gpu) => {
   const target = await loadHfFolder(await fixture("pycode-pair/target"));
   const draft = await loadHfFolder(await fixture("pycode-pair/draft"));
   const { t, d, destroy } = await gpuPair(gpu, target, draft, 96, TREE_MAX_NODES);
@@ -401,9 +408,9 @@ gpuTest("pycode pair: tree speculation greedy equals plain greedy (6x3)", async 
   const n = 12;
   const plain = await new Decoder(gpu, t).generate(prompt, n, GREEDY, quiet);
   const spec = new Decoder(gpu, t, { kind: "model", draft: d });
-  for (const [depth, width] of [[6, 3]]) {
-    const r = await spec.generate(prompt, n, GREEDY, quiet, 4, { depth, width });
-    assert.deepEqual(r.tokens, plain.tokens, `${depth}x${width}`);
+  for (const shape of [{ depth: 6, width: 3 }, "auto" as const]) {
+    const r = await spec.generate(prompt, n, GREEDY, quiet, 4, shape);
+    assert.deepEqual(r.tokens, plain.tokens, JSON.stringify(shape));
   }
   spec.destroy();
   destroy();
