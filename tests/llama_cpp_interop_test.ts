@@ -34,8 +34,13 @@ import type { Gpu } from "../engine/gpu.ts";
 const GREEDY = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 const quiet = { onTokens: () => {}, cancelled: () => false };
 const QUANTS: QuantRequest[] = ["f16", "q8_0", "q4_0", "q4_k", "q6_k"];
-/** Prompts that must agree on every token, by quant; the others need 7 of 8. */
-const EXACT: ReadonlySet<QuantRequest> = new Set(["f16", "q8_0"]);
+/**
+ * Prompts that must agree on every token, by quant; the others need 7 of 8. q8_0 is not among
+ * them: llama.cpp's CPU build rounds the activations to 8 bits for its q8_0 dot products, and on
+ * some CPUs (seen on 2026-12-02, with the code that passed 8 of 8 on another machine the day
+ * before) stories260K q8_0 then diverges on 1 prompt of 8 at a logit gap of 0.023.
+ */
+const EXACT: ReadonlySet<QuantRequest> = new Set(["f16"]);
 /** Near-tie margin in logits (these models' top logits are ~5..20). */
 const TIE = 0.02;
 
