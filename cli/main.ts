@@ -12,9 +12,11 @@ import { perplexityCommand as perplexity } from "./perplexity.ts";
 import { quantize } from "./quantize.ts";
 import { tokenize } from "./tokenize.ts";
 import { inspect } from "./inspect.ts";
+import { serve } from "./serve.ts";
 
 const COMMANDS: Record<string, Command> = {
   generate,
+  serve,
   plan,
   perplexity,
   quantize,

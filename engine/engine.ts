@@ -58,6 +58,8 @@ export class Engine {
   #worker: Worker;
   #nextId = 1;
   #pending = new Map<number, Pending>();
+  /** Settles when the last generation queued so far has finished: they run one at a time. */
+  #turn: Promise<void> = Promise.resolve();
 
   private constructor(worker: Worker, info: ModelInfo) {
     this.#worker = worker;
@@ -122,17 +124,43 @@ export class Engine {
     });
   }
 
-  /** Token ids of `text` (with BOS first when `bos`). */
-  tokenize(text: string, bos = false): Promise<number[]> {
-    return this.#request({ id: this.#nextId++, type: "tokenize", text, bos });
+  /**
+   * Token ids of `text` (with BOS first when `bos`, unless the text starts with the BOS piece).
+   * Strings in `specials` that are vocabulary pieces (a chat template's special tokens) map to
+   * their ids instead of being tokenized as text.
+   */
+  tokenize(text: string, bos = false, specials: readonly string[] = []): Promise<number[]> {
+    return this.#request({
+      id: this.#nextId++,
+      type: "tokenize",
+      text,
+      bos,
+      specials: [...specials],
+    });
   }
 
   /**
    * Generates text; yields chunks as the worker streams them and records the final statistics in
    * {@linkcode Engine.lastStats}. Aborting `signal` stops generation cleanly (stop reason
-   * "cancelled").
+   * "cancelled"). Generations started while one runs wait for it: the GPU decodes one sequence
+   * at a time.
    */
   async *generate(
+    options: Partial<GenerateOptions>,
+    signal?: AbortSignal,
+  ): AsyncGenerator<GenerateChunk, GenerateStats> {
+    const before = this.#turn;
+    let release!: () => void;
+    this.#turn = new Promise((r) => release = r);
+    try {
+      await before;
+      return yield* this.#generate(options, signal);
+    } finally {
+      release();
+    }
+  }
+
+  async *#generate(
     options: Partial<GenerateOptions>,
     signal?: AbortSignal,
   ): AsyncGenerator<GenerateChunk, GenerateStats> {

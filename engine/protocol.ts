@@ -154,7 +154,7 @@ export interface ModelInfo {
 /** Main thread → worker. */
 export type Request =
   | { id: number; type: "load"; options: LoadOptions }
-  | { id: number; type: "tokenize"; text: string; bos: boolean }
+  | { id: number; type: "tokenize"; text: string; bos: boolean; specials?: string[] }
   | { id: number; type: "generate"; options: GenerateOptions }
   | { id: number; type: "cancel"; target: number }
   | { id: number; type: "dispose" };

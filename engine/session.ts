@@ -257,9 +257,41 @@ export class Session {
     return this.#tokenizer;
   }
 
-  /** Token ids of `text`. */
-  tokenize(text: string, bos: boolean): number[] {
-    return this.#needTokenizer().encode(text, { bos });
+  /**
+   * Token ids of `text`, with BOS first when `bos`. Occurrences of the strings in `specials`
+   * (a chat template's `<s>`, `</s>`, `<|eot_id|>`...) become the id of the vocabulary piece that
+   * equals them, not their spelling as text; a special string the vocabulary lacks is text. With
+   * `bos`, no second BOS is added when the text already starts with the BOS piece.
+   */
+  tokenize(text: string, bos: boolean, specials: readonly string[] = []): number[] {
+    const tok = this.#needTokenizer();
+    const ids = new Map<string, number>();
+    if (specials.length) {
+      const wanted = new Set(specials.filter((s) => s !== ""));
+      for (let id = 0; id < tok.vocabSize && ids.size < wanted.size; id++) {
+        const p = tok.piece(id);
+        if (wanted.has(p) && !ids.has(p)) ids.set(p, id);
+      }
+    }
+    if (ids.size === 0) return tok.encode(text, { bos });
+    // Longest first, so "<|end|>" is not cut by a shorter special that prefixes it.
+    const names = [...ids.keys()].sort((a, b) => b.length - a.length);
+    const out: number[] = [];
+    let i = 0, from = 0;
+    while (i < text.length) {
+      const hit = names.find((n) => text.startsWith(n, i));
+      if (!hit) {
+        i++;
+        continue;
+      }
+      if (i > from) out.push(...tok.encode(text.slice(from, i)));
+      out.push(ids.get(hit)!);
+      i += hit.length;
+      from = i;
+    }
+    if (from < text.length) out.push(...tok.encode(text.slice(from)));
+    if (bos && tok.bosId !== undefined && out[0] !== tok.bosId) out.unshift(tok.bosId);
+    return out;
   }
 
   /** Generates, streaming chunks through `onChunk`; returns the statistics. */

@@ -33,7 +33,11 @@ self.onmessage = async (ev: MessageEvent<Request>) => {
         send({ id: req.id, type: "loaded", info: session.info() });
         break;
       case "tokenize":
-        send({ id: req.id, type: "result", value: need(session).tokenize(req.text, req.bos) });
+        send({
+          id: req.id,
+          type: "result",
+          value: need(session).tokenize(req.text, req.bos, req.specials),
+        });
         break;
       case "generate": {
         const stats = await need(session).generate(

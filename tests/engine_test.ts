@@ -87,3 +87,46 @@ Deno.test({
     await engine.dispose();
   },
 });
+
+Deno.test({
+  ...opts,
+  name: "concurrent generate() calls take turns and each equals its run alone",
+  async fn() {
+    const engine = await Engine.load({ model: stories, tokenizer: tok512, maxSeq: 64 });
+    try {
+      const prompts = [[1], [1, 403], [1, 365, 304]];
+      const run = async (p: number[]) => {
+        const out: number[] = [];
+        for await (const c of engine.generate({ promptTokens: p, maxTokens: 12, temperature: 0 })) {
+          out.push(...c.tokens);
+        }
+        return out;
+      };
+      const alone: number[][] = [];
+      for (const p of prompts) alone.push(await run(p));
+      assert.deepEqual(await Promise.all(prompts.map(run)), alone);
+    } finally {
+      await engine.dispose();
+    }
+  },
+});
+
+Deno.test({
+  ...opts,
+  name: "tokenize() maps special-token strings to their ids and adds one BOS",
+  async fn() {
+    const engine = await Engine.load({ model: stories, tokenizer: tok512, maxSeq: 8 });
+    try {
+      const plain = await engine.tokenize("Hi there", false);
+      const eosText = "</s>";
+      const ids = await engine.tokenize(`<s>Hi there${eosText}Hi there`, true, ["<s>", "</s>"]);
+      assert.deepEqual(ids, [1, ...plain, 2, ...plain]);
+      // Without the specials list the same strings are text.
+      const asText = await engine.tokenize("<s>Hi", true);
+      assert.equal(asText[0], 1);
+      assert.ok(asText.length > 1 + (await engine.tokenize("Hi", false)).length);
+    } finally {
+      await engine.dispose();
+    }
+  },
+});
