@@ -20,6 +20,7 @@ import {
   pagedRowsImage,
 } from "../kernels/paged_attention.ts";
 import { attentionRef } from "../kernels/attention.ts";
+import { createRope, ropeInvFreq, ropeRef } from "../kernels/rope.ts";
 import {
   kvCacheBytes,
   kvDequantizeRef,
@@ -583,3 +584,50 @@ gpuTest(
     );
   },
 );
+
+gpuTest("createRope() with rowPositions turns each batch row by its own position", async (gpu) => {
+  // Rows of 3 sequences at scattered positions (verify rows 40..42 of one), and a padding row
+  // (RoPE of padding is harmless: its position is whatever the image says).
+  const rows: PagedRow[] = [
+    { seq: 2, pos: 40 },
+    { seq: 0, pos: 0 },
+    { seq: 2, pos: 41 },
+    { seq: 1, pos: 17 },
+    { seq: PAGED_NO_SEQ, pos: 3 },
+    { seq: 2, pos: 42 },
+  ];
+  const R = rows.length, nHeads = 4, nKvHeads = 2, hd = 16;
+  for (const layout of ["rotate-half", "interleaved"] as const) {
+    const invFreq = ropeInvFreq(hd, 10000);
+    const q = randomArray(R * nHeads * hd, 11, 2), k = randomArray(R * nKvHeads * hd, 12, 2);
+    const qBuf = gpu.upload("test.paged.rope.q", q), kBuf = gpu.upload("test.paged.rope.k", k);
+    const d = await createRope(gpu, {
+      label: `test.paged.rope.${layout}`,
+      q: qBuf,
+      k: kBuf,
+      invFreq: gpu.upload("test.paged.rope.inv_freq", invFreq),
+      half: hd / 2,
+      state: gpu.upload("test.paged.rope.rows", pagedRowsImage(rows)),
+      rowPositions: true,
+      layout,
+      T: R,
+      nHeads,
+      nKvHeads,
+      headDim: hd,
+    });
+    await gpu.run("test.paged.rope", [d]);
+    const gotQ = new Float32Array(await gpu.read(qBuf)),
+      gotK = new Float32Array(await gpu.read(kBuf));
+    rows.forEach((row, r) => {
+      for (const [got, x, heads] of [[gotQ, q, nHeads], [gotK, k, nKvHeads]] as const) {
+        const n = heads * hd;
+        const want = ropeRef(x.subarray(r * n, (r + 1) * n), heads, hd, row.pos, invFreq, layout);
+        // f32 angle and GPU sin/cos against f64 Math.sin/cos at positions up to 42.
+        assertClose(`${layout} row ${r} pos ${row.pos}`, got.subarray(r * n, (r + 1) * n), want, {
+          nmse: 1e-10,
+          maxAbs: 1e-4,
+        });
+      }
+    });
+  }
+});
