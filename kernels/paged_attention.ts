@@ -13,8 +13,10 @@
  *   phys(q, s) = table[q * maxBlocksPerSeq + s / blockRows] * blockRows + s % blockRows
  *
  * with `table` the flat u32 block tables `[numSeqs, maxBlocksPerSeq]`
- * (engine/paged_kv.ts `blockTableImage`). Rows at or past `maxBlocksPerSeq * blockRows`, or
- * whose block id is >= numBlocks, are never read nor written.
+ * (engine/paged_kv.ts `blockTableImage`). Nothing outside the pool is ever read or written,
+ * whatever the tables and rows hold: rows at or past `maxBlocksPerSeq * blockRows` are not written
+ * and not attended to, and a row mapped to a block id >= numBlocks (a host bug) is not written and
+ * reads as zero K and V.
  *
  * - KV write ({@linkcode createPagedKvWrite}): row r's k and v (RoPE already applied) go to
  *   `phys(seq[r], pos[r])` of one layer, converted to the pool's dtype. Two rows naming the same
@@ -474,8 +476,9 @@ export function pagedKvWriteRef(
  * CPU reference for the paged attention: two-pass softmax, in f64, of each row's query heads
  * (`q`: [R, nHeads, headDim]) over keys 0 .. pos[r] of its own sequence read through `table`
  * from `kPool`, `vPool` ([layers, numBlocks*blockRows, nKv, headDim] f32 values: pass the
- * values the pool holds, e.g. after {@linkcode pagedKvWriteRef}). Keys past the table are not
- * visible; padding rows give 0. Returns out: [R, nHeads, headDim].
+ * values the pool holds, e.g. after {@linkcode pagedKvWriteRef}). Keys at or past
+ * `maxBlocksPerSeq * blockRows` are not visible, a key in a block id >= numBlocks reads as zero
+ * K and V (as the kernel), padding rows give 0. Returns out: [R, nHeads, headDim].
  */
 export function pagedAttentionRef(
   q: Float32Array,
@@ -492,19 +495,16 @@ export function pagedAttentionRef(
   const out = new Float32Array(R * nHeads * hd);
   for (let r = 0; r < R; r++) {
     const seq = rows[2 * r], pos = rows[2 * r + 1];
-    const keys: number[] = []; // pool rows of the visible keys, in order
-    for (let s = 0; s <= pos; s++) {
-      const phys = physRowRef(table, numSeqs, seq, s, l);
-      if (phys < 0) break;
-      keys.push(phys);
-    }
-    if (keys.length === 0) continue;
+    if (seq >= numSeqs) continue;
+    const keys: number[] = []; // pool rows of the visible keys, in order (-1: reads as zero)
+    const end = Math.min(pos + 1, l.maxBlocksPerSeq * l.blockRows);
+    for (let s = 0; s < end; s++) keys.push(physRowRef(table, numSeqs, seq, s, l));
     for (let h = 0; h < nHeads; h++) {
       const qo = (r * nHeads + h) * hd, kvh = Math.floor(h / group);
       const at = (phys: number) => ((l.layer * poolRows + phys) * l.nKvHeads + kvh) * hd;
       const w = keys.map((phys) => {
         let d = 0;
-        for (let i = 0; i < hd; i++) d += q[qo + i] * kPool[at(phys) + i];
+        for (let i = 0; phys >= 0 && i < hd; i++) d += q[qo + i] * kPool[at(phys) + i];
         return d * scale;
       });
       const max = Math.max(...w);
@@ -512,7 +512,9 @@ export function pagedAttentionRef(
       for (let j = 0; j < w.length; j++) sum += w[j] = Math.exp(w[j] - max);
       for (let i = 0; i < hd; i++) {
         let a = 0;
-        for (let j = 0; j < keys.length; j++) a += w[j] * vPool[at(keys[j]) + i];
+        for (let j = 0; j < keys.length; j++) {
+          if (keys[j] >= 0) a += w[j] * vPool[at(keys[j]) + i];
+        }
         out[qo + i] = a / sum;
       }
     }

@@ -431,10 +431,17 @@ const worst = new Map<string, number>();
  * (undefined: the plan's choice); checks the pool against pagedKvWriteRef exactly and each
  * output against pagedAttentionRef and the contiguous attentionRef.
  */
-async function checkScenario(gpu: Gpu, sc: Scenario, splits: (number | undefined)[]) {
+async function checkScenario(
+  gpu: Gpu,
+  sc: Scenario,
+  splits: (number | undefined)[],
+  corrupt?: (b: Built) => void,
+) {
   const b = build(sc);
+  corrupt?.(b);
   const { kRef, vRef, out: want } = reference(b, sc.nHeads);
-  const wantContig = contiguousRef(b, sc, kRef, vRef);
+  // A corrupted batch has no contiguous equivalent: compare with pagedAttentionRef only.
+  const wantContig = corrupt ? want : contiguousRef(b, sc, kRef, vRef);
   const R = b.rows.length, hd = sc.headDim;
   const kPool = toPool(gpu, "test.paged.k_pool", b.k0, sc.dtype, hd);
   const vPool = toPool(gpu, "test.paged.v_pool", b.v0, sc.dtype, hd);
@@ -477,7 +484,7 @@ async function checkScenario(gpu: Gpu, sc: Scenario, splits: (number | undefined
     assertClose(`${label} vs pagedAttentionRef`, got, want, TOL);
     assertClose(`${label} vs contiguous attentionRef`, got, wantContig, TOL);
     b.rows.forEach((row, r) => {
-      if (row.seq !== PAGED_NO_SEQ) return;
+      if (row.seq < b.layout.numSeqs) return;
       const o = got.subarray(r * sc.nHeads * hd, (r + 1) * sc.nHeads * hd);
       assert.ok(o.every((x) => x === 0), `${label}: padding row ${r} is not 0`);
     });
@@ -631,3 +638,138 @@ gpuTest("createRope() with rowPositions turns each batch row by its own position
     });
   }
 });
+
+gpuTest(
+  "paged kv_write + attention over cycles of continuous batching: join, grow, leave, reuse blocks",
+  async (gpu) => {
+    // 3 sequence slots share a pool of 10 blocks of 4 rows; 4 batch rows per cycle. The
+    // dispatches are built once; each cycle rewrites rows, tables, k, v, q, as a server would.
+    const blockRows = 4, numBlocks = 10, numSeqs = 3, maxBlocksPerSeq = 6, R = 4;
+    const nHeads = 4, nKvHeads = 2, hd = 8, rowLen = nKvHeads * hd;
+    const dtype: KvDType = gpu.features.f16 ? "f16" : "f32";
+    const pool = new BlockPool(numBlocks, blockRows);
+    const layout = {
+      nKvHeads,
+      headDim: hd,
+      blockRows,
+      numBlocks,
+      numSeqs,
+      maxBlocksPerSeq,
+      layers: LAYERS,
+      layer: 1,
+      dtype,
+    };
+    const poolRows = numBlocks * blockRows, n = LAYERS * poolRows * rowLen;
+    const kPool = toPool(gpu, "test.paged.cb.k_pool", new Float32Array(n), dtype, hd);
+    const vPool = toPool(gpu, "test.paged.cb.v_pool", new Float32Array(n), dtype, hd);
+    const kRef = new Float32Array(n), vRef = new Float32Array(n);
+    const rowsBuf = gpu.buffer("test.paged.cb.rows", R * 8, usage);
+    const tableBuf = gpu.buffer("test.paged.cb.table", numSeqs * maxBlocksPerSeq * 4, usage);
+    const k = gpu.buffer("test.paged.cb.k", R * rowLen * 4, usage);
+    const v = gpu.buffer("test.paged.cb.v", R * rowLen * 4, usage);
+    const q = gpu.buffer("test.paged.cb.q", R * nHeads * hd * 4, usage);
+    const out = gpu.buffer("test.paged.cb.out", R * nHeads * hd * 4, usage);
+    const common = { ...layout, R, kCache: kPool, vCache: vPool, rows: rowsBuf, table: tableBuf };
+    const dispatches = [
+      await createPagedKvWrite(gpu, { ...common, label: "test.paged.cb.kv_write", k, v }),
+      ...await createPagedAttention(gpu, {
+        ...common,
+        label: "test.paged.cb.attn",
+        nHeads,
+        q,
+        out,
+      }),
+    ];
+    // slots[i]: the sequence in slot i (its blocks and length), or null.
+    const slots: ({ blocks: SequenceBlocks; len: number } | null)[] = [null, null, null];
+    // Per cycle, rows each slot appends (0: idle/absent); slot 1 leaves after cycle 4 and a new
+    // sequence joins it at cycle 6 on the freed blocks.
+    const plan = [
+      [1, 3, 0],
+      [1, 1, 2],
+      [2, 1, 1],
+      [1, 2, 1],
+      [1, 1, 1],
+      [1, 0, 3],
+      [1, 2, 1],
+      [3, 1, 0],
+      [1, 1, 1],
+      [2, 1, 1],
+    ];
+    let peak = 0, freed: readonly number[] = [];
+    for (let cycle = 0; cycle < plan.length; cycle++) {
+      if (cycle === 5) {
+        freed = slots[1]!.blocks.blocks;
+        slots[1]!.blocks.release();
+        slots[1] = null;
+      }
+      const rows: PagedRow[] = [];
+      plan[cycle].forEach((add, i) => {
+        if (add === 0) return;
+        slots[i] ??= { blocks: new SequenceBlocks(pool), len: 0 };
+        const s = slots[i]!;
+        assert.ok(s.blocks.ensure(s.len + add), `cycle ${cycle}: pool exhausted`);
+        for (let j = 0; j < add; j++) rows.push({ seq: i, pos: s.len + j });
+        s.len += add;
+      });
+      peak = Math.max(peak, pool.inUse);
+      if (cycle === 6) {
+        // The newcomer's block holds the old sequence's rows past its position: masked by pos.
+        assert.ok(freed.includes(slots[1]!.blocks.blocks[0]), "freed blocks are reused");
+      }
+      assert.ok(rows.length <= R);
+      while (rows.length < R) rows.push({ seq: PAGED_NO_SEQ, pos: 0 });
+      const rowsImg = pagedRowsImage(rows);
+      const table = blockTableImage(slots.map((s) => s?.blocks.blocks ?? []), maxBlocksPerSeq);
+      const kx = randomArray(R * rowLen, 1000 + cycle), vx = randomArray(R * rowLen, 2000 + cycle);
+      const qx = randomArray(R * nHeads * hd, 3000 + cycle, 3);
+      gpu.write(rowsBuf, rowsImg);
+      gpu.write(tableBuf, table);
+      gpu.write(k, kx);
+      gpu.write(v, vx);
+      gpu.write(q, qx);
+      await gpu.run("test.paged.cb", dispatches);
+      pagedKvWriteRef(kRef, kx, rowsImg, table, layout);
+      pagedKvWriteRef(vRef, vx, rowsImg, table, layout);
+      const want = pagedAttentionRef(qx, kRef, vRef, rowsImg, table, nHeads, layout);
+      assertClose(`cycle ${cycle}`, new Float32Array(await gpu.read(out)), want, TOL);
+    }
+    assert.ok(peak >= 9, `the pool was mostly used (peak ${peak} of ${numBlocks} blocks)`);
+    for (const s of slots) s?.blocks.release();
+    assert.equal(pool.inUse, 0, "every block returned");
+  },
+);
+
+gpuTest(
+  "paged kernels stay inside the pool with rows past the table and bad block ids",
+  async (gpu) => {
+    // Host bugs the kernels must survive: a row past its table's capacity (not written, attends
+    // over the capacity), a table entry naming block numBlocks + 5 (not written, reads as zero),
+    // and a row of sequence numSeqs (padding).
+    for (const dtype of ["f32", "q8"] as KvDType[]) {
+      await checkScenario(
+        gpu,
+        {
+          ...BASE,
+          dtype,
+          blockRows: 8,
+          nHeads: 4,
+          nKvHeads: 2,
+          headDim: 8,
+          seed: 200,
+        },
+        [1, 3],
+        (b) => {
+          const cap = b.layout.maxBlocksPerSeq * b.layout.blockRows;
+          const at = (seq: number) => b.rows.findIndex((r) => r.seq === seq);
+          b.rows[at(3)] = { seq: 3, pos: cap + 3 };
+          b.rows[at(2)] = { seq: 2, pos: cap - 5 }; // in its last entry, now pointing off the pool:
+          b.table[2 * b.layout.maxBlocksPerSeq + b.layout.maxBlocksPerSeq - 1] =
+            b.layout.numBlocks + 5;
+          b.rows[at(0)] = { seq: b.layout.numSeqs, pos: 0 };
+          b.rowsImg = pagedRowsImage(b.rows);
+        },
+      );
+    }
+  },
+);
