@@ -2,7 +2,8 @@
  * Rotary position embedding, in place on q[T, nHeads, headDim] and k[T, nKvHeads, headDim].
  *
  * Row t sits at position `state[0] + t` (state[0] = tokens already in the KV cache, kept on the
- * GPU). Pair i (i < rotDim/2) turns by angle `pos * invFreq[i]`; the pair is (2i, 2i+1) in the
+ * GPU), or, with `rowPositions` (a batch of sequences, kernels/paged_attention.ts), at the
+ * position the paged rows buffer gives it: `rows[t] = (seq, pos)`. Pair i (i < rotDim/2) turns by angle `pos * invFreq[i]`; the pair is (2i, 2i+1) in the
  * "interleaved" layout and (i, i + rotDim/2) in "rotate-half". Dimensions past rotDim (partial
  * rotary) are left as they are. `invFreq` is computed once on the CPU by {@linkcode ropeInvFreq}.
  *
@@ -52,8 +53,12 @@ export function ropeInvFreq(headDim: number, theta: number, scaling?: RopeScalin
   return out;
 }
 
-/** WGSL of RoPE for `layout`, rotating q and, when `withK`, k too. */
-export function ropeWgsl(layout: RopeLayout, withK: boolean): string {
+/**
+ * WGSL of RoPE for `layout`, rotating q and, when `withK`, k too. With `rowPositions` the
+ * position of row t is `state[2t + 1]` (binding 3 holds the paged rows `[T] (seq, pos)`), else
+ * `state[0] + t`.
+ */
+export function ropeWgsl(layout: RopeLayout, withK: boolean, rowPositions = false): string {
   const pair = layout === "interleaved"
     ? "let a = base + 2u * i; let b = a + 1u;"
     : "let a = base + i; let b = a + p.half;";
@@ -61,7 +66,11 @@ export function ropeWgsl(layout: RopeLayout, withK: boolean): string {
 // RoPE (${layout}): one invocation per rotated pair; invocation g covers pair i = g % half of
 // head h = (g / half) % (nHeads${withK ? " + nKvHeads" : ""}) of row t = g / (half * heads),
 // where heads < nHeads are q's and the rest k's. The grid may be 2-D; invocations past the pair
-// count return. Angles use the GPU state position: pos = state[0] + t.
+// count return. ${
+    rowPositions
+      ? "Angles use each row's own position: pos = rows[t].pos = state[2t + 1]."
+      : "Angles use the GPU state position: pos = state[0] + t."
+  }
 struct Params {
   T: u32,        // rows
   nHeads: u32,   // q heads
@@ -79,7 +88,9 @@ ${
       : ""
   }
 @group(0) @binding(2) var<storage, read> invFreq: array<f32>; // invFreq: [half] f32
-@group(0) @binding(3) var<storage, read> state: array<u32>;   // state[0]: position of row 0
+@group(0) @binding(3) var<storage, read> state: array<u32>;   // ${
+    rowPositions ? "paged rows: [T] (seq, pos) u32" : "state[0]: position of row 0"
+  }
 @group(0) @binding(4) var<uniform> p: Params;
 
 fn rot(v0: f32, v1: f32, c: f32, s: f32) -> vec2<f32> {
@@ -94,7 +105,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
   let i = g % p.half;
   let h = (g / p.half) % heads;
   let t = g / (p.half * heads);
-  let angle = f32(state[0] + t) * invFreq[i];
+  let angle = f32(${rowPositions ? "state[2u * t + 1u]" : "state[0] + t"}) * invFreq[i];
   let c = cos(angle);
   let s = sin(angle);
   if (h < p.nHeads) {
@@ -134,8 +145,13 @@ export interface RopeArgs {
   invFreq: GPUBuffer;
   /** Number of pairs per head = invFreq length = rotDim / 2. */
   half: number;
-  /** state: u32 buffer; state[0] is the position of row 0. */
+  /** state: u32 buffer; state[0] is the position of row 0 (with `rowPositions`: the paged rows). */
   state: GPUBuffer;
+  /**
+   * Take row t's position from `state` as paged rows `[T] (seq, pos)` (kernels/paged_attention.ts
+   * `pagedRowsImage`), for a batch of sequences; default false: `state[0] + t`.
+   */
+  rowPositions?: boolean;
   /** Pairing layout. */
   layout: RopeLayout;
   /** Rows. */
@@ -166,9 +182,10 @@ export async function createRope(gpu: Gpu, args: RopeArgs): Promise<Dispatch> {
   }
   const withK = !!args.k;
   const nKv = withK ? args.nKvHeads : 0;
+  const rows = args.rowPositions ?? false;
   const pipeline = await gpu.pipeline(
-    `rope.${args.layout}.k${+withK}.wg${ROPE_WG}`,
-    () => ropeWgsl(args.layout, withK),
+    `rope.${args.layout}.k${+withK}${rows ? ".rows" : ""}.wg${ROPE_WG}`,
+    () => ropeWgsl(args.layout, withK, rows),
   );
   const pairs = args.T * (args.nHeads + nKv) * args.half;
   const workgroups = grid2d(
