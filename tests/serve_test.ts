@@ -255,6 +255,74 @@ Deno.test({
       assert.deepEqual(models.data.map((m) => m.id), [MODEL_ID]);
     });
 
+    await t.step("random bodies never crash the server; it answers each with JSON", async () => {
+      let seed = 12345;
+      const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+      const pick = <T>(xs: T[]) => xs[Math.floor(rnd() * xs.length)];
+      const values: unknown[] = [
+        null,
+        true,
+        -1,
+        0,
+        1,
+        2.5,
+        1e308,
+        -0,
+        "",
+        "x",
+        "Once",
+        [],
+        [1],
+        ["a"],
+        [1, "a"],
+        {},
+        { text: 1 },
+        [{ role: "user", content: "hi" }],
+        [{ role: "robot", content: "hi" }],
+        [{ role: "user", content: [{ type: "image_url" }] }],
+      ];
+      const keys = [
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        "n",
+        "model",
+        "stream_options",
+        "max_completion_tokens",
+      ];
+      const seen = new Map<number, number>();
+      for (let i = 0; i < 150; i++) {
+        const body: Record<string, unknown> = {};
+        const path = rnd() < 0.5 ? "/v1/completions" : "/v1/chat/completions";
+        if (path === "/v1/completions") body.prompt = "Once";
+        else body.messages = [{ role: "user", content: "hi" }];
+        for (let k = Math.floor(rnd() * 4); k > 0; k--) body[pick(keys)] = pick(values);
+        if (body.max_tokens === undefined || rnd() < 0.7) body.max_tokens = 2;
+        body.stream = false;
+        const res = await live.server.handle(
+          new Request(`${live.url}${path}`, {
+            method: "POST",
+            headers: auth,
+            body: rnd() < 0.1 ? JSON.stringify(body).slice(0, -3) : JSON.stringify(body),
+          }),
+        );
+        const label = `${path} ${JSON.stringify(body)}`;
+        assert.ok([200, 400, 404].includes(res.status), `${res.status}: ${label}`);
+        const out = await res.json();
+        if (res.status === 200) assert.ok(Array.isArray(out.choices), label);
+        else assert.equal(typeof out.error.message, "string", label);
+        seen.set(res.status, (seen.get(res.status) ?? 0) + 1);
+      }
+      assert.ok((seen.get(200) ?? 0) > 5 && (seen.get(400) ?? 0) > 5, JSON.stringify([...seen]));
+      assert.deepEqual(live.server.load, { active: 0, waiting: 0 });
+    });
+
     await t.step("a client that disconnects mid-stream frees the engine", async () => {
       const abort = new AbortController();
       const res = await fetch(`${live.url}/v1/completions`, {
