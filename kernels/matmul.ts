@@ -145,7 +145,8 @@ const MATVEC_RED_BYTES = 32768;
  * 256 invocations: more, shorter K strides in flight at once, the same epilogue (a row is still
  * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}. A unit is
  * `size.unitValues` values of K (default 4; {@linkcode matvecUnitValues}), so a q4_0 row of
- * K = 2048 (64 units of 32) widens to 32 lanes at most. On a `software` adapter (lavapipe) narrow lanes: each reduction
+ * K = 2048 (64 units of 32) stays at 32 lanes, where 4-value units would widen it to 128.
+ * On a `software` adapter (lavapipe) narrow lanes: each reduction
  * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
  * (measured 4x faster at T = 1).
  *
@@ -156,8 +157,8 @@ const MATVEC_RED_BYTES = 32768;
  * // { rows: 8, lanes: 32, perThread: 4 } { rows: 8, lanes: 32 }
  * console.log(matvecShape(1, false, { K: 8192, N: 2048 })); // more lanes for a small N
  * // { rows: 8, lanes: 128, perThread: 4 }
- * console.log(matvecShape(1, false, { K: 8192, N: 2048, unitValues: 32 })); // q4_0: 256 units
- * // { rows: 8, lanes: 64, perThread: 4 }
+ * console.log(matvecShape(1, false, { K: 2048, N: 2048, unitValues: 32 })); // q4_0: 64 units
+ * // { rows: 8, lanes: 32, perThread: 4 }
  * ```
  */
 export function matvecShape(T: number, software = false, size?: MatvecSize): MatvecShape {
