@@ -13,6 +13,7 @@ import {
   matmulPath,
   type MatvecShape,
   matvecShape,
+  matvecUnitValues,
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { formatBlock, weightBytes } from "../kernels/qformats.ts";
@@ -31,7 +32,7 @@ export interface MatmulCase {
   dtype: WeightDType;
   /** Force a path; default matmulPath(T). */
   path?: MatmulPath;
-  /** Force a matrix-vector split; default matvecShape(T, software, { K, N }). */
+  /** Force a matrix-vector split; default matvecShape(T, software, { K, N, unitValues }). */
   shape?: MatvecShape;
 }
 
@@ -132,7 +133,7 @@ const SPLITS: readonly MatvecShape[] = [
 /**
  * Matrix-vector splits compared at decode and verify widths: each product of `[name, K, N,
  * dtype]` at T = 1, 8 and 17 with every split of {@linkcode SPLITS} that has lanes to spare
- * (at least 2 vec4s of K per lane) and with the default (`matvecShape`, no forced split), so the
+ * (at least 2 units of K per lane, `matvecUnitValues`) and with the default (`matvecShape`, no forced split), so the
  * rule can be read against the best split. The products: 8B-class ffn.up, a 1B model's down,
  * qkv and o (N = 2048 and 3072: too few rows to fill the GPU with 8-row workgroups), and the
  * pycode target's qkv, down and gate/up.
@@ -151,15 +152,16 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
 ).flatMap(([name, K, N, dtype]) =>
   [1, 8, 17].flatMap((T): MatmulCase[] => [
     { name: `${name} auto`, T, K, N, dtype, path: "matvec" },
-    ...SPLITS.filter((s) => 8 * s.lanes <= K && (T <= 8 || !s.perThread)).map((shape) => ({
-      name: `${name} ${shape.rows}x${shape.lanes}x${shape.perThread ?? 1}`,
-      T,
-      K,
-      N,
-      dtype,
-      path: "matvec" as const,
-      shape,
-    })),
+    ...SPLITS.filter((s) => 2 * matvecUnitValues(dtype) * s.lanes <= K && (T <= 8 || !s.perThread))
+      .map((shape) => ({
+        name: `${name} ${shape.rows}x${shape.lanes}x${shape.perThread ?? 1}`,
+        T,
+        K,
+        N,
+        dtype,
+        path: "matvec" as const,
+        shape,
+      })),
   ])
 );
 
@@ -187,7 +189,8 @@ export async function benchMatmul(
     const path = c.path ?? matmulPath(c.T);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
     const shape = path === "matvec"
-      ? (c.shape ?? matvecShape(c.T, gpu.software, { K: c.K, N: c.N }))
+      ? (c.shape ??
+        matvecShape(c.T, gpu.software, { K: c.K, N: c.N, unitValues: matvecUnitValues(c.dtype) }))
       : undefined;
     const wBytes = weightBytes(c.dtype, c.N, c.K);
     // Buffers are zero-filled: values do not change the work a dense product does.

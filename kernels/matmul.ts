@@ -25,7 +25,9 @@ import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
 import {
   formatBlock,
   formatGroups,
+  formatUnitValues,
   isBlockFormat,
+  weightAlign,
   type WeightFormat,
   weightWgsl,
 } from "./qformats.ts";
@@ -85,6 +87,28 @@ export interface MatvecSize {
   readonly K: number;
   /** Weight rows (output columns; twice the output width with swiglu). */
   readonly N: number;
+  /**
+   * Values of K one lane loads per step (its unit): default 4 (a vec4 of f32/f16 weights); see
+   * {@linkcode matvecUnitValues} for a format's.
+   */
+  readonly unitValues?: number;
+}
+
+/**
+ * Values of K per matrix-vector unit of `f`, as {@linkcode matvecShape} counts them: 16 for
+ * q8_0 and 32 for q4_0 and q4_k (one vec4<u32> of quants each, `formatUnitValues`); 4 for the
+ * others. The formats loading one u32 per unit (q6_k, nf4, q4_1, q5_0, q5_1, q2_k, q3_k, q5_k)
+ * keep the 4-value count their widening was measured with, though their units are 8 or 16 values.
+ *
+ * @example
+ * ```ts
+ * import { matvecUnitValues } from "./matmul.ts";
+ * console.log(matvecUnitValues("q4_0"), matvecUnitValues("q8_0"), matvecUnitValues("f16"));
+ * // 32 16 4
+ * ```
+ */
+export function matvecUnitValues(f: WeightFormat): number {
+  return weightAlign(f) === 16 ? formatUnitValues(f) : 4;
 }
 
 /**
@@ -119,7 +143,10 @@ const MATVEC_RED_BYTES = 32768;
  * product of a small model) doubles its lanes per row, keeping at least 2 units of K per lane
  * (so every lane loads), and halves its rows per workgroup where the lanes would pass
  * 256 invocations: more, shorter K strides in flight at once, the same epilogue (a row is still
- * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}. On a `software` adapter (lavapipe) narrow lanes: each reduction
+ * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}. A unit is
+ * `size.unitValues` values of K (default 4; {@linkcode matvecUnitValues}), so a q4_0 row of
+ * K = 2048 (64 units of 32) stays at 32 lanes, where 4-value units would widen it to 128.
+ * On a `software` adapter (lavapipe) narrow lanes: each reduction
  * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
  * (measured 4x faster at T = 1).
  *
@@ -130,6 +157,8 @@ const MATVEC_RED_BYTES = 32768;
  * // { rows: 8, lanes: 32, perThread: 4 } { rows: 8, lanes: 32 }
  * console.log(matvecShape(1, false, { K: 8192, N: 2048 })); // more lanes for a small N
  * // { rows: 8, lanes: 128, perThread: 4 }
+ * console.log(matvecShape(1, false, { K: 2048, N: 2048, unitValues: 32 })); // q4_0: 64 units
+ * // { rows: 8, lanes: 32, perThread: 4 }
  * ```
  */
 export function matvecShape(T: number, software = false, size?: MatvecSize): MatvecShape {
@@ -137,7 +166,7 @@ export function matvecShape(T: number, software = false, size?: MatvecSize): Mat
   const rt = T <= 8 ? 4 : 1;
   let rows = 8, lanes = 32;
   if (size && size.K >= MATVEC_WIDEN_MIN_K) {
-    const units = Math.ceil(size.K / 4); // vec4s of K (a block format's units are as wide or wider)
+    const units = Math.ceil(size.K / (size.unitValues ?? 4)); // loads of K per row
     const slotBytes = (r: number) => (r * T + T) * 4; // partial sums per lane (+ Σx²)
     while (
       lanes < MATVEC_MAX_LANES && (size.N / rt) * lanes < MATVEC_FILL && 4 * lanes <= units
@@ -225,8 +254,8 @@ function unrolled(n: number, line: (i: number) => string): string {
 /**
  * WGSL of the matrix-vector path for `T` rows with the split `shape`. With `vec4` (K % 4 == 0
  * and xOffset % 4 == 0) x is loaded as vec4 (float weights too); otherwise as scalars, so any K
- * works. Block formats decode weights in units (one u32 of quants each, `wUnit` in
- * `kernels/qformats.ts`).
+ * works. Block formats decode weights in units (one vec4<u32> of quants for q8_0, q4_0 and q4_k,
+ * one u32 for the others: `wUnit` in `kernels/qformats.ts`).
  */
 export function matvecWgsl(
   s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape },
@@ -249,6 +278,9 @@ export function matvecWgsl(
   // One weight unit of each of the RT rows: its values as vec4 groups (or a scalar) at x
   // positions k (the same k for every row: rows are walked in step).
   const G = block ? formatGroups(s.dtype) : 1;
+  // vec4 formats: a unit is loaded raw (quants and scales) and group g decoded where it is used.
+  const lazy = weightAlign(s.dtype) === 16;
+  const group = (r: number, g: number) => lazy ? `wGroup(d${r}, ${g}u)` : `d${r}[${g}]`;
   const unitCount = block ? "(p.K / W_BLOCK) * W_UNITS" : v ? "p.vecK" : "p.K";
   const decode = block
     ? `    let kb = u / W_UNITS;
@@ -260,7 +292,7 @@ ${unrolled(RT, (r) => `    let d${r} = array<${V}, 1>(${V}(w[rowStart${r} + u]))
   const body = unrolled(G, (g) =>
     `    {
 ${s.norm ? `      let gk = g[k${g}];` : ""}
-${unrolled(RT, (r) => `      let w${r} = d${r}[${g}]${s.norm ? " * gk" : ""};`)}
+${unrolled(RT, (r) => `      let w${r} = ${group(r, g)}${s.norm ? " * gk" : ""};`)}
 ${
       unrolled(T, (t) =>
         `      { let xv = xq(${t}u, k${g}); ${
@@ -295,7 +327,11 @@ ${
 // Matrix-vector path, ${s.dtype}, T = ${T}: a workgroup of ${WG} invocations owns ${R} weight
 // rows n0 .. n0+${R - 1} as ${G2} groups of ${RT} rows, ${L} lanes per group: lane l of group i
 // loads ${
-    block ? "decode units (one u32 of quants" : v ? "vec4 units (" : "elements ("
+    block
+      ? `decode units (one ${lazy ? "vec4<u32>" : "u32"} of quants`
+      : v
+      ? "vec4 units ("
+      : "elements ("
   }each) l, l + ${L}, ... of its ${RT} weight row(s) n0 + ${RT}i ..${
     s.norm ? " times g" : ""
   } (consecutive lanes load consecutive
@@ -521,7 +557,10 @@ export interface MatmulArgs {
   N: number;
   /** Force a path (tests, benchmarks); default {@linkcode matmulPath}(T). */
   path?: MatmulPath;
-  /** Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T, software, {K, N}). */
+  /**
+   * Force a matrix-vector split (benchmarks); default {@linkcode matvecShape}(T, software,
+   * {K, N, unitValues}).
+   */
   shape?: MatvecShape;
 }
 
@@ -573,7 +612,8 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
         `${args.label}: matvec path serves T <= ${MATVEC_MAX_T}, got ${T}`,
       );
     }
-    const shape = args.shape ?? matvecShape(T, gpu.software, { K, N });
+    const shape = args.shape ??
+      matvecShape(T, gpu.software, { K, N, unitValues: matvecUnitValues(dtype) });
     const rt = shape.perThread ?? 1;
     if (shape.rows % 2 || shape.lanes & (shape.lanes - 1) || shape.rows % rt) {
       throw new RangeError(

@@ -16,7 +16,7 @@
  *   j = value j, high nibble = value j + 16), then scales `half[nb]` at `16 nb`.
  *   `y = d * (nibble - 8)`.
  * - `q4_k` (256): GGUF's 144-byte blocks unchanged (`d, dmin: half, scales: u8[12],
- *   qs: u8[128]`; 4-byte aligned already).
+ *   qs: u8[128]`; 9 vec4s each: the header, then 8 of qs).
  * - `q6_k` (256): the first 208 bytes of each GGUF block (`ql: u8[128], qh: u8[64],
  *   scales: i8[16]`) at `208b`, then the blocks' `d: half[nb]` at `208 nb`.
  * - `nf4` (64, see `models/nf4.ts`): quants `u8[nb * 32]` (low nibble of byte j = value j, high
@@ -33,8 +33,10 @@
  *   qs: u8[128]`).
  *
  * So every word the kernels load is 4-byte aligned, quants of one row are contiguous (coalesced
- * loads), and the byte count equals GGUF's (`nb * blockBytes`) plus padding to a multiple of 4
- * (what `Gpu.upload` allocates). Because the scales trail the whole matrix, a row range of a
+ * loads), and the byte count equals GGUF's (`nb * blockBytes`) plus padding to a multiple of
+ * {@linkcode weightAlign} (4, or 16 for the formats the kernels read as `vec4<u32>`: q8_0, q4_0
+ * and q4_k, whose quant regions are whole vec4s: 2 per q8_0 block, 1 per q4_0 block, 9 per
+ * 144-byte q4_k block). Because the scales trail the whole matrix, a row range of a
  * block-format matrix is not a byte range: to split a large matrix (e.g. an embedding larger than
  * one storage binding), encode each row range as its own matrix.
  *
@@ -150,12 +152,13 @@ export function isBlockFormat(f: WeightFormat): boolean {
 
 /**
  * vec4 groups per decode unit of a block format (`W_GROUPS` of its WGSL, see
- * {@linkcode weightWgsl}): how many vec4s `wUnit` returns; 0 for f32 and f16.
+ * {@linkcode weightWgsl}): how many vec4s of values one `wUnit` load decodes to; 0 for f32 and
+ * f16.
  *
  * @example
  * ```ts
  * import { formatGroups } from "./qformats.ts";
- * console.log(formatGroups("q8_0"), formatGroups("q6_k"), formatGroups("f16")); // 1 4 0
+ * console.log(formatGroups("q8_0"), formatGroups("q6_k"), formatGroups("f16")); // 4 4 0
  * ```
  */
 export function formatGroups(f: WeightFormat): number {
@@ -211,20 +214,58 @@ function blocks(f: WeightFormat, rows: number, cols: number): number {
   return nb;
 }
 
+/** The formats whose WGSL declares the weights as `array<vec4<u32>>` (16-byte loads). */
+const VEC4_FORMATS: ReadonlySet<WeightFormat> = new Set(["q8_0", "q4_0", "q4_k"]);
+
+/**
+ * Byte multiple the GPU buffer of a matrix in `f` is padded to: 16 for the formats whose kernels
+ * read the weights as `array<vec4<u32>>` (q8_0, q4_0, q4_k), so the last vec4 is whole and the
+ * binding's size is a multiple of the array stride; 4 (one u32, or the f32/f16 scalars) for the
+ * others.
+ *
+ * @example
+ * ```ts
+ * import { weightAlign } from "./qformats.ts";
+ * console.log(weightAlign("q4_0"), weightAlign("q6_k"), weightAlign("f16")); // 16 4 4
+ * ```
+ */
+export function weightAlign(f: WeightFormat): 4 | 16 {
+  layout(f);
+  return VEC4_FORMATS.has(f) ? 16 : 4;
+}
+
+/**
+ * Values of K that one matrix-vector decode unit of `f` covers (`W_BLOCK / W_UNITS` of its WGSL,
+ * see {@linkcode weightWgsl}): 16 for q8_0 (one vec4 of quants), 32 for q4_0 and q4_k (one vec4 of
+ * nibbles), 8 or 16 for the formats loading one u32 per unit; 4 for f32 and f16 (one vec4).
+ *
+ * @example
+ * ```ts
+ * import { formatUnitValues } from "./qformats.ts";
+ * console.log(formatUnitValues("q4_0"), formatUnitValues("q6_k"), formatUnitValues("f16"));
+ * // 32 16 4
+ * ```
+ */
+export function formatUnitValues(f: WeightFormat): number {
+  const units = UNITS[f];
+  return units ? layout(f).block / units : 4;
+}
+
 /**
  * Exact bytes of the GPU buffer that `gpu.upload()` creates for a `[rows, cols]` matrix in `f`
- * (GGUF's byte count, padded to a multiple of 4). Throws a `RangeError` if `cols` is not a
- * multiple of the block or a dimension is not a positive integer.
+ * (GGUF's byte count, padded to a multiple of {@linkcode weightAlign}). Throws a `RangeError` if
+ * `cols` is not a multiple of the block or a dimension is not a positive integer.
  *
  * @example
  * ```ts
  * import { weightBytes } from "./qformats.ts";
- * console.log(weightBytes("q8_0", 3, 32)); // 104 (3 blocks * 34 = 102, padded)
+ * console.log(weightBytes("q8_0", 3, 32)); // 112 (3 blocks * 34 = 102, padded to 16)
+ * console.log(weightBytes("q6_k", 1, 256)); // 212 (210, padded to 4)
  * ```
  */
 export function weightBytes(f: WeightFormat, rows: number, cols: number): number {
-  const raw = blocks(f, rows, cols) * layout(f).blockBytes;
-  return Math.max(4, Math.ceil(raw / 4) * 4);
+  const raw = blocks(f, rows, cols) * layout(f).blockBytes, a = weightAlign(f);
+  return Math.max(a, Math.ceil(raw / a) * a);
 }
 
 /** Which u32 words of a GPU-layout buffer hold f16 values (scales, or the weights themselves). */
@@ -264,7 +305,7 @@ export function halfWords(f: WeightFormat, rows: number, cols: number): HalfWord
   return { halfFrom: words, halfStride: l.blockBytes / 4, halfPhase: phase };
 }
 
-/** GGUF / host block bytes -> GPU layout (scales moved to a trailing region), padded to 4. */
+/** GGUF / host block bytes -> GPU layout (scales moved to a trailing region) in `out`. */
 function pack(f: WeightFormat, src: Uint8Array, nb: number, out: Uint8Array): Uint8Array {
   const { blockBytes: S, headAt, headBytes: H } = layout(f);
   if (headAt < 0) {
@@ -306,7 +347,7 @@ function unpack(f: WeightFormat, gpu: Uint8Array, nb: number): Uint8Array {
  * const w = Float32Array.from({ length: 64 }, (_, i) => i / 8 - 4);
  * const gpuBytes = encodeWeights("q8_0", w, 2, 32);
  * console.log(gpuBytes.length, Math.abs(decodeWeights("q8_0", gpuBytes, 2, 32)[9] - w[9]) < 0.02);
- * // 68 true
+ * // 80 true (68 bytes, padded to 16)
  * ```
  */
 export function encodeWeights(
@@ -334,7 +375,7 @@ export function encodeWeights(
  * import { quantize } from "../models/quant.ts";
  * import { packGguf } from "./qformats.ts";
  * const gguf = quantize("q4_0", new Float32Array(64).fill(1));
- * console.log(gguf.length, packGguf("q4_0", gguf, 1, 64).length); // 36 36
+ * console.log(gguf.length, packGguf("q4_0", gguf, 1, 64).length); // 36 48
  * ```
  */
 export function packGguf(
@@ -407,7 +448,7 @@ export function decodeWeights(
 /** WGSL helpers shared by the block formats. */
 const BLOCK_COMMON = /* wgsl */ `
 // f16 number i of the weight buffer (byte offset 2i), as f32.
-fn wHalf(i: u32) -> f32 { return unpack2x16float(w[i >> 1u])[i & 1u]; }
+fn wHalf(i: u32) -> f32 { return unpack2x16float(wWord(i >> 1u))[i & 1u]; }
 // The four low / high nibbles of the bytes of q (byte 0 first), as f32.
 fn lo4(q: u32) -> vec4<f32> {
   return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
@@ -442,34 +483,39 @@ fn kScaleMin(h: vec4<u32>, s: u32) -> vec2<f32> {
 const BLOCK_WGSL: Record<Exclude<WeightFormat, "f32" | "f16">, string> = {
   q8_0: /* wgsl */ `
 const W_BLOCK = 32u;
-const W_UNITS = 8u;  // a unit is one u32 of quants: 4 values
-const W_GROUPS = 1u;
+const W_UNITS = 2u;  // a unit is one vec4<u32> of quants: values 16j .. 16j + 15 of the block
+const W_GROUPS = 4u;
 fn wInit(lid: u32) {}
 fn i8x4(q: u32) -> vec4<f32> {
   return vec4<f32>(vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u),
                              bitcast<i32>(q << 8u), bitcast<i32>(q)) >> vec4<u32>(24u));
 }
-fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 1> {
-  return array<vec4<f32>, 1>(wHalf(nb * 16u + b) * i8x4(w[b * 8u + j]));
-}
-fn wUnitK4(j: u32, g: u32) -> u32 { return j; }
-fn w4(e: u32, nb: u32) -> vec4<f32> { return wHalf(nb * 16u + e / 32u) * i8x4(w[e / 4u]); }
+// Unit j of block b: its 16 quant bytes (one 16-byte load) and the block's scale d.
+struct WUnit { q: vec4<u32>, d: f32 }
+fn wUnit(b: u32, j: u32, nb: u32) -> WUnit { return WUnit(w[b * 2u + j], wHalf(nb * 16u + b)); }
+// Group g: values 16j + 4g .. + 3 (word g of the unit).
+fn wGroup(u: WUnit, g: u32) -> vec4<f32> { return u.d * i8x4(u.q[g]); }
+fn wUnitK4(j: u32, g: u32) -> u32 { return 4u * j + g; }
+fn w4(e: u32, nb: u32) -> vec4<f32> { return wHalf(nb * 16u + e / 32u) * i8x4(wWord(e / 4u)); }
 `,
   q4_0: /* wgsl */ `
 const W_BLOCK = 32u;
-const W_UNITS = 4u;  // a unit is one u32 of quants: values 4j.. (low nibbles), 16+4j.. (high)
-const W_GROUPS = 2u;
+const W_UNITS = 1u;  // a unit is a whole block: its 16 quant bytes are one vec4<u32>
+const W_GROUPS = 8u;
 fn wInit(lid: u32) {}
-fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
-  let d = wHalf(nb * 8u + b);
-  let q = w[b * 4u + j];
-  return array<vec4<f32>, 2>(d * (lo4(q) - 8.0), d * (hi4(q) - 8.0));
+// Block b (unit j = 0): its quants (one 16-byte load) and its scale d.
+struct WUnit { q: vec4<u32>, d: f32 }
+fn wUnit(b: u32, j: u32, nb: u32) -> WUnit { return WUnit(w[b + j], wHalf(nb * 8u + b)); }
+// Group g: values 4g .. 4g + 3, the low nibbles of word g (g < 4) or the high ones of word g - 4.
+fn wGroup(u: WUnit, g: u32) -> vec4<f32> {
+  let q = u.q[g % 4u];
+  return u.d * (select(lo4(q), hi4(q), g >= 4u) - 8.0);
 }
-fn wUnitK4(j: u32, g: u32) -> u32 { return j + 4u * g; }
+fn wUnitK4(j: u32, g: u32) -> u32 { return g; }
 fn w4(e: u32, nb: u32) -> vec4<f32> {
   let b = e / 32u;
   let r = e % 32u;
-  let q = w[b * 4u + (r % 16u) / 4u];
+  let q = w[b][(r % 16u) / 4u];
   return wHalf(nb * 8u + b) * (select(lo4(q), hi4(q), r >= 16u) - 8.0);
 }
 `,
@@ -507,30 +553,33 @@ fn w4(e: u32, nb: u32) -> vec4<f32> {
 `,
   q4_k: /* wgsl */ `
 const W_BLOCK = 256u;
-const W_UNITS = 32u; // a unit is one u32 of qs: group g = j/8, values g*64+4(j%8).. and +32
-const W_GROUPS = 2u;
+const W_UNITS = 8u;  // a unit is one vec4<u32> of qs: p = j/2, values 64p + 16(j%2) .. + 15 and +32
+const W_GROUPS = 8u;
 fn wInit(lid: u32) {}
-// The block header: words 0..3 of block b (d and dmin as f16, then the 12 scale bytes).
-fn kHeader(b: u32) -> vec4<u32> {
-  let o = b * 36u;
-  return vec4<u32>(w[o], w[o + 1u], w[o + 2u], w[o + 3u]);
+// A block is 9 vec4s: the header (d and dmin as f16, then the 12 scale bytes), then qs.
+${K_SCALE_MIN}
+// Unit j of block b: its 32 quant nibbles (one 16-byte load) and the (scale, min) of the two
+// sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) they belong to, from one header load.
+struct WUnit { q: vec4<u32>, s0: vec2<f32>, s1: vec2<f32> }
+fn wUnit(b: u32, j: u32, nb: u32) -> WUnit {
+  let h = w[b * 9u];
+  let p = j / 2u;
+  return WUnit(w[b * 9u + 1u + j], kScaleMin(h, 2u * p), kScaleMin(h, 2u * p + 1u));
 }
-${K_SCALE_MIN}fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, 2> {
-  let g = j / 8u;
-  let q = w[b * 36u + 4u + j];
-  let h = kHeader(b);
-  let s0 = kScaleMin(h, 2u * g);
-  let s1 = kScaleMin(h, 2u * g + 1u);
-  return array<vec4<f32>, 2>(s0.x * lo4(q) - s0.y, s1.x * hi4(q) - s1.y);
+// Group g: the low nibbles of word g (g < 4) or the high ones of word g - 4.
+fn wGroup(u: WUnit, g: u32) -> vec4<f32> {
+  let q = u.q[g % 4u];
+  let s = select(u.s0, u.s1, g >= 4u);
+  return s.x * select(lo4(q), hi4(q), g >= 4u) - s.y;
 }
-fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 8u) * 16u + j % 8u + 8u * g; }
+fn wUnitK4(j: u32, g: u32) -> u32 { return (j / 2u) * 16u + (j % 2u) * 4u + g % 4u + 8u * (g / 4u); }
 fn w4(e: u32, nb: u32) -> vec4<f32> {
   let b = e / 256u;
   let r = e % 256u;
   let g = r / 64u;
   let hi = (r % 64u) >= 32u;
-  let q = w[b * 36u + 4u + g * 8u + (r % 32u) / 4u];
-  let s = kScaleMin(kHeader(b), 2u * g + u32(hi));
+  let q = w[b * 9u + 1u + 2u * g + (r % 32u) / 16u][(r % 16u) / 4u];
+  let s = kScaleMin(w[b * 9u], 2u * g + u32(hi));
   return s.x * select(lo4(q), hi4(q), hi) - s.y;
 }
 `,
@@ -742,13 +791,30 @@ fn w4(e: u32, nb: u32) -> vec4<f32> {
 `,
 };
 
+/** `W_UNITS` of each format's decoder (0: no decode units). */
+const UNITS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 0,
+  q8_0: 2,
+  q4_0: 1,
+  q4_k: 8,
+  q6_k: 16,
+  nf4: 8,
+  q4_1: 4,
+  q5_0: 4,
+  q5_1: 4,
+  q2_k: 16,
+  q3_k: 16,
+  q5_k: 32,
+};
+
 /** `W_GROUPS` of each format's decoder (0: no decode units). */
 const GROUPS: Readonly<Record<WeightFormat, number>> = {
   f32: 0,
   f16: 0,
-  q8_0: 1,
-  q4_0: 2,
-  q4_k: 2,
+  q8_0: 4,
+  q4_0: 8,
+  q4_k: 8,
   q6_k: 4,
   nf4: 2,
   q4_1: 2,
@@ -764,22 +830,30 @@ const GROUPS: Readonly<Record<WeightFormat, number>> = {
  * matrix in format `f`. Place it first in the module (for f16 it opens with `enable f16;`).
  *
  * It declares `w` at `@group(0) @binding(`{@linkcode WEIGHT_BINDING}`)` (read-only storage:
- * `array<f32>` / `array<f16>` for the float formats, `array<u32>` for the block formats) and:
+ * `array<f32>` / `array<f16>` for the float formats, `array<vec4<u32>>` for q8_0, q4_0 and q4_k
+ * (16-byte loads; {@linkcode weightAlign} 16), `array<u32>` for the other block formats) and:
  * - `const W_BLOCK: u32`: values per block (1 for f32/f16).
  * - `fn wInit(lid: u32)`: call with `local_invocation_index` at the start of the entry point,
  *   then `workgroupBarrier()`, before decoding (nf4 fills a workgroup codebook; others no-op).
  * - `fn w4(e: u32, nb: u32) -> vec4<f32>`: flat elements e .. e+3 (`e = row * cols + k`,
  *   `e % 4 == 0`); `nb = rows * cols / W_BLOCK` (ignored by f32/f16).
  * - `fn w1(e: u32, nb: u32) -> f32`: flat element e.
+ * - Block formats only: `fn wWord(i: u32) -> u32`, u32 word i of the layout (one lane of a vec4
+ *   for the vec4 formats), for kernels that read single values.
  * - Block formats only, for streaming a row: a row of `cols / W_BLOCK` blocks is `W_UNITS`
- *   units per block; `fn wUnit(b: u32, j: u32, nb: u32) -> array<vec4<f32>, W_GROUPS>` decodes
- *   unit j of (global) block b with one u32 load of quants; group g of it holds the block's
- *   values `4 * wUnitK4(j, g) .. + 3`. Consecutive units read consecutive quant words.
+ *   units per block (see {@linkcode formatUnitValues}); `fn wUnit(b: u32, j: u32, nb: u32)`
+ *   loads unit j of (global) block b, one vec4 (vec4 formats) or one u32 of quants with the
+ *   block's scales decoded once; group g (`0 .. W_GROUPS - 1`) of it holds the block's values
+ *   `4 * wUnitK4(j, g) .. + 3`. The vec4 formats return a `WUnit` (the loaded quants and decoded
+ *   scales) and decode group g with `fn wGroup(u: WUnit, g: u32) -> vec4<f32>`, so a kernel
+ *   decodes each group just before using it; the others return the decoded groups as
+ *   `array<vec4<f32>, W_GROUPS>`. Consecutive units read consecutive quant words.
  *
  * @example
  * ```ts
  * import { weightWgsl } from "./qformats.ts";
  * console.log(weightWgsl("q4_0").includes("fn w4(")); // true
+ * console.log(weightWgsl("q4_0").includes("array<vec4<u32>>")); // true
  * ```
  */
 export function weightWgsl(f: WeightFormat): string {
@@ -797,7 +871,15 @@ fn w4(e: u32, nb: u32) -> vec4<f32> {
 }
 `;
   }
+  const vec4 = weightAlign(f) === 16;
+  const shape = `${f} GPU layout of [rows, cols] (kernels/qformats.ts): quants, then scales${
+    vec4 ? ", as 16-byte words" : ""
+  }`;
+  const word = vec4
+    ? "fn wWord(i: u32) -> u32 { return w[i >> 2u][i & 3u]; }"
+    : "fn wWord(i: u32) -> u32 { return w[i]; }";
   return `
-${decl("u32", `${f} GPU layout of [rows, cols] (kernels/qformats.ts): quants, then scales`)}
-${BLOCK_COMMON}${BLOCK_WGSL[f]}`;
+${decl(vec4 ? "vec4<u32>" : "u32", shape)}
+// u32 word i of the layout (byte offset 4i).
+${word}${BLOCK_COMMON}${BLOCK_WGSL[f]}`;
 }

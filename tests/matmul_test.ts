@@ -8,6 +8,7 @@ import {
   MATVEC_WIDEN_MIN_K,
   type MatvecShape,
   matvecShape,
+  matvecUnitValues,
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { gpuTest, randomArray, roundF16 } from "./harness.ts";
@@ -90,6 +91,29 @@ Deno.test("matvecShape() widens the lanes of products too small to fill the GPU,
   assert.ok(matvecShape(1, false, { K: 8192, N: 2048 }).lanes > 32, "a 1B model's down widens");
   assert.deepEqual(matvecShape(1, false, { K: 4096, N: 14336 }), matvecShape(1));
   assert.deepEqual(matvecShape(1, true, { K: 8192, N: 2048 }), { rows: 8, lanes: 8 });
+});
+
+Deno.test("matvecShape() widens a vec4-load format only while every lane keeps 2 of its units", () => {
+  assert.deepEqual([matvecUnitValues("f16"), matvecUnitValues("q8_0")], [4, 16]);
+  assert.deepEqual([matvecUnitValues("q4_0"), matvecUnitValues("q4_k")], [32, 32]);
+  assert.equal(matvecUnitValues("q6_k"), 4, "u32-unit formats keep the measured 4-value count");
+  for (const f of ["q8_0", "q4_0", "q4_k"] as WeightDType[]) {
+    const unitValues = matvecUnitValues(f);
+    for (const [K, N] of [[2048, 2048], [2304, 2048], [8192, 2048], [14336, 4096]]) {
+      for (let T = 1; T <= MATVEC_MAX_T; T++) {
+        const s = matvecShape(T, false, { K, N, unitValues });
+        const what = `${f} T=${T} K=${K} N=${N}: ${JSON.stringify(s)}`;
+        assert.ok(s.lanes <= Math.max(32, K / unitValues / 2), what);
+        assert.ok(s.lanes <= matvecShape(T, false, { K, N }).lanes, what);
+      }
+    }
+  }
+  // A 1B model's q4_0 down projection (K = 8192: 256 units of 32) still widens to 128 lanes.
+  const q4 = { K: 8192, N: 2048, unitValues: 32 };
+  assert.deepEqual(matvecShape(1, false, q4), { rows: 8, lanes: 128, perThread: 4 });
+  // K = 2048 of q4_0 is 64 units: 32 lanes already hold 2 each (4-value units would give 128).
+  assert.equal(matvecShape(1, false, { K: 2048, N: 2048 }).lanes, 128);
+  assert.deepEqual(matvecShape(1, false, { K: 2048, N: 2048, unitValues: 32 }), matvecShape(1));
 });
 
 Deno.test("matmulRef() computes x·W^T + bias + y_old", () => {

@@ -4,6 +4,7 @@ import {
   encodeWeights,
   formatBlock,
   formatGroups,
+  formatUnitValues,
   type GgufWeightFormat,
   isBlockFormat,
   isGgufFormat,
@@ -11,6 +12,7 @@ import {
   unpackGpu,
   WEIGHT_BINDING,
   WEIGHT_FORMATS,
+  weightAlign,
   weightBytes,
   type WeightFormat,
   weightWgsl,
@@ -81,10 +83,12 @@ Deno.test("WEIGHT_FORMATS lists every format with its block size and bits per we
   assert.throws(() => formatBlock("q7_k" as WeightFormat), /unknown weight format "q7_k"/);
 });
 
-Deno.test("weightBytes() is GGUF's byte count padded to 4, the length encodeWeights() returns", () => {
-  assert.equal(weightBytes("q8_0", 3, 32), 104); // 3 * 34 = 102 -> 104
+Deno.test("weightBytes() is GGUF's byte count padded to weightAlign(), the length encodeWeights() returns", () => {
+  assert.equal(weightBytes("q8_0", 3, 32), 112); // 3 * 34 = 102 -> 112 (vec4 loads)
+  assert.equal(weightBytes("q4_0", 1, 32), 32); // 18 -> 32
+  assert.equal(weightBytes("q4_0", 7, 96), 384); // 21 * 18 = 378 -> 384
   assert.equal(weightBytes("q6_k", 1, 256), 212); // 210 -> 212
-  assert.equal(weightBytes("q4_k", 2, 512), 4 * 144);
+  assert.equal(weightBytes("q4_k", 2, 512), 4 * 144); // 9 vec4s per block already
   assert.equal(weightBytes("nf4", 1, 64), 36); // 34 -> 36
   assert.equal(weightBytes("f16", 1, 1), 4); // Gpu.buffer never makes fewer than 4 bytes
   assert.equal(weightBytes("f16", 3, 3), 20); // 18 -> 20
@@ -92,7 +96,9 @@ Deno.test("weightBytes() is GGUF's byte count padded to 4, the length encodeWeig
     for (const [rows, cols] of shapes(f)) {
       const raw = f === "nf4" ? (rows * cols / NF4_BLOCK) * 34 : tensorBytes(f, rows * cols);
       const bytes = weightBytes(f, rows, cols);
-      assert.ok(bytes % 4 === 0 && bytes - raw >= 0 && bytes - raw <= 3, `${f} ${rows}x${cols}`);
+      const a = weightAlign(f);
+      assert.equal(a, ["q8_0", "q4_0", "q4_k"].includes(f) ? 16 : 4, f);
+      assert.ok(bytes % a === 0 && bytes - raw >= 0 && bytes - raw < a, `${f} ${rows}x${cols}`);
       assert.equal(encodeWeights(f, normal(rows * cols, cols), rows, cols).length, bytes);
     }
   }
@@ -278,6 +284,14 @@ Deno.test("weightWgsl() declares the weights at WEIGHT_BINDING and the decoders 
     // formatGroups() is the W_GROUPS the decoder declares (matmul unrolls that many vec4s).
     const groups = /const W_GROUPS = (\d+)u;/.exec(src);
     assert.equal(groups ? Number(groups[1]) : 0, formatGroups(f), f);
+    // formatUnitValues() is W_BLOCK / W_UNITS (4 for the float formats' vec4s).
+    const units = /const W_UNITS = (\d+)u;/.exec(src);
+    assert.equal(units ? formatBlock(f) / Number(units[1]) : 4, formatUnitValues(f), f);
+    // The vec4 formats declare vec4 weights, wWord() for single values and wGroup() for units.
+    const vec4 = weightAlign(f) === 16;
+    assert.equal(src.includes("var<storage, read> w: array<vec4<u32>>"), vec4, f);
+    assert.equal(src.includes("fn wGroup("), vec4, f);
+    assert.equal(src.includes("fn wWord("), isBlockFormat(f), f);
     assert.equal(isGgufFormat(f), f !== "nf4", f);
   }
 });
