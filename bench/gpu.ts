@@ -215,6 +215,8 @@ export interface DummyBench {
   dispatches_per_token: number;
   forward_us: number | null;
   verify_cost: { T: number; us: number; ratio: number }[];
+  /** GPU time of one decode forward by op (timestamps, one pass per dispatch, mean of 5). */
+  profile: ProfileRow[];
 }
 
 /** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
@@ -256,7 +258,10 @@ async function benchDummy(
   const ids = gpu.upload("dummy.tokens", new Uint32Array(17).fill(1000));
   const verify: { T: number; us: number; ratio: number }[] = [];
   let dispatches = 0;
+  let profile: ProfileRow[] = [];
   if (gpu.features.timestamp) {
+    m.setPosition(prompt.length);
+    profile = await profileDispatches(gpu, await m.plan(1, { buffer: ids, offset: 0 }, "last"), 5);
     for (const T of VERIFY_TS) {
       const plan = await m.plan(T, { buffer: ids, offset: 0 }, T === 1 ? "last" : "all");
       if (T === 1) dispatches = plan.length;
@@ -281,6 +286,7 @@ async function benchDummy(
     dispatches_per_token: dispatches,
     forward_us: verify[0]?.us ?? null,
     verify_cost: verify,
+    profile,
   };
 }
 
@@ -439,6 +445,12 @@ if (import.meta.main) {
   console.log(
     `device: ${gpu.adapterName} (f16 ${gpu.features.f16}, timestamps ${gpu.features.timestamp})`,
   );
+  console.log(
+    `features: subgroups ${gpu.features.subgroups}; WGSL language features: ${
+      [...((navigator.gpu as unknown as { wgslLanguageFeatures?: Set<string> })
+        .wgslLanguageFeatures ?? [])].join(", ") || "-"
+    }`,
+  );
   const report: Record<string, unknown> = { device: gpu.adapterName };
   if (values.matmul) {
     const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
@@ -503,6 +515,18 @@ if (import.meta.main) {
         ...d.verify_cost.slice(1).map((v) => v.ratio.toFixed(2)),
       ]),
     ]));
+    for (const d of dummies.filter((d) => d.profile.length)) {
+      console.log(`\nGPU time of one decode forward, ${d.model} ${d.quant} (timestamps, mean of 5)`);
+      console.log(table([
+        ["op", "dispatches", "µs", "share %"],
+        ...d.profile.map((p) => [
+          p.op,
+          String(p.dispatches),
+          p.us,
+          (100 * p.us / d.profile.reduce((a, q) => a + q.us, 0)).toFixed(1),
+        ]),
+      ]));
+    }
   }
   const models: ModelBench[] = [];
   for (const path of values.model ?? []) {
