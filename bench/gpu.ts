@@ -32,6 +32,7 @@ import {
   PYCODE_CASES,
   QUANT_CASES,
   SHAPE_CASES,
+  SWEEP_CASES,
   VERIFY_CASES,
   VERIFY_TS,
 } from "./matmul_cases.ts";
@@ -141,6 +142,40 @@ async function benchModel(
  * fields this engine reads); weights are random, so EOS never stops a run.
  */
 const DUMMY_CONFIGS: Record<string, Record<string, unknown>> = {
+  // The pycode pair's shapes (../shared/models/pycode-pair/*/config.json): plain decode speed of
+  // the fixtures' shapes without staging their weights.
+  "pycode-target": {
+    model_type: "llama",
+    hidden_size: 576,
+    intermediate_size: 1536,
+    num_hidden_layers: 12,
+    num_attention_heads: 9,
+    num_key_value_heads: 3,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    vocab_size: 32000,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: true,
+    bos_token_id: 1,
+    eos_token_id: 2,
+  },
+  "pycode-draft": {
+    model_type: "llama",
+    hidden_size: 256,
+    intermediate_size: 704,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 4,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    vocab_size: 32000,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: true,
+    bos_token_id: 1,
+    eos_token_id: 2,
+  },
   "llama-3.2-1b": {
     model_type: "llama",
     hidden_size: 2048,
@@ -434,6 +469,7 @@ if (import.meta.main) {
       matmul: { type: "boolean" },
       verify: { type: "boolean" },
       shapes: { type: "boolean" },
+      sweep: { type: "boolean" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -447,8 +483,10 @@ if (import.meta.main) {
   );
   console.log(
     `features: subgroups ${gpu.features.subgroups}; WGSL language features: ${
-      [...((navigator.gpu as unknown as { wgslLanguageFeatures?: Set<string> })
-        .wgslLanguageFeatures ?? [])].join(", ") || "-"
+      [
+        ...((navigator.gpu as unknown as { wgslLanguageFeatures?: Set<string> })
+          .wgslLanguageFeatures ?? []),
+      ].join(", ") || "-"
     }`,
   );
   const report: Record<string, unknown> = { device: gpu.adapterName };
@@ -457,8 +495,12 @@ if (import.meta.main) {
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
   }
-  if (values.verify || values.shapes) {
-    const list = [...(values.verify ? VERIFY_CASES : []), ...(values.shapes ? SHAPE_CASES : [])];
+  if (values.verify || values.shapes || values.sweep) {
+    const list = [
+      ...(values.verify ? VERIFY_CASES : []),
+      ...(values.shapes ? SHAPE_CASES : []),
+      ...(values.sweep ? SWEEP_CASES : []),
+    ];
     const rows = await benchMatmul(gpu, list, 50, 500);
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.verify = rows;
@@ -516,7 +558,9 @@ if (import.meta.main) {
       ]),
     ]));
     for (const d of dummies.filter((d) => d.profile.length)) {
-      console.log(`\nGPU time of one decode forward, ${d.model} ${d.quant} (timestamps, mean of 5)`);
+      console.log(
+        `\nGPU time of one decode forward, ${d.model} ${d.quant} (timestamps, mean of 5)`,
+      );
       console.log(table([
         ["op", "dispatches", "µs", "share %"],
         ...d.profile.map((p) => [

@@ -34,6 +34,8 @@ export interface MatmulCase {
   path?: MatmulPath;
   /** Force a matrix-vector split; default matvecShape(T, software, { K, N, unitValues }). */
   shape?: MatvecShape;
+  /** Fold an RMSNorm of x into the product (as the forward's qkv and gate/up products do). */
+  norm?: boolean;
 }
 
 /** One measured case. */
@@ -166,6 +168,28 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
 );
 
 /**
+ * Rows-per-invocation sweep: 4096→14336 (norm folded in, as the forward's products) at every
+ * verify width T in f16 and the vec4 block formats, with 8 rows x 32 lanes and 1, 2 or 4 rows
+ * per invocation, beside the default split: where each T's accumulators stop fitting registers.
+ */
+export const SWEEP_CASES: readonly MatmulCase[] = (["f16", "q8_0", "q4_0", "q4_k"] as const)
+  .flatMap((dtype) =>
+    [1, 2, 3, 4, 5, 6, 8, 12, 17].flatMap((T): MatmulCase[] => [
+      { name: "4096→14336 norm auto", T, K: 4096, N: 14336, dtype, path: "matvec", norm: true },
+      ...[4, 2, 1].map((perThread) => ({
+        name: `4096→14336 norm 8x32x${perThread}`,
+        T,
+        K: 4096,
+        N: 14336,
+        dtype,
+        path: "matvec" as const,
+        norm: true,
+        shape: { rows: 8, lanes: 32, perThread },
+      })),
+    ])
+  );
+
+/**
  * Times each case (cases needing f16 are skipped on devices without it). Each case gets one
  * untimed warm-up dispatch; then up to `reps` dispatches are encoded into one timed pass (fewer
  * when one dispatch takes so long that `reps` of them would pass `budgetMs`).
@@ -197,7 +221,9 @@ export async function benchMatmul(
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);
     const w = gpu.buffer(`${label}.w`, wBytes, rw);
     const y = gpu.buffer(`${label}.y`, c.T * c.N * 4, rw);
+    const g = c.norm ? gpu.buffer(`${label}.g`, c.K * 4, rw) : undefined;
     const d = await createMatmul(gpu, {
+      norm: g && { weight: g, eps: 1e-5 },
       label,
       x,
       w,
@@ -245,6 +271,7 @@ export async function benchMatmul(
     x.destroy();
     w.destroy();
     y.destroy();
+    g?.destroy();
     const per = seconds / n;
     rows.push({
       ...c,
