@@ -36,6 +36,8 @@ export interface MatmulCase {
   shape?: MatvecShape;
   /** Fold an RMSNorm of x into the product (as the forward's qkv and gate/up products do). */
   norm?: boolean;
+  /** Factored block decoding (createMatmul's `factor`; default true). */
+  factor?: boolean;
 }
 
 /** One measured case. */
@@ -167,26 +169,42 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
   ])
 );
 
+const SWEEP_SPLITS: readonly Required<MatvecShape>[] = [
+  { rows: 8, lanes: 32, perThread: 2 },
+  { rows: 8, lanes: 32, perThread: 1 },
+  { rows: 16, lanes: 32, perThread: 4 },
+  { rows: 8, lanes: 64, perThread: 4 },
+  { rows: 4, lanes: 64, perThread: 1 },
+];
+
 /**
  * Rows-per-invocation sweep: 4096→14336 (norm folded in, as the forward's products) at every
  * verify width T in f16 and the vec4 block formats, with 8 rows x 32 lanes and 1, 2 or 4 rows
  * per invocation, beside the default split: where each T's accumulators stop fitting registers.
  */
-export const SWEEP_CASES: readonly MatmulCase[] = (["f16", "q8_0", "q4_0", "q4_k"] as const)
+export const SWEEP_CASES: readonly MatmulCase[] = (["q4_0", "q8_0", "q4_k", "f16"] as const)
   .flatMap((dtype) =>
-    [1, 2, 3, 4, 5, 6, 8, 12, 17].flatMap((T): MatmulCase[] => [
-      { name: "4096→14336 norm auto", T, K: 4096, N: 14336, dtype, path: "matvec", norm: true },
-      ...[4, 2, 1].map((perThread) => ({
-        name: `4096→14336 norm 8x32x${perThread}`,
-        T,
-        K: 4096,
-        N: 14336,
-        dtype,
-        path: "matvec" as const,
-        norm: true,
-        shape: { rows: 8, lanes: 32, perThread },
-      })),
-    ])
+    [1, 2, 4, 8, 17].flatMap((T) =>
+      [false, true].flatMap((norm) =>
+        (dtype === "f16" ? [true] : [true, false]).flatMap((factor) =>
+          [undefined, ...SWEEP_SPLITS].filter((sh) => !sh || T <= 8 || sh.perThread === 1).map(
+            (shape): MatmulCase => ({
+              name: `4096→14336${norm ? " norm" : ""}${factor ? "" : " unfactored"} ${
+                shape ? `${shape.rows}x${shape.lanes}x${shape.perThread}` : "auto"
+              }`,
+              T,
+              K: 4096,
+              N: 14336,
+              dtype,
+              path: "matvec",
+              norm,
+              factor,
+              shape,
+            }),
+          )
+        )
+      )
+    )
   );
 
 /**
@@ -234,6 +252,7 @@ export async function benchMatmul(
       N: c.N,
       path,
       shape: c.shape,
+      factor: c.factor,
     });
     const t0 = performance.now();
     await gpu.run(`${label}.warmup`, [d]);

@@ -259,7 +259,7 @@ function unrolled(n: number, line: (i: number) => string): string {
  * one u32 for the others: `wUnit` in `kernels/qformats.ts`).
  */
 export function matvecWgsl(
-  s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape },
+  s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape; factor?: boolean },
 ): string {
   const shape = s.shape ?? matvecShape(s.T);
   const T = s.T, R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1;
@@ -297,7 +297,7 @@ ${unrolled(RT, (r) => `    let d${r} = array<${V}, 1>(${V}(w[rowStart${r} + u]))
   // Factored formats (q8_0, q4_0, q4_k): each part of a unit sums Σ q x over its groups into
   // q{t}_{r}, then adds scale * q{t}_{r} (- offset * Σ x) to the accumulator: one multiply per
   // part instead of one per value.
-  const fac = lazy ? formatFactoring(s.dtype) : undefined;
+  const fac = lazy && s.factor !== false ? formatFactoring(s.dtype) : undefined;
   const groupBody = (g: number) =>
     `    {
 ${s.norm ? `      let gk = g[k${g}];` : ""}
@@ -607,6 +607,12 @@ export interface MatmulArgs {
    * {K, N, unitValues}).
    */
   shape?: MatvecShape;
+  /**
+   * Matrix-vector path, factored formats (q8_0, q4_0, q4_k; `formatFactoring`): multiply by the
+   * scales once per part of a unit (default true) or, false, each value as it is decoded
+   * (benchmarks compare the two).
+   */
+  factor?: boolean;
 }
 
 /**
@@ -668,8 +674,8 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
       `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.pt${rt}` +
-        `.vec${vec4 ? 4 : 1}`,
-      () => matvecWgsl({ ...spec, T, vec4, shape }),
+        `.vec${vec4 ? 4 : 1}.f${+(args.factor ?? true)}`,
+      () => matvecWgsl({ ...spec, T, vec4, shape, factor: args.factor }),
     );
     workgroups = grid2d(Math.ceil(N / shape.rows), gpu.limits.maxComputeWorkgroupsPerDimension);
   } else {
