@@ -5,19 +5,22 @@
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
  *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
- *                            [--trees 4x2,6x3] [--no-ngram]
+ *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
- * GPU-timestamp profile of one decode forward. `--dummy llama-3.2-1b|llama-3.1-8b|qwen2.5-7b`
- * builds a model with that configuration's exact shapes and random weights on the GPU (no file)
+ * GPU-timestamp profile of one decode forward.
+ * `--dummy llama-3.2-1b|llama-3.1-8b|qwen2.5-7b|pycode-target|pycode-draft` builds a model with that configuration's exact shapes and random weights on the GPU (no file)
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
- * at T = 1..17 per format, `--shapes` per row/lane split. With `--target` and `--draft`: plain,
- * chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
+ * at T = 1..17 per format, `--shapes` per row/lane split, `--sweep` per rows per invocation
+ * (norm folded in, factored block decoding or not). `--unroll 1,2` runs each dummy model once per
+ * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side.
+ * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
  * plain).
  */
+import { matvecTuning } from "../kernels/matmul.ts";
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
 import { WeightStore } from "../engine/weights.ts";
@@ -252,6 +255,8 @@ export interface DummyBench {
   verify_cost: { T: number; us: number; ratio: number }[];
   /** GPU time of one decode forward by op (timestamps, one pass per dispatch, mean of 5). */
   profile: ProfileRow[];
+  /** Matrix-vector units in flight per lane (`matvecTuning.unroll`) this row ran with. */
+  unroll?: number;
 }
 
 /** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
@@ -470,6 +475,7 @@ if (import.meta.main) {
       verify: { type: "boolean" },
       shapes: { type: "boolean" },
       sweep: { type: "boolean" },
+      unroll: { type: "string", default: "1" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -507,27 +513,33 @@ if (import.meta.main) {
   }
   const peak = values["peak-gbs"] ? Number(values["peak-gbs"]) : peakBandwidth(gpu.adapterName);
   const dummies: DummyBench[] = [];
+  const unrolls = String(values.unroll).split(",").map(Number);
   for (const name of values.dummy ?? []) {
     for (const q of values.quant ?? ["f16"]) {
-      console.log(`dummy ${name} ${q} ...`);
-      try {
-        dummies.push(
-          await benchDummy(
-            gpu,
-            name,
-            q as Exclude<WeightFormat, "f32">,
-            Number(values.tokens),
-            Number(values.reps),
-            peak,
-          ),
-        );
-      } catch (e) {
-        // A format whose block does not divide the model's widths (q4_k at 576): say so, go on.
-        if (!(e instanceof RangeError)) throw e;
-        console.log(`  skipped: ${e.message}`);
+      for (const unroll of unrolls) {
+        matvecTuning.unroll = unroll;
+        console.log(`dummy ${name} ${q} (matvec unroll ${unroll}) ...`);
+        try {
+          dummies.push({
+            ...(await benchDummy(
+              gpu,
+              name,
+              q as Exclude<WeightFormat, "f32">,
+              Number(values.tokens),
+              Number(values.reps),
+              peak,
+            )),
+            unroll,
+          });
+        } catch (e) {
+          // A format whose block does not divide the model's widths (q4_k at 576): say so, go on.
+          if (!(e instanceof RangeError)) throw e;
+          console.log(`  skipped: ${e.message}`);
+        }
       }
     }
   }
+  matvecTuning.unroll = 1;
   report.dummy = dummies;
   if (dummies.length) {
     console.log(
@@ -539,6 +551,7 @@ if (import.meta.main) {
       [
         "model",
         "quant",
+        "unroll",
         "weights GiB",
         "tok/s",
         "limit tok/s",
@@ -552,6 +565,7 @@ if (import.meta.main) {
       ...dummies.map((d) => [
         d.model,
         d.quant,
+        String(d.unroll ?? 1),
         (d.weight_bytes / 2 ** 30).toFixed(2),
         d.decode_tok_s,
         d.limit_tok_s ?? "-",
@@ -565,7 +579,8 @@ if (import.meta.main) {
     ]));
     for (const d of dummies.filter((d) => d.profile.length)) {
       console.log(
-        `\nGPU time of one decode forward, ${d.model} ${d.quant} (timestamps, mean of 5)`,
+        `\nGPU time of one decode forward, ${d.model} ${d.quant} unroll ${d.unroll ?? 1} ` +
+          "(timestamps, mean of 5)",
       );
       console.log(table([
         ["op", "dispatches", "µs", "share %"],

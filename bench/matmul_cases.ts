@@ -169,7 +169,7 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
   ])
 );
 
-const SWEEP_SPLITS: readonly Required<MatvecShape>[] = [
+const SWEEP_SPLITS: readonly (MatvecShape & { perThread: number })[] = [
   { rows: 8, lanes: 32, perThread: 2 },
   { rows: 8, lanes: 32, perThread: 1 },
   { rows: 16, lanes: 32, perThread: 4 },

@@ -80,7 +80,18 @@ export interface MatvecShape {
   readonly lanes: number;
   /** Rows each invocation multiplies (divides `rows`); default 1. */
   readonly perThread?: number;
+  /**
+   * Units each lane loads before it multiplies any (default 1): with 2, both units' loads are in
+   * flight together, halving the round trips to memory of a lane's K stride.
+   */
+  readonly unroll?: number;
 }
+
+/**
+ * Benchmark knob: the `unroll` {@linkcode matvecShape} gives every split (1 unless a benchmark
+ * sets it to compare, as `bench/gpu.ts --unroll` does). Engine code never changes it.
+ */
+export const matvecTuning: { unroll: number } = { unroll: 1 };
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
 export interface MatvecSize {
@@ -182,7 +193,8 @@ export function matvecShape(T: number, software = false, size?: MatvecSize): Mat
       lanes *= 2;
     }
   }
-  return rt > 1 ? { rows, lanes, perThread: rt } : { rows, lanes };
+  const shape: MatvecShape = rt > 1 ? { rows, lanes, perThread: rt } : { rows, lanes };
+  return matvecTuning.unroll > 1 ? { ...shape, unroll: matvecTuning.unroll } : shape;
 }
 
 /** Specialization values baked into a matmul shader (all part of its pipeline key). */
@@ -263,6 +275,7 @@ export function matvecWgsl(
 ): string {
   const shape = s.shape ?? matvecShape(s.T);
   const T = s.T, R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1;
+  const U = shape.unroll ?? 1;
   const G2 = R / RT, WG = G2 * L; // row groups (of RT rows) x lanes
   const block = isBlockFormat(s.dtype);
   // x and the weights in vec4 (v) or scalar (scalar float path) units.
@@ -426,9 +439,29 @@ ${
         Array.from({ length: RT }, (_, r) => `var acc${t}_${r} = 0.0;`).join(" ")
       }${s.norm ? ` var ss${t} = 0.0;` : ""}`)
   }
-  for (var u = lane; u < ${unitCount}; u += ${L}u) {
+  for (var u = lane; u < ${unitCount}; u += ${U * L}u) {
 ${decode}
+${
+    unrolled(U - 1, (i) => {
+      const n = i + 1,
+        rename = (text: string, uName: string) =>
+          text.replace(/\b(d\d+|k\d+|kb|j)\b/g, `$1_${n}`).replace(/\bu\b/g, uName);
+      return `    let u_${n} = u + ${
+        n * L
+      }u; // unit ${n} of this step (clamped when loaded, skipped past the end)
+    let uc_${n} = min(u_${n}, ${unitCount} - 1u);
+${rename(decode, `uc_${n}`)}`;
+    })
+  }
 ${body}
+${
+    unrolled(U - 1, (i) => {
+      const n = i + 1;
+      return `    if (u_${n} < ${unitCount}) {
+${body.replace(/\b(d\d+|k\d+)\b/g, `$1_${n}`)}
+    }`;
+    })
+  }
   }
 ${
     unrolled(T * RT, (e) => {
@@ -674,6 +707,7 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
       `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.pt${rt}` +
+        `.u${shape.unroll ?? 1}` +
         `.vec${vec4 ? 4 : 1}.f${+(args.factor ?? true)}`,
       () => matvecWgsl({ ...spec, T, vec4, shape, factor: args.factor }),
     );

@@ -212,6 +212,9 @@ gpuTest("matmul matvec gives the same products for every row/lane split", async 
     { rows: 8, lanes: 128, perThread: 4 }, // widened splits of matvecShape (small N)
     { rows: 4, lanes: 256, perThread: 4 },
     { rows: 2, lanes: 128 },
+    { rows: 8, lanes: 32, perThread: 4, unroll: 2 }, // two units per lane in flight
+    { rows: 4, lanes: 16, unroll: 2 },
+    { rows: 8, lanes: 8, perThread: 2, unroll: 3 },
   ];
   for (const shape of shapes) {
     for (const T of [1, 4, 17]) {

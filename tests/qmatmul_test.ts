@@ -114,6 +114,13 @@ gpuTest("matmul fuses RMSNorm and SwiGLU for every block format on both paths", 
           // a widened split (small N): more lanes than K has units for some formats
           const wide = T <= 8 ? { rows: 4, lanes: 256, perThread: 4 } : { rows: 2, lanes: 128 };
           await check(gpu, { f, path, T, K, N: 66, norm: true, swiglu: true, shape: wide });
+          // several units per lane in flight, the last step ragged (some lanes skip unit 2)
+          const unrolled = T <= 8
+            ? { rows: 8, lanes: 4, perThread: 4, unroll: 2 }
+            : { rows: 8, lanes: 4, unroll: 3 };
+          const K2 = ks(f).at(-1)!;
+          await check(gpu, { f, path, T, K: K2, N: 66, norm: true, swiglu: true, shape: unrolled });
+          await check(gpu, { f, path, T, K: K2, N: 7, accumulate: true, shape: unrolled });
         }
       }
     }
