@@ -125,10 +125,12 @@ const MAX_CYCLES = 128;
  */
 export const RING = 4;
 /**
- * GPU time a chunk of cycles aims at once a cycle's cost is known (ms): past the readback's
- * ~11 ms, so each wait is covered by the chunks queued behind it.
+ * GPU time a chunk of cycles aims at once a cycle's cost is known (ms). Deno's readback drains
+ * the queue (a `mapAsync` of finished work returns only when every later submission is done too;
+ * measured on lavapipe, as DESIGN.md says for the H100), so each readback costs an idle gap;
+ * chunks of ~40 ms keep that gap a small share while text still streams ~25 times a second.
  */
-const CHUNK_MS = 16;
+const CHUNK_MS = 40;
 
 /**
  * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
