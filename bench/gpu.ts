@@ -15,7 +15,8 @@
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
  * at T = 1..17 per format, `--shapes` per row/lane split, `--sweep` per rows per invocation
  * (norm folded in, factored block decoding or not). `--unroll 1,2` runs each dummy model once per
- * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side.
+ * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
+ * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
  * plain).
@@ -476,6 +477,7 @@ if (import.meta.main) {
       shapes: { type: "boolean" },
       sweep: { type: "boolean" },
       unroll: { type: "string", default: "1" },
+      "widen-small-k": { type: "string" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -514,6 +516,7 @@ if (import.meta.main) {
   const peak = values["peak-gbs"] ? Number(values["peak-gbs"]) : peakBandwidth(gpu.adapterName);
   const dummies: DummyBench[] = [];
   const unrolls = String(values.unroll).split(",").map(Number);
+  if (values["widen-small-k"]) matvecTuning.widenSmallK = Number(values["widen-small-k"]);
   for (const name of values.dummy ?? []) {
     for (const q of values.quant ?? ["f16"]) {
       for (const unroll of unrolls) {

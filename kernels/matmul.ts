@@ -88,10 +88,15 @@ export interface MatvecShape {
 }
 
 /**
- * Benchmark knob: the `unroll` {@linkcode matvecShape} gives every split (1 unless a benchmark
- * sets it to compare, as `bench/gpu.ts --unroll` does). Engine code never changes it.
+ * Benchmark knobs of {@linkcode matvecShape}, which benchmarks set to compare (`bench/gpu.ts
+ * --unroll`, `--widen-small-k`); engine code never changes them. `unroll`: the units in flight
+ * per lane of every split (1). `widenSmallK`: the shortest K that widens at T ≤ 2 (decode, a
+ * one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K} like every T.
  */
-export const matvecTuning: { unroll: number } = { unroll: 1 };
+export const matvecTuning: { unroll: number; widenSmallK: number } = {
+  unroll: 1,
+  widenSmallK: 2048,
+};
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
 export interface MatvecSize {
@@ -177,7 +182,8 @@ export function matvecShape(T: number, software = false, size?: MatvecSize): Mat
   if (software) return { rows: 8, lanes: 8 };
   const rt = T <= 8 ? 4 : 1;
   let rows = 8, lanes = 32;
-  if (size && size.K >= MATVEC_WIDEN_MIN_K) {
+  const minK = T <= 2 ? matvecTuning.widenSmallK : MATVEC_WIDEN_MIN_K;
+  if (size && size.K >= minK) {
     const units = Math.ceil(size.K / (size.unitValues ?? 4)); // loads of K per row
     const slotBytes = (r: number) => (r * T + T) * 4; // partial sums per lane (+ Σx²)
     while (
