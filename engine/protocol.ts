@@ -40,6 +40,12 @@ export interface LoadOptions {
    * given explicitly are chosen), or refuse before allocating with the table of options.
    */
   vram?: number;
+  /**
+   * Sequences decoded together (continuous batching over a paged KV pool, engine/batch.ts);
+   * default 1: one generation at a time. Above 1, generations without speculation (`spec`
+   * "none") run batched and concurrently; speculative ones still take turns on the serial path.
+   */
+  parallel?: number;
 }
 
 /** Sampling and stopping options for one generation. */
@@ -147,8 +153,37 @@ export interface ModelInfo {
   vocabSize: number;
   /** Whether a draft model is loaded. */
   draft: boolean;
+  /** Sequences decoded together (1: one at a time). */
+  parallel: number;
   /** GPU bytes allocated by category. */
   vram: VramBytes;
+}
+
+/** The batched decoder's load (engine/batch.ts `BatchLoad`), or null when not batching. */
+export interface BatchFigures {
+  /** Sequences decoding now. */
+  active: number;
+  /** Requests waiting for a slot or KV blocks. */
+  waiting: number;
+  /** Paged KV blocks held by sequences. */
+  blocksInUse: number;
+  /** Blocks in the pool. */
+  blocks: number;
+}
+
+/**
+ * Whether a generation with proposal source `spec` runs on the batched path: with `parallel`
+ * above 1 and no speculation (`spec` given, or the default: "model" when a draft is loaded).
+ * The session, the engine and the server decide with this one rule.
+ */
+export function runsBatched(
+  parallel: number,
+  draftLoaded: boolean,
+  spec: GenerateOptions["spec"],
+  draftTree?: string,
+): boolean {
+  return parallel > 1 && (spec ?? (draftLoaded ? "model" : "none")) === "none" &&
+    draftTree === undefined;
 }
 
 /** Main thread → worker. */
@@ -157,6 +192,7 @@ export type Request =
   | { id: number; type: "tokenize"; text: string; bos: boolean; specials?: string[] }
   | { id: number; type: "generate"; options: GenerateOptions }
   | { id: number; type: "cancel"; target: number }
+  | { id: number; type: "batchLoad" }
   | { id: number; type: "dispose" };
 
 /** Worker → main thread. */

@@ -6,9 +6,11 @@
  */
 import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
-import { Decoder, type Speculation, targetLogitRows } from "./decode.ts";
+import { Decoder, type SamplingSettings, type Speculation, targetLogitRows } from "./decode.ts";
 import { parseTreeShape, type TreeShape } from "./token_tree.ts";
 import { LlamaGpu } from "../models/llama.ts";
+import { LlamaBatch } from "../models/llama_batch.ts";
+import { BatchDecoder } from "./batch.ts";
 import { planFormats } from "./quant_plan.ts";
 import {
   formatPlanTable,
@@ -20,12 +22,14 @@ import { adapterFacts, estimateVram, formatBytes, type VramBytes, vramTotal } fr
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { contextLimitReason, loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
-import type {
-  GenerateChunk,
-  GenerateOptions,
-  GenerateStats,
-  LoadOptions,
-  ModelInfo,
+import {
+  type BatchFigures,
+  type GenerateChunk,
+  type GenerateOptions,
+  type GenerateStats,
+  type LoadOptions,
+  type ModelInfo,
+  runsBatched,
 } from "./protocol.ts";
 
 /** A loaded target (and optional draft) on the GPU, ready to generate. */
@@ -36,6 +40,8 @@ export class Session {
   readonly #draft: LlamaGpu | undefined;
   readonly #decoders = new Map<string, Decoder>();
   readonly #tokenizer: Tokenizer | undefined;
+  /** Batched decoding (`parallel` > 1): the target's paged forward and its scheduler. */
+  readonly #batch: { forward: LlamaBatch; decoder: BatchDecoder } | undefined;
   /** The planner's figures for this setup, computed before anything was allocated. */
   readonly planned: VramBytes;
 
@@ -46,8 +52,10 @@ export class Session {
     draft: LlamaGpu | undefined,
     tokenizer: Tokenizer | undefined,
     planned: VramBytes,
+    batch?: { forward: LlamaBatch; decoder: BatchDecoder },
   ) {
     this.planned = planned;
+    this.#batch = batch;
     this.#gpu = gpu;
     this.#store = store;
     this.#target = target;
@@ -99,6 +107,10 @@ export class Session {
     progress: (msg: string) => void,
   ): Promise<Session> {
     const f16 = gpu.features.f16 && !options.noF16;
+    const parallel = options.parallel ?? 1;
+    if (!Number.isInteger(parallel) || parallel < 1 || parallel > 64) {
+      throw new RangeError(`parallel must be an integer in [1, 64], got ${parallel}`);
+    }
     if (options.kv === "f16" && !f16) {
       throw new Error(
         "--kv f16 needs the shader-f16 feature (this device or --no-f16 rules it out)",
@@ -117,6 +129,7 @@ export class Session {
       ctx: maxSeq,
       budget: options.vram,
       speculative: self || draftHost !== undefined,
+      parallel,
       adapter: adapterFacts(gpu),
       f16,
     };
@@ -130,7 +143,9 @@ export class Session {
       const pick = rows.find((r) => r.chosen);
       if (!pick) {
         throw new Error(
-          `nothing fits ${formatBytes(options.vram)} at a context of ${maxSeq}; the options:\n` +
+          `nothing fits ${formatBytes(options.vram)} at a context of ${maxSeq}` +
+            (parallel > 1 ? ` with a paged KV pool for ${parallel} sequences (--parallel)` : "") +
+            `; the options:\n` +
             formatPlanTable(rows, req),
         );
       }
@@ -198,7 +213,19 @@ export class Session {
       });
     }
     const tokenizer = host.tokenizer ?? draftHost?.tokenizer;
-    return new Session(gpu, store, target, draft, tokenizer, planned);
+    let batch: { forward: LlamaBatch; decoder: BatchDecoder } | undefined;
+    if (parallel > 1) {
+      const forward = await LlamaBatch.create(gpu, target, {
+        maxSeqs: parallel,
+        maxSeqRows: maxSeq,
+      });
+      progress(
+        `paged KV pool: ${forward.layout.numBlocks} blocks of ${forward.layout.blockRows} rows ` +
+          `(${formatBytes(forward.bytes.kv)}) for ${parallel} sequences`,
+      );
+      batch = { forward, decoder: new BatchDecoder(gpu, forward) };
+    }
+    return new Session(gpu, store, target, draft, tokenizer, planned, batch);
   }
 
   #decoder(spec: "model" | "ngram" | "none"): Decoder {
@@ -225,12 +252,13 @@ export class Session {
     const t = this.#target, d = this.#draft;
     let staging = 0;
     for (const dec of this.#decoders.values()) staging += dec.bytes;
+    const b = this.#batch;
     return {
       target_weights: this.#store.bytesOf("target"),
       draft_weights: this.#store.bytesOf("draft"),
-      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0),
-      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0),
-      staging,
+      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0) + (b?.forward.bytes.kv ?? 0),
+      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0) + (b?.forward.bytes.scratch ?? 0),
+      staging: staging + (b?.decoder.bytes ?? 0),
     };
   }
 
@@ -245,8 +273,22 @@ export class Session {
       kvRows: t.maxSeq,
       vocabSize: t.config.vocabSize,
       draft: d !== undefined,
+      parallel: this.#batch?.forward.layout.maxSeqs ?? 1,
       formats: { target: { ...t.formats }, ...(d ? { draft: { ...d.formats } } : {}) },
       vram: this.vram(),
+    };
+  }
+
+  /** The batched decoder's load, or null without batching (`parallel` 1). */
+  batchLoad(): BatchFigures | null {
+    const b = this.#batch;
+    if (!b) return null;
+    const l = b.decoder.load;
+    return {
+      active: l.active,
+      waiting: l.waiting,
+      blocksInUse: l.blocksInUse,
+      blocks: b.forward.layout.numBlocks,
     };
   }
 
@@ -328,6 +370,12 @@ export class Session {
     const streamer = this.#tokenizer?.decoder();
     let ttft = 0;
     const sampling = { temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed };
+    if (
+      this.#batch &&
+      runsBatched(this.#batch.forward.layout.maxSeqs, !!this.#draft, o.spec, o.draftTree)
+    ) {
+      return await this.#generateBatched(prompt, o, sampling, onChunk, cancelled);
+    }
     const r = await this.#decoder(spec).generate(
       prompt,
       o.maxTokens,
@@ -370,8 +418,58 @@ export class Session {
     };
   }
 
+  /** One generation on the batched path (engine/batch.ts), with the serial path's statistics. */
+  async #generateBatched(
+    prompt: number[],
+    o: GenerateOptions,
+    sampling: SamplingSettings,
+    onChunk: (chunk: GenerateChunk) => void,
+    cancelled: () => boolean,
+  ): Promise<GenerateStats> {
+    const streamer = this.#tokenizer?.decoder();
+    const r = await this.#batch!.decoder.generate({
+      prompt,
+      maxTokens: o.maxTokens,
+      sampling,
+      onTokens: (ids) => {
+        const text = streamer ? ids.map((id) => streamer.push(id)).join("") : "";
+        onChunk({ text, tokens: ids });
+      },
+      cancelled,
+    });
+    const tail = streamer?.flush() ?? "";
+    if (tail) onChunk({ text: tail, tokens: [] });
+    const info = this.info();
+    const n = r.tokens.length;
+    return {
+      prompt_tokens: prompt.length,
+      generated_tokens: n,
+      prefill_tok_s: r.prefillMs > 0 ? prompt.length / (r.prefillMs / 1000) : 0,
+      decode_tok_s: n > 1 && r.decodeMs > 0 ? (n - 1) / (r.decodeMs / 1000) : 0,
+      ttft_ms: r.queueMs + r.prefillMs,
+      stop_reason: r.stop,
+      vram_bytes: vramTotal(info.vram),
+      vram: info.vram,
+      spec: "none",
+      acceptance_rate: 0,
+      proposed_tokens: 0,
+      accepted_tokens: 0,
+      target_passes: r.steps,
+      tokens_per_pass: r.steps ? (n - 1) / r.steps : 0,
+      tree_shape: null,
+      draft_time_share: null,
+      verify_time_share: null,
+      gpu_busy: null,
+    };
+  }
+
   /** Frees every GPU object and the device; resolves once the device is gone. */
   async dispose(): Promise<void> {
+    if (this.#batch) {
+      await this.#batch.decoder.idle();
+      this.#batch.decoder.destroy();
+      this.#batch.forward.destroy();
+    }
     for (const d of this.#decoders.values()) d.destroy();
     this.#draft?.destroy();
     this.#target.destroy();

@@ -4,19 +4,21 @@
  * JSON body), `GET /v1/models` and `GET /health`. It is a plain `(Request) => Response` handler,
  * so `Deno.serve` runs it and tests call it directly.
  *
- * Requests decode one at a time in arrival order ({@linkcode TurnQueue}); more than `queue`
- * waiting get 503 with `Retry-After`. A client that goes away (closed connection, cancelled
+ * Requests decode one at a time in arrival order ({@linkcode TurnQueue}), or, when the engine
+ * batches (`--parallel` N > 1 and no speculation), up to N at once; more than `queue` waiting
+ * get 503 with `Retry-After`. A client that goes away (closed connection, cancelled
  * stream) cancels its generation, or leaves the queue if it was still waiting.
  *
  * @module
  */
 import type { ChatTemplate } from "../models/chat_template.ts";
 import { ChatTemplateError } from "../models/chat_template.ts";
-import type {
-  GenerateChunk,
-  GenerateOptions,
-  GenerateStats,
-  ModelInfo,
+import {
+  type GenerateChunk,
+  type GenerateOptions,
+  type GenerateStats,
+  type ModelInfo,
+  runsBatched,
 } from "../engine/protocol.ts";
 import { ApiError, type ParsedRequest, parseRequest } from "./request.ts";
 import { StopMatcher } from "./stop.ts";
@@ -180,10 +182,17 @@ export class SpecdecServer {
   constructor(backend: Backend, config: ServerConfig) {
     this.#backend = backend;
     this.#config = config;
-    this.#queue = new TurnQueue(config.queue);
+    const i = backend.info, parallel = i.parallel ?? 1;
+    const batched = runsBatched(parallel, i.draft, config.spec, config.draftTree);
+    this.#queue = new TurnQueue(config.queue, batched ? parallel : 1);
   }
 
-  /** Requests decoding now (0 or 1) and waiting for their turn. */
+  /** Requests decoding at once at most (1, or `--parallel` when batching). */
+  get slots(): number {
+    return this.#queue.slots;
+  }
+
+  /** Requests decoding now and waiting for their turn. */
   get load(): { active: number; waiting: number } {
     return { active: this.#queue.active, waiting: this.#queue.waiting };
   }

@@ -1,0 +1,457 @@
+/**
+ * Continuous batching (issue 12): up to `maxSeqs` sequences decode together, one row each per
+ * forward of models/llama_batch.ts, their KV rows in blocks of one paged pool
+ * (engine/paged_kv.ts). Plain decoding only (no speculation): each step is
+ *
+ *   forward   R rows: row i = the last token of active sequence i at its own position
+ *   sample    row i with sequence i's own settings (temperature/top-k/top-p/seed; greedy =
+ *             argmax), its token written back as row i's next input (kernels/sample.ts)
+ *   advance   every row's position + 1 (kernels/paged_advance.ts)
+ *
+ * and a chunk of `n` steps is encoded into one submission and read back once (DESIGN.md: a
+ * readback costs >= ~11 ms), so tokens, positions and the RNG counters stay on the GPU within a
+ * chunk. Between chunks the host reads the tokens, ends the sequences that met a stop (EOS, max
+ * tokens, the context, cancel) and gives their blocks back at once, admits waiting requests
+ * (each prefilled in its own passes in front of the next chunk, its first token sampled into its
+ * row), takes the blocks the next chunk writes, and rewrites the rows, tokens and counters.
+ *
+ * A chunk never runs a sequence past its last token (n ≤ the fewest tokens any active sequence
+ * may still emit), so no KV row past a sequence's end is ever written. An EOS mid-chunk costs the
+ * rest of the chunk's steps for that row (its tokens after EOS are dropped).
+ *
+ * Blocks are taken as sequences grow, chunk by chunk. A request is admitted only when the blocks
+ * its whole length (prompt + max tokens) needs, together with what the running sequences may
+ * still take, are free: so a running sequence never waits for blocks and nothing is ever
+ * preempted. A request that does not fit waits in line (first come, first served).
+ *
+ * Per-sequence sampling is bit-compatible with engine/decode.ts's plain path: token j of a
+ * sequence is drawn with RNG counter j of its seed (sampler row 0), so greedy output equals
+ * `Decoder.generate`'s token for token, and sampled output too wherever the logits agree.
+ *
+ * @module
+ */
+import type { Dispatch, Gpu } from "./gpu.ts";
+import type { LlamaBatch, LlamaBatchLayout } from "../models/llama_batch.ts";
+import { SequenceBlocks } from "./paged_kv.ts";
+import { pagedRowsImage } from "../kernels/paged_attention.ts";
+import { createPagedAdvance } from "../kernels/paged_advance.ts";
+import { checkSampling, createSample } from "../kernels/sample.ts";
+import type { SamplingSettings } from "./decode.ts";
+import type { StopReason } from "./protocol.ts";
+
+/** Most decode steps one chunk (one submission, one readback) runs; default 16. */
+export const BATCH_MAX_STEPS = 16;
+
+/**
+ * Exact bytes of the buffers a {@linkcode BatchDecoder} over a batch of `layout` allocates
+ * ("staging" in the VRAM report): rows, tokens, counters, a prefill chunk, the output ring and
+ * its readback copy.
+ */
+export function batchDecoderBytes(
+  layout: Pick<LlamaBatchLayout, "maxSeqs" | "maxRows">,
+  maxSteps = BATCH_MAX_STEPS,
+): number {
+  const R = layout.maxSeqs;
+  return R * 4 + R * 8 + R * 4 + layout.maxRows * 12 + 2 * (maxSteps + 1) * R * 4;
+}
+
+/** One generation submitted to a {@linkcode BatchDecoder}. */
+export interface BatchRequest {
+  /** Prompt ids (at least one). */
+  prompt: readonly number[];
+  /** Most tokens to generate (at least 1). */
+  maxTokens: number;
+  /** This sequence's sampling settings. */
+  sampling: SamplingSettings;
+  /** New ids since the last call, as chunks are read back. */
+  onTokens?: (ids: number[]) => void;
+  /** Polled between chunks; true ends the sequence ("cancelled"). */
+  cancelled?: () => boolean;
+}
+
+/** Outcome and timings of one {@linkcode BatchRequest}. */
+export interface BatchResult {
+  /** Generated ids. */
+  tokens: number[];
+  /** Why it stopped. */
+  stop: StopReason;
+  /** Milliseconds from submission to admission (waiting for a slot and blocks). */
+  queueMs: number;
+  /** Milliseconds from admission to the first token on the host (prefill + its chunk). */
+  prefillMs: number;
+  /** Milliseconds from the first token to the last. */
+  decodeMs: number;
+  /** Batched forward passes this sequence took part in after its prefill. */
+  steps: number;
+}
+
+/** Figures of the scheduler, for health checks and tests. */
+export interface BatchLoad {
+  /** Sequences decoding now. */
+  active: number;
+  /** Requests waiting for a slot or blocks. */
+  waiting: number;
+  /** Pool blocks held by sequences. */
+  blocksInUse: number;
+  /** Chunks (submissions with a readback) run so far. */
+  chunks: number;
+}
+
+interface Seq {
+  req: BatchRequest;
+  slot: number;
+  blocks: SequenceBlocks;
+  /** Tokens it may emit: maxTokens, cut where its last input would pass the context. */
+  limit: number;
+  /** Blocks its whole length needs (admission reserves them). */
+  need: number;
+  tokens: number[];
+  steps: number;
+  t0: number;
+  tJoin: number;
+  tFirst: number;
+  resolve: (r: BatchResult) => void;
+  reject: (e: unknown) => void;
+}
+
+/** Drives a {@linkcode LlamaBatch}: admission, chunks of batched steps, leaving. */
+export class BatchDecoder {
+  readonly #gpu: Gpu;
+  readonly #batch: LlamaBatch;
+  readonly #maxSteps: number;
+  readonly #buf: Record<
+    "tokens" | "rows" | "counters" | "prompt" | "promptRows" | "out",
+    GPUBuffer
+  >;
+  readonly #staging: GPUBuffer;
+  readonly #samplers = new Map<string, Promise<Dispatch>>();
+  readonly #advance = new Map<number, Promise<Dispatch>>();
+  #waiting: Seq[] = [];
+  #active: Seq[] = [];
+  #free: number[];
+  #running: Promise<void> | undefined;
+  #chunks = 0;
+
+  /**
+   * A scheduler over `batch` (its `maxSeqs` slots and pool), running at most `maxSteps` steps
+   * per chunk ({@linkcode BATCH_MAX_STEPS} default).
+   */
+  constructor(gpu: Gpu, batch: LlamaBatch, maxSteps = BATCH_MAX_STEPS) {
+    if (!Number.isInteger(maxSteps) || maxSteps < 1) {
+      throw new RangeError(`maxSteps must be an integer >= 1, got ${maxSteps}`);
+    }
+    this.#gpu = gpu;
+    this.#batch = batch;
+    this.#maxSteps = maxSteps;
+    const L = batch.layout;
+    const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+    const b = (name: string, bytes: number) => gpu.buffer(`batch.${name}`, bytes, S);
+    this.#buf = {
+      tokens: b("tokens", L.maxSeqs * 4), // [R] u32: each row's input token, then its sample
+      rows: b("rows", L.maxSeqs * 8), // [R] (seq slot, pos)
+      counters: b("counters", L.maxSeqs * 4), // [R] u32: each row's RNG counter
+      prompt: b("prompt", L.maxRows * 4), // [chunk] u32: a prefill chunk's ids
+      promptRows: b("prompt_rows", L.maxRows * 8), // [chunk] (slot, pos) of a prefill chunk
+      out: b("out", (maxSteps + 1) * L.maxSeqs * 4), // [n + 1, R] u32: inputs, then each step's
+    };
+    this.#staging = gpu.buffer(
+      "batch.staging",
+      (maxSteps + 1) * L.maxSeqs * 4,
+      GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+    );
+    this.#free = Array.from({ length: L.maxSeqs }, (_, i) => L.maxSeqs - 1 - i);
+  }
+
+  /** GPU bytes this scheduler allocated (rows, tokens, counters, prompt chunk, readback). */
+  get bytes(): number {
+    let n = this.#staging.size;
+    for (const b of Object.values(this.#buf)) n += b.size;
+    return n;
+  }
+
+  /** Sequences decoding, requests waiting, blocks held, chunks run. */
+  get load(): BatchLoad {
+    return {
+      active: this.#active.length,
+      waiting: this.#waiting.length,
+      blocksInUse: this.#batch.pool.inUse,
+      chunks: this.#chunks,
+    };
+  }
+
+  /**
+   * Queues a generation; it joins the batch at the next chunk with room (a free slot and the
+   * blocks it needs) and resolves when it stops. Rejects at once a request that can never run
+   * (empty prompt, no room in the context, bad sampling settings, longer than the whole pool).
+   */
+  generate(req: BatchRequest): Promise<BatchResult> {
+    const L = this.#batch.layout, P = req.prompt.length;
+    const V = this.#batch.config.vocabSize;
+    try {
+      if (P < 1) throw new RangeError("the prompt must hold at least one token");
+      const bad = req.prompt.find((t) => !Number.isInteger(t) || t < 0 || t >= V);
+      if (bad !== undefined) throw new RangeError(`prompt token ${bad} is outside [0, ${V})`);
+      if (P >= L.maxSeqRows) {
+        throw new RangeError(
+          `the prompt has ${P} tokens but the context holds ${L.maxSeqRows}: no room to generate`,
+        );
+      }
+      if (!Number.isInteger(req.maxTokens) || req.maxTokens < 1) {
+        throw new RangeError(`maxTokens must be an integer >= 1, got ${req.maxTokens}`);
+      }
+      checkSampling("batch", req.sampling);
+      if (!Number.isInteger(req.sampling.seed)) {
+        throw new RangeError(`seed must be an integer, got ${req.sampling.seed}`);
+      }
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    // The last token needs no KV row: P + limit - 1 rows at most.
+    const limit = Math.min(req.maxTokens, L.maxSeqRows - P + 1);
+    const need = Math.ceil((P + limit - 1) / L.blockRows);
+    if (need > L.numBlocks) {
+      return Promise.reject(
+        new RangeError(
+          `this request needs ${need} KV blocks but the pool holds ${L.numBlocks}: ` +
+            `lower max tokens or raise the pool`,
+        ),
+      );
+    }
+    return new Promise((resolve, reject) => {
+      const now = performance.now();
+      this.#waiting.push({
+        req,
+        slot: -1,
+        blocks: new SequenceBlocks(this.#batch.pool),
+        limit,
+        need,
+        tokens: [],
+        steps: 0,
+        t0: now,
+        tJoin: now,
+        tFirst: now,
+        resolve,
+        reject,
+      });
+      this.#kick();
+    });
+  }
+
+  /** Starts the loop unless it runs; restarts it if work arrived as it was ending. */
+  #kick(): void {
+    if (this.#running) return;
+    this.#running = this.#loop().finally(() => {
+      this.#running = undefined;
+      if (this.#active.length || this.#waiting.length) this.#kick();
+    });
+  }
+
+  /** Resolves when nothing runs or waits. */
+  async idle(): Promise<void> {
+    while (this.#running) await this.#running;
+  }
+
+  async #loop(): Promise<void> {
+    await Promise.resolve(); // requests submitted in the same turn join the first chunk together
+    try {
+      while (this.#active.length || this.#waiting.length) {
+        // Requests cancelled while waiting leave the line without running.
+        this.#waiting = this.#waiting.filter((s) => {
+          if (!s.req.cancelled?.()) return true;
+          this.#finish(s, "cancelled");
+          return false;
+        });
+        const joined = this.#admit();
+        if (this.#active.length === 0) {
+          if (this.#waiting.length) {
+            throw new Error("batch: a waiting request fits no empty pool (bookkeeping bug)");
+          }
+          break;
+        }
+        await this.#chunk(joined);
+      }
+    } catch (e) {
+      // A GPU failure ends every sequence: each caller gets the error, every block returns.
+      for (const s of [...this.#active, ...this.#waiting]) {
+        if (s.blocks.blocks.length) s.blocks.release();
+        if (s.slot >= 0) this.#free.push(s.slot);
+        s.reject(e);
+      }
+      this.#active = [];
+      this.#waiting = [];
+    }
+  }
+
+  /** Moves waiting requests into free slots while the pool can hold their whole length. */
+  #admit(): Seq[] {
+    const joined: Seq[] = [];
+    const pool = this.#batch.pool;
+    let promised = 0; // blocks running sequences may still take
+    for (const s of this.#active) promised += s.need - s.blocks.blocks.length;
+    while (this.#waiting.length && this.#free.length) {
+      const s = this.#waiting[0];
+      if (promised + s.need > pool.available) break;
+      this.#waiting.shift();
+      s.slot = this.#free.pop()!;
+      s.tJoin = performance.now();
+      promised += s.need;
+      joined.push(s);
+      this.#active.push(s);
+    }
+    return joined;
+  }
+
+  /** The sampler of batch row `row` with `s`'s settings, reading logits row `logitsRow`. */
+  #sampler(s: SamplingSettings, row: number, logitsRow: number): Promise<Dispatch> {
+    const key = `${s.temperature}:${s.topK}:${s.topP}:${s.seed}:${row}:${logitsRow}`;
+    let d = this.#samplers.get(key);
+    if (!d) {
+      if (this.#samplers.size >= 512) this.#samplers.clear(); // distinct seeds: stay bounded
+      d = createSample(this.#gpu, {
+        label: `batch.sample${row}`,
+        logits: this.#batch.logits,
+        logitsRowOffset: logitsRow,
+        out: this.#buf.tokens,
+        outOffset: row,
+        state: this.#buf.counters,
+        counterIndex: row,
+        V: this.#batch.config.vocabSize,
+        rows: 1,
+        temperature: s.temperature,
+        topK: s.topK,
+        topP: s.topP,
+        seed: s.seed >>> 0,
+      });
+      this.#samplers.set(key, d);
+    }
+    return d;
+  }
+
+  /** One chunk: prefill the joiners, run n steps over every active row, read back, settle. */
+  async #chunk(joined: readonly Seq[]): Promise<void> {
+    const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
+    const act = this.#active, R = act.length;
+    // Steps: at most maxSteps, and no sequence past its last token (joiners get theirs first).
+    const left = (s: Seq) => s.limit - Math.max(1, s.tokens.length);
+    const n = Math.min(this.#maxSteps, ...act.map(left));
+    // Blocks for every row this chunk writes: rows 0 .. P + tokens - 1 + n - 1.
+    for (const s of act) {
+      const rows = s.req.prompt.length + Math.max(1, s.tokens.length) - 1 + n;
+      const had = s.blocks.blocks.length;
+      if (!s.blocks.ensure(rows)) throw new Error("batch: admitted sequence short of blocks");
+      if (s.blocks.blocks.length !== had) batch.setTable(s.slot, s.blocks.blocks);
+    }
+    // Row state: each row's input token (joiners: their first, sampled below), position and
+    // RNG counter (token j of a sequence draws with counter j).
+    const P = (s: Seq) => s.req.prompt.length;
+    g.write(B.tokens, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
+    g.write(
+      B.rows,
+      pagedRowsImage(
+        act.map((s) => ({ seq: s.slot, pos: P(s) + Math.max(1, s.tokens.length) - 1 })),
+      ),
+    );
+    g.write(B.counters, new Uint32Array(act.map((s) => s.tokens.length)));
+    // Prefill of each joiner in its own submissions (the prompt chunk buffers are rewritten
+    // between them; queue writes and submissions run in order), then its first token.
+    for (const s of joined) {
+      const row = act.indexOf(s);
+      const prompt = s.req.prompt;
+      for (let start = 0; start < prompt.length; start += L.maxRows) {
+        const T = Math.min(L.maxRows, prompt.length - start);
+        const last = start + T === prompt.length;
+        g.write(B.prompt, new Uint32Array(prompt.slice(start, start + T)));
+        g.write(
+          B.promptRows,
+          pagedRowsImage(Array.from({ length: T }, (_, i) => ({ seq: s.slot, pos: start + i }))),
+        );
+        const d = [
+          ...await batch.plan(
+            T,
+            { tokens: { buffer: B.prompt, offset: 0 }, rows: B.promptRows },
+            last ? "last" : "none",
+          ),
+        ];
+        if (last) d.push(await this.#sampler(s.req.sampling, row, 0));
+        const enc = g.device.createCommandEncoder({ label: "batch.prefill" });
+        g.encode(enc, "batch.prefill", d);
+        g.device.queue.submit([enc.finish()]);
+      }
+    }
+    // n steps over the R rows; out[0] = the inputs, out[1 + i] = step i's samples.
+    const step: Dispatch[] = [
+      ...await batch.plan(R, { tokens: { buffer: B.tokens, offset: 0 }, rows: B.rows }, "all"),
+    ];
+    for (let i = 0; i < R; i++) step.push(await this.#sampler(act[i].req.sampling, i, i));
+    let adv = this.#advance.get(R);
+    if (!adv) {
+      adv = createPagedAdvance(g, { label: `batch.advance${R}`, rows: B.rows, R });
+      this.#advance.set(R, adv);
+    }
+    step.push(await adv);
+    const enc = g.device.createCommandEncoder({ label: "batch.chunk" });
+    enc.copyBufferToBuffer(B.tokens, 0, B.out, 0, R * 4);
+    for (let i = 0; i < n; i++) {
+      g.encode(enc, "batch.step", step);
+      enc.copyBufferToBuffer(B.tokens, 0, B.out, (i + 1) * R * 4, R * 4);
+    }
+    const bytes = (n + 1) * R * 4;
+    enc.copyBufferToBuffer(B.out, 0, this.#staging, 0, bytes);
+    g.device.queue.submit([enc.finish()]);
+    await this.#staging.mapAsync(GPUMapMode.READ, 0, bytes);
+    g.throwIfFailed();
+    const out = new Uint32Array(this.#staging.getMappedRange(0, bytes).slice(0));
+    this.#staging.unmap();
+    this.#chunks++;
+
+    // Settle: append each row's tokens up to a stop, then end the stopped and the cancelled.
+    const eos = batch.config.eosIds;
+    const now = performance.now();
+    const ended: [Seq, StopReason][] = [];
+    act.forEach((s, i) => {
+      const fresh: number[] = [];
+      let stop: StopReason | undefined;
+      const first = s.tokens.length === 0 ? 0 : 1; // joiners' first token is out[0]
+      for (let j = first; j <= n && !stop; j++) {
+        const id = out[j * R + i];
+        fresh.push(id);
+        if (eos.includes(id)) stop = "eos";
+        else if (s.tokens.length + fresh.length >= s.limit) {
+          stop = s.limit < s.req.maxTokens ? "context" : "max-tokens";
+        }
+      }
+      if (s.tokens.length === 0) s.tFirst = now;
+      s.tokens.push(...fresh);
+      s.steps += n;
+      if (fresh.length) s.req.onTokens?.(fresh);
+      if (stop) ended.push([s, stop]);
+      else if (s.req.cancelled?.()) ended.push([s, "cancelled"]);
+    });
+    for (const [s, stop] of ended) {
+      this.#active.splice(this.#active.indexOf(s), 1);
+      this.#finish(s, stop);
+    }
+  }
+
+  /** Gives `s`'s blocks and slot back and resolves its promise. */
+  #finish(s: Seq, stop: StopReason): void {
+    if (s.blocks.blocks.length) s.blocks.release();
+    if (s.slot >= 0) this.#free.push(s.slot);
+    s.slot = -1;
+    const now = performance.now();
+    s.resolve({
+      tokens: s.tokens,
+      stop,
+      queueMs: s.tJoin - s.t0,
+      prefillMs: s.tokens.length ? s.tFirst - s.tJoin : 0,
+      decodeMs: s.tokens.length ? now - s.tFirst : 0,
+      steps: s.steps,
+    });
+  }
+
+  /** Frees the scheduler's buffers (after {@linkcode BatchDecoder.idle}). */
+  destroy(): void {
+    for (const b of Object.values(this.#buf)) b.destroy();
+    this.#staging.destroy();
+  }
+}
