@@ -107,6 +107,8 @@ interface Seq {
   need: number;
   tokens: number[];
   steps: number;
+  /** Chunks it has taken part in. */
+  chunks: number;
   t0: number;
   tJoin: number;
   tFirst: number;
@@ -227,6 +229,7 @@ export class BatchDecoder {
         need,
         tokens: [],
         steps: 0,
+        chunks: 0,
         t0: now,
         tJoin: now,
         tFirst: now,
@@ -332,8 +335,10 @@ export class BatchDecoder {
     const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
     const act = this.#active, R = act.length;
     // Steps: at most maxSteps, and no sequence past its last token (joiners get theirs first).
+    // A sequence's first chunks are short (2, 4, 8, ... steps) so its first tokens stream soon.
     const left = (s: Seq) => s.limit - Math.max(1, s.tokens.length);
-    const n = Math.min(this.#maxSteps, ...act.map(left));
+    const ramp = (s: Seq) => 2 << Math.min(s.chunks, 30);
+    const n = Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
     // Blocks for every row this chunk writes: rows 0 .. P + tokens - 1 + n - 1.
     for (const s of act) {
       const rows = s.req.prompt.length + Math.max(1, s.tokens.length) - 1 + n;
@@ -423,6 +428,7 @@ export class BatchDecoder {
       if (s.tokens.length === 0) s.tFirst = now;
       s.tokens.push(...fresh);
       s.steps += n;
+      s.chunks++;
       if (fresh.length) s.req.onTokens?.(fresh);
       if (stop) ended.push([s, stop]);
       else if (s.req.cancelled?.()) ended.push([s, "cancelled"]);

@@ -484,7 +484,11 @@ export class LlamaGpu {
     return d;
   }
 
-  /** The stored weights, shared with other plan builders (models/llama_batch.ts). */
+  /**
+   * The stored weights, shared with other plan builders (models/llama_batch.ts).
+   *
+   * @ignore
+   */
   get weights(): LlamaWeights {
     return {
       embedding: this.#embedding,
