@@ -10,14 +10,18 @@
  *
  * and a chunk of `n` steps is encoded into one submission and read back once (DESIGN.md: a
  * readback costs >= ~11 ms), so tokens, positions and the RNG counters stay on the GPU within a
- * chunk. Between chunks the host reads the tokens, ends the sequences that met a stop (EOS, max
- * tokens, the context, cancel) and gives their blocks back at once, admits waiting requests
- * (each prefilled in its own passes in front of the next chunk, its first token sampled into its
- * row), takes the blocks the next chunk writes, and rewrites the rows, tokens and counters.
+ * chunk. While nothing changes (no request waiting, none ended) the next chunk is submitted
+ * before the previous one is read back and continues from the GPU's state, so the GPU never
+ * idles through a readback (two chunks in flight at most). When something changes, the host
+ * lets the chunks in flight settle, ends the sequences that met a stop (EOS, max tokens, the
+ * context, cancel) and gives their blocks back at once, admits waiting requests (each prefilled
+ * in its own passes in front of the next chunk, its first token sampled into its row), takes the
+ * blocks the next chunk writes, and rewrites the rows, tokens and counters.
  *
  * A chunk never runs a sequence past its last token (n ≤ the fewest tokens any active sequence
- * may still emit), so no KV row past a sequence's end is ever written. An EOS mid-chunk costs the
- * rest of the chunk's steps for that row (its tokens after EOS are dropped).
+ * may still emit, counting the chunk in flight), so no KV row past a sequence's end is ever
+ * written. An EOS mid-chunk costs the rest of that chunk's steps for its row, and those of the
+ * chunk in flight behind it (its tokens after EOS are dropped).
  *
  * Blocks are taken as sequences grow, chunk by chunk. A request is admitted only when the blocks
  * its whole length (prompt + max tokens) needs, together with what the running sequences may
@@ -52,7 +56,7 @@ export function batchDecoderBytes(
   maxSteps = BATCH_MAX_STEPS,
 ): number {
   const R = layout.maxSeqs;
-  return R * 4 + R * 8 + R * 4 + layout.maxRows * 12 + 2 * (maxSteps + 1) * R * 4;
+  return R * 4 + R * 8 + R * 4 + layout.maxRows * 12 + (1 + RING) * (maxSteps + 1) * R * 4;
 }
 
 /** One generation submitted to a {@linkcode BatchDecoder}. */
@@ -95,6 +99,11 @@ export interface BatchLoad {
   blocksInUse: number;
   /** Chunks (submissions with a readback) run so far. */
   chunks: number;
+  /**
+   * Of them, chunks issued while the previous one was still in flight (continuing from the
+   * GPU's state, no host writes between them).
+   */
+  continued: number;
 }
 
 interface Seq {
@@ -106,6 +115,8 @@ interface Seq {
   /** Blocks its whole length needs (admission reserves them). */
   need: number;
   tokens: number[];
+  /** Tokens it will hold once the chunks in flight settle, if none stops early. */
+  issued: number;
   steps: number;
   /** Chunks it has taken part in. */
   chunks: number;
@@ -114,6 +125,18 @@ interface Seq {
   tFirst: number;
   resolve: (r: BatchResult) => void;
   reject: (e: unknown) => void;
+}
+
+/** Chunks in flight at once: one running on the GPU while the host reads the other back. */
+const RING = 2;
+
+/** A submitted chunk: its rows (active sequences, in row order), steps and readback. */
+interface Chunk {
+  rows: Seq[];
+  /** Per row: it joined in this chunk (its first token is out[0]). */
+  first: boolean[];
+  n: number;
+  read: Promise<Uint32Array>;
 }
 
 /** Drives a {@linkcode LlamaBatch}: admission, chunks of batched steps, leaving. */
@@ -125,14 +148,17 @@ export class BatchDecoder {
     "tokens" | "rows" | "counters" | "prompt" | "promptRows" | "out",
     GPUBuffer
   >;
-  readonly #staging: GPUBuffer;
+  readonly #staging: GPUBuffer[]; // [RING] readback copies of out
   readonly #samplers = new Map<string, Promise<Dispatch>>();
   readonly #advance = new Map<number, Promise<Dispatch>>();
   #waiting: Seq[] = [];
   #active: Seq[] = [];
   #free: number[];
   #running: Promise<void> | undefined;
-  #chunks = 0;
+  #chunks = 0; // chunks settled
+  #issued = 0; // chunks submitted
+  #continued = 0; // chunks submitted behind one in flight
+  #changed = false; // a sequence ended since the last host-written chunk
 
   /**
    * A scheduler over `batch` (its `maxSeqs` slots and pool), running at most `maxSteps` steps
@@ -156,18 +182,19 @@ export class BatchDecoder {
       promptRows: b("prompt_rows", L.maxRows * 8), // [chunk] (slot, pos) of a prefill chunk
       out: b("out", (maxSteps + 1) * L.maxSeqs * 4), // [n + 1, R] u32: inputs, then each step's
     };
-    this.#staging = gpu.buffer(
-      "batch.staging",
-      (maxSteps + 1) * L.maxSeqs * 4,
-      GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
-    );
+    this.#staging = Array.from({ length: RING }, (_, i) =>
+      gpu.buffer(
+        `batch.staging${i}`,
+        (maxSteps + 1) * L.maxSeqs * 4,
+        GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+      ));
     this.#free = Array.from({ length: L.maxSeqs }, (_, i) => L.maxSeqs - 1 - i);
   }
 
   /** GPU bytes this scheduler allocated (rows, tokens, counters, prompt chunk, readback). */
   get bytes(): number {
-    let n = this.#staging.size;
-    for (const b of Object.values(this.#buf)) n += b.size;
+    let n = 0;
+    for (const b of [...Object.values(this.#buf), ...this.#staging]) n += b.size;
     return n;
   }
 
@@ -178,6 +205,7 @@ export class BatchDecoder {
       waiting: this.#waiting.length,
       blocksInUse: this.#batch.pool.inUse,
       chunks: this.#chunks,
+      continued: this.#continued,
     };
   }
 
@@ -228,6 +256,7 @@ export class BatchDecoder {
         limit,
         need,
         tokens: [],
+        issued: 0,
         steps: 0,
         chunks: 0,
         t0: now,
@@ -256,25 +285,43 @@ export class BatchDecoder {
 
   async #loop(): Promise<void> {
     await Promise.resolve(); // requests submitted in the same turn join the first chunk together
+    const inflight: Chunk[] = [];
     try {
-      while (this.#active.length || this.#waiting.length) {
-        // Requests cancelled while waiting leave the line without running.
-        this.#waiting = this.#waiting.filter((s) => {
-          if (!s.req.cancelled?.()) return true;
-          this.#finish(s, "cancelled");
-          return false;
-        });
-        const joined = this.#admit();
-        if (this.#active.length === 0) {
-          if (this.#waiting.length) {
-            throw new Error("batch: a waiting request fits no empty pool (bookkeeping bug)");
+      while (this.#active.length || this.#waiting.length || inflight.length) {
+        // With nothing in flight the host knows every row: admit, rewrite the rows, issue.
+        // With one chunk in flight and nothing changed (no joiner, no leaver), the next chunk
+        // continues from the GPU's state, so the GPU never idles through a readback.
+        if (inflight.length === 0) {
+          // Requests cancelled while waiting leave the line without running.
+          this.#waiting = this.#waiting.filter((s) => {
+            if (!s.req.cancelled?.()) return true;
+            this.#finish(s, "cancelled");
+            return false;
+          });
+          const joined = this.#admit();
+          if (this.#active.length === 0) {
+            if (this.#waiting.length) {
+              throw new Error("batch: a waiting request fits no empty pool (bookkeeping bug)");
+            }
+            break;
           }
-          break;
+          this.#changed = false;
+          inflight.push(await this.#issue(joined, true));
+          continue;
         }
-        await this.#chunk(joined);
+        if (
+          inflight.length < RING && !this.#changed && this.#waiting.length === 0 &&
+          this.#steps(false) > 0
+        ) {
+          inflight.push(await this.#issue([], false));
+          this.#continued++;
+          continue;
+        }
+        this.#settle(await inflight[0].read, inflight.shift()!);
       }
     } catch (e) {
       // A GPU failure ends every sequence: each caller gets the error, every block returns.
+      await Promise.allSettled(inflight.map((c) => c.read));
       for (const s of [...this.#active, ...this.#waiting]) {
         if (s.blocks.blocks.length) s.blocks.release();
         if (s.slot >= 0) this.#free.push(s.slot);
@@ -330,33 +377,47 @@ export class BatchDecoder {
     return d;
   }
 
-  /** One chunk: prefill the joiners, run n steps over every active row, read back, settle. */
-  async #chunk(joined: readonly Seq[]): Promise<void> {
-    const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
-    const act = this.#active, R = act.length;
-    // Steps: at most maxSteps, and no sequence past its last token (joiners get theirs first).
-    // A sequence's first chunks are short (2, 4, 8, ... steps) so its first tokens stream soon.
-    const left = (s: Seq) => s.limit - Math.max(1, s.tokens.length);
+  /**
+   * Steps the next chunk may run: at most maxSteps, none past any active sequence's last token
+   * counting the chunks in flight as if none stops early (`fresh`: joiners get their first
+   * token from the prefill), and short first chunks (2, 4, 8, ... steps) so that a sequence's
+   * first tokens stream soon.
+   */
+  #steps(fresh: boolean): number {
+    const act = this.#active;
+    const left = (s: Seq) => s.limit - (fresh && s.issued === 0 ? 1 : s.issued);
     const ramp = (s: Seq) => 2 << Math.min(s.chunks, 30);
-    const n = Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
-    // Blocks for every row this chunk writes: rows 0 .. P + tokens - 1 + n - 1.
+    return Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
+  }
+
+  /**
+   * Encodes and submits one chunk over the active sequences: with `sync`, first the rows state
+   * from the host and each joiner's prefill; then n steps; then the copy of out to a staging
+   * buffer, whose readback starts at once.
+   */
+  async #issue(joined: readonly Seq[], sync: boolean): Promise<Chunk> {
+    const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
+    const act = [...this.#active], R = act.length;
+    const n = this.#steps(sync);
+    const P = (s: Seq) => s.req.prompt.length;
+    // Blocks for every row this chunk writes: inputs at rows P + issued - 1 .. + n - 1.
     for (const s of act) {
-      const rows = s.req.prompt.length + Math.max(1, s.tokens.length) - 1 + n;
       const had = s.blocks.blocks.length;
-      if (!s.blocks.ensure(rows)) throw new Error("batch: admitted sequence short of blocks");
+      if (!s.blocks.ensure(P(s) + Math.max(1, s.issued) - 1 + n)) {
+        throw new Error("batch: admitted sequence short of blocks");
+      }
       if (s.blocks.blocks.length !== had) batch.setTable(s.slot, s.blocks.blocks);
     }
-    // Row state: each row's input token (joiners: their first, sampled below), position and
-    // RNG counter (token j of a sequence draws with counter j).
-    const P = (s: Seq) => s.req.prompt.length;
-    g.write(B.tokens, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
-    g.write(
-      B.rows,
-      pagedRowsImage(
-        act.map((s) => ({ seq: s.slot, pos: P(s) + Math.max(1, s.tokens.length) - 1 })),
-      ),
-    );
-    g.write(B.counters, new Uint32Array(act.map((s) => s.tokens.length)));
+    if (sync) {
+      // Row state: each row's input token (joiners: their first, sampled below), position and
+      // RNG counter (token j of a sequence draws with counter j).
+      g.write(B.tokens, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
+      g.write(
+        B.rows,
+        pagedRowsImage(act.map((s) => ({ seq: s.slot, pos: P(s) + Math.max(1, s.issued) - 1 }))),
+      );
+      g.write(B.counters, new Uint32Array(act.map((s) => s.tokens.length)));
+    }
     // Prefill of each joiner in its own submissions (the prompt chunk buffers are rewritten
     // between them; queue writes and submissions run in order), then its first token.
     for (const s of joined) {
@@ -400,24 +461,39 @@ export class BatchDecoder {
       g.encode(enc, "batch.step", step);
       enc.copyBufferToBuffer(B.tokens, 0, B.out, (i + 1) * R * 4, R * 4);
     }
-    const bytes = (n + 1) * R * 4;
-    enc.copyBufferToBuffer(B.out, 0, this.#staging, 0, bytes);
+    const bytes = (n + 1) * R * 4, staging = this.#staging[this.#issued++ % RING];
+    enc.copyBufferToBuffer(B.out, 0, staging, 0, bytes);
     g.device.queue.submit([enc.finish()]);
-    await this.#staging.mapAsync(GPUMapMode.READ, 0, bytes);
-    g.throwIfFailed();
-    const out = new Uint32Array(this.#staging.getMappedRange(0, bytes).slice(0));
-    this.#staging.unmap();
-    this.#chunks++;
+    const first = act.map((s) => s.issued === 0); // joiners: their first token is out[0]
+    for (const s of act) {
+      s.issued = Math.max(1, s.issued) + n;
+      s.chunks++;
+    }
+    const read = (async () => {
+      await staging.mapAsync(GPUMapMode.READ, 0, bytes);
+      g.throwIfFailed();
+      const out = new Uint32Array(staging.getMappedRange(0, bytes).slice(0));
+      staging.unmap();
+      return out;
+    })();
+    read.catch(() => {}); // awaited by the loop; a failure must not go unhandled meanwhile
+    return { rows: act, first, n, read };
+  }
 
-    // Settle: append each row's tokens up to a stop, then end the stopped and the cancelled.
-    const eos = batch.config.eosIds;
-    const now = performance.now();
+  /**
+   * Settles a chunk read back: appends each row's tokens up to a stop, then ends the stopped
+   * and the cancelled (their blocks return at once; rows of theirs in a chunk still in flight
+   * are dropped when it settles).
+   */
+  #settle(out: Uint32Array, c: Chunk): void {
+    this.#chunks++;
+    const eos = this.#batch.config.eosIds, R = c.rows.length, now = performance.now();
     const ended: [Seq, StopReason][] = [];
-    act.forEach((s, i) => {
+    c.rows.forEach((s, i) => {
+      if (s.slot < 0) return; // it ended in an earlier chunk
       const fresh: number[] = [];
       let stop: StopReason | undefined;
-      const first = s.tokens.length === 0 ? 0 : 1; // joiners' first token is out[0]
-      for (let j = first; j <= n && !stop; j++) {
+      for (let j = c.first[i] ? 0 : 1; j <= c.n && !stop; j++) {
         const id = out[j * R + i];
         fresh.push(id);
         if (eos.includes(id)) stop = "eos";
@@ -427,8 +503,7 @@ export class BatchDecoder {
       }
       if (s.tokens.length === 0) s.tFirst = now;
       s.tokens.push(...fresh);
-      s.steps += n;
-      s.chunks++;
+      s.steps += c.n;
       if (fresh.length) s.req.onTokens?.(fresh);
       if (stop) ended.push([s, stop]);
       else if (s.req.cancelled?.()) ended.push([s, "cancelled"]);
@@ -436,6 +511,7 @@ export class BatchDecoder {
     for (const [s, stop] of ended) {
       this.#active.splice(this.#active.indexOf(s), 1);
       this.#finish(s, stop);
+      this.#changed = true;
     }
   }
 
@@ -458,6 +534,6 @@ export class BatchDecoder {
   /** Frees the scheduler's buffers (after {@linkcode BatchDecoder.idle}). */
   destroy(): void {
     for (const b of Object.values(this.#buf)) b.destroy();
-    this.#staging.destroy();
+    for (const b of this.#staging) b.destroy();
   }
 }

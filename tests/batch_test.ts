@@ -15,8 +15,14 @@ import type { Gpu } from "../engine/gpu.ts";
 
 const CTX = 128;
 
-async function setup(gpu: Gpu, shape: Partial<LlamaBatchShape> = {}, maxSteps?: number) {
-  const model = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+async function setup(
+  gpu: Gpu,
+  shape: Partial<LlamaBatchShape> = {},
+  maxSteps?: number,
+  eosIds?: number[],
+) {
+  let model = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+  if (eosIds) model = { ...model, config: { ...model.config, eosIds } };
   const store = new WeightStore(gpu);
   const m = await LlamaGpu.create(gpu, store, model, { label: "t", maxSeq: CTX });
   const batch = await LlamaBatch.create(gpu, m, { maxSeqs: 4, maxSeqRows: CTX, ...shape });
@@ -68,6 +74,7 @@ gpuTest(
       })
     ));
     assert.equal(peak, 4, "all four decoded together");
+    assert.ok(t.sched.load.continued > 0, "chunks ran back to back (pipelined)");
     for (let i = 0; i < 4; i++) {
       assert.deepEqual(got[i].tokens, want[i], `sequence ${i}`);
       assert.deepEqual(streamed[i], want[i], `sequence ${i} streamed`);
@@ -159,5 +166,28 @@ gpuTest("a request the pool cannot hold yet waits, then runs when blocks return"
     t.sched.generate({ prompt: [], maxTokens: 5, sampling: GREEDY }),
     /at least one token/,
   );
+  t.destroy();
+});
+
+gpuTest("a sequence stopping at EOS mid-chunk leaves while the others run on", async (gpu) => {
+  // stories260K never emits its EOS within these lengths: call a token it does emit "EOS".
+  const plain = await setup(gpu);
+  const free = await plain.reference(PROMPTS[1], 60);
+  plain.destroy();
+  const eos = free[20];
+  const t = await setup(gpu, {}, 8, [eos]);
+  const want = [];
+  for (let i = 0; i < 4; i++) want.push(await t.reference(PROMPTS[i], 60));
+  assert.ok(want[1].length <= 21 && want[1].at(-1) === eos, "the serial run stops at it");
+  const got = await Promise.all(
+    PROMPTS.map((prompt) => t.sched.generate({ prompt, maxTokens: 60, sampling: GREEDY })),
+  );
+  for (let i = 0; i < 4; i++) {
+    assert.deepEqual(got[i].tokens, want[i], `sequence ${i}`);
+    assert.equal(got[i].stop, want[i].length < 60 ? "eos" : "max-tokens");
+  }
+  assert.equal(got[1].stop, "eos");
+  assert.ok(t.sched.load.continued > 0);
+  assert.equal(t.batch.pool.inUse, 0);
   t.destroy();
 });
