@@ -14,6 +14,7 @@
 import type { ChatTemplate } from "../models/chat_template.ts";
 import { ChatTemplateError } from "../models/chat_template.ts";
 import {
+  type BatchFigures,
   type GenerateChunk,
   type GenerateOptions,
   type GenerateStats,
@@ -30,6 +31,8 @@ export interface Backend {
   readonly info: ModelInfo;
   /** Token ids of `text`, BOS first when `bos`, `specials` mapped to their ids. */
   tokenize(text: string, bos?: boolean, specials?: readonly string[]): Promise<number[]>;
+  /** The batched decoder's load (KV blocks in use), when batching; reported by `/health`. */
+  batchLoad?(): Promise<BatchFigures | null>;
   /** Streams one generation; aborting `signal` cancels it. */
   generate(
     options: Partial<GenerateOptions>,
@@ -218,7 +221,12 @@ export class SpecdecServer {
       if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: CORS });
       if (path === "/health") {
         this.#method(req, "GET");
-        return json({ status: "ok", ...this.load });
+        const batch = this.#queue.slots > 1 ? await this.#backend.batchLoad?.() : undefined;
+        return json({
+          status: "ok",
+          ...this.load,
+          ...(batch ? { kv_blocks: { in_use: batch.blocksInUse, total: batch.blocks } } : {}),
+        });
       }
       const routes: Record<string, string> = {
         "/v1/models": "GET",

@@ -123,6 +123,13 @@ Deno.test({
       await new Promise((r) => setTimeout(r, 20));
     }
     assert.deepEqual(server.load, { active: 0, waiting: 0 });
+    const health = await (await fetch(`${url}/health`)).json();
+    assert.deepEqual(health, {
+      status: "ok",
+      active: 0,
+      waiting: 0,
+      kv_blocks: { in_use: 0, total: 32 },
+    });
     // The server still serves afterwards.
     assert.equal(await streamText(await stream(url, PROMPTS[1], MAX[1])), want[1]);
   } finally {
