@@ -40,6 +40,8 @@ import { SequenceBlocks } from "./paged_kv.ts";
 import { pagedRowsImage } from "../kernels/paged_attention.ts";
 import { createPagedAdvance } from "../kernels/paged_advance.ts";
 import { checkSampling, createSample } from "../kernels/sample.ts";
+import { createArgmax } from "../kernels/argmax.ts";
+import { createSpecCommit, createSpecRows, SPEC_SEQ_WORDS } from "../kernels/batch_spec.ts";
 import type { SamplingSettings } from "./decode.ts";
 import type { StopReason } from "./protocol.ts";
 
@@ -85,8 +87,12 @@ export interface BatchResult {
   prefillMs: number;
   /** Milliseconds from the first token to the last. */
   decodeMs: number;
-  /** Batched forward passes this sequence took part in after its prefill. */
+  /** Batched target forward passes this sequence took part in after its prefill. */
   steps: number;
+  /** Draft tokens accepted (0 without speculation). */
+  accepted: number;
+  /** Draft tokens proposed: k per target pass (0 without speculation). */
+  proposed: number;
 }
 
 /** Figures of the scheduler, for health checks and tests. */
@@ -115,8 +121,10 @@ interface Seq {
   /** Blocks its whole length needs (admission reserves them). */
   need: number;
   tokens: number[];
-  /** Tokens it will hold once the chunks in flight settle, if none stops early. */
+  /** Tokens it will hold once the chunks in flight settle, at most (every draft accepted). */
   issued: number;
+  /** Draft tokens accepted (speculation). */
+  accepted: number;
   steps: number;
   /** Chunks it has taken part in. */
   chunks: number;
@@ -158,13 +166,19 @@ export class BatchDecoder {
   #chunks = 0; // chunks settled
   #issued = 0; // chunks submitted
   #continued = 0; // chunks submitted behind one in flight
+  #spec: SpecState | undefined;
   #changed = false; // a sequence ended since the last host-written chunk
 
   /**
    * A scheduler over `batch` (its `maxSeqs` slots and pool), running at most `maxSteps` steps
    * per chunk ({@linkcode BATCH_MAX_STEPS} default).
    */
-  constructor(gpu: Gpu, batch: LlamaBatch, maxSteps = BATCH_MAX_STEPS) {
+  constructor(
+    gpu: Gpu,
+    batch: LlamaBatch,
+    maxSteps = BATCH_MAX_STEPS,
+    spec?: BatchSpeculation,
+  ) {
     if (!Number.isInteger(maxSteps) || maxSteps < 1) {
       throw new RangeError(`maxSteps must be an integer >= 1, got ${maxSteps}`);
     }
@@ -172,6 +186,7 @@ export class BatchDecoder {
     this.#batch = batch;
     this.#maxSteps = maxSteps;
     const L = batch.layout;
+    if (spec) this.#spec = new SpecState(gpu, batch, spec, maxSteps);
     const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
     const b = (name: string, bytes: number) => gpu.buffer(`batch.${name}`, bytes, S);
     this.#buf = {
@@ -193,9 +208,14 @@ export class BatchDecoder {
 
   /** GPU bytes this scheduler allocated (rows, tokens, counters, prompt chunk, readback). */
   get bytes(): number {
-    let n = 0;
+    let n = this.#spec?.bytes ?? 0;
     for (const b of [...Object.values(this.#buf), ...this.#staging]) n += b.size;
     return n;
+  }
+
+  /** Draft tokens per cycle when speculating, else 0 (plain decoding). */
+  get draftTokens(): number {
+    return this.#spec?.k ?? 0;
   }
 
   /** Sequences decoding, requests waiting, blocks held, chunks run. */
@@ -230,6 +250,9 @@ export class BatchDecoder {
         throw new RangeError(`maxTokens must be an integer >= 1, got ${req.maxTokens}`);
       }
       checkSampling("batch", req.sampling);
+      if (this.#spec && req.sampling.temperature !== 0) {
+        throw new RangeError("batched speculation is greedy only: temperature must be 0");
+      }
       if (!Number.isInteger(req.sampling.seed)) {
         throw new RangeError(`seed must be an integer, got ${req.sampling.seed}`);
       }
@@ -238,7 +261,9 @@ export class BatchDecoder {
     }
     // The last token needs no KV row: P + limit - 1 rows at most.
     const limit = Math.min(req.maxTokens, L.maxSeqRows - P + 1);
-    const need = Math.ceil((P + limit - 1) / L.blockRows);
+    // Speculation writes up to k rows past the last input (drafts that may be rejected).
+    const k = this.#spec?.k ?? 0;
+    const need = Math.ceil(Math.min(L.maxSeqRows, P + limit - 1 + k) / L.blockRows);
     if (need > L.numBlocks) {
       return Promise.reject(
         new RangeError(
@@ -257,6 +282,7 @@ export class BatchDecoder {
         need,
         tokens: [],
         issued: 0,
+        accepted: 0,
         steps: 0,
         chunks: 0,
         t0: now,
@@ -306,6 +332,9 @@ export class BatchDecoder {
             break;
           }
           this.#changed = false;
+          // Everything settled: what each sequence holds is known (speculation counted every
+          // draft as accepted while its chunks were in flight).
+          for (const s of this.#active) if (s.tokens.length) s.issued = s.tokens.length;
           inflight.push(await this.#issue(joined, true));
           continue;
         }
@@ -352,8 +381,14 @@ export class BatchDecoder {
   }
 
   /** The sampler of batch row `row` with `s`'s settings, reading logits row `logitsRow`. */
-  #sampler(s: SamplingSettings, row: number, logitsRow: number): Promise<Dispatch> {
-    const key = `${s.temperature}:${s.topK}:${s.topP}:${s.seed}:${row}:${logitsRow}`;
+  #sampler(
+    s: SamplingSettings,
+    row: number,
+    logitsRow: number,
+    out: GPUBuffer = this.#buf.tokens,
+  ): Promise<Dispatch> {
+    const key = `${s.temperature}:${s.topK}:${s.topP}:${s.seed}:${row}:${logitsRow}:` +
+      (out === this.#buf.tokens ? "t" : "v");
     let d = this.#samplers.get(key);
     if (!d) {
       if (this.#samplers.size >= 512) this.#samplers.clear(); // distinct seeds: stay bounded
@@ -361,7 +396,7 @@ export class BatchDecoder {
         label: `batch.sample${row}`,
         logits: this.#batch.logits,
         logitsRowOffset: logitsRow,
-        out: this.#buf.tokens,
+        out,
         outOffset: row,
         state: this.#buf.counters,
         counterIndex: row,
@@ -384,9 +419,9 @@ export class BatchDecoder {
    * first tokens stream soon.
    */
   #steps(fresh: boolean): number {
-    const act = this.#active;
-    const left = (s: Seq) => s.limit - (fresh && s.issued === 0 ? 1 : s.issued);
-    const ramp = (s: Seq) => 2 << Math.min(s.chunks, 30);
+    const act = this.#active, per = (this.#spec?.k ?? 0) + 1; // tokens per cycle at most
+    const left = (s: Seq) => Math.ceil((s.limit - (fresh && s.issued === 0 ? 1 : s.issued)) / per);
+    const ramp = (s: Seq) => 2 << Math.min(s.chunks, 20);
     return Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
   }
 
@@ -400,14 +435,19 @@ export class BatchDecoder {
     const act = [...this.#active], R = act.length;
     const n = this.#steps(sync);
     const P = (s: Seq) => s.req.prompt.length;
-    // Blocks for every row this chunk writes: inputs at rows P + issued - 1 .. + n - 1.
+    // Blocks for every row this chunk writes: inputs at rows P + issued - 1 .. + n - 1 (each
+    // speculative cycle moves at most k + 1 rows on and writes k + 1).
+    const per = (this.#spec?.k ?? 0) + 1;
     for (const s of act) {
       const had = s.blocks.blocks.length;
-      if (!s.blocks.ensure(P(s) + Math.max(1, s.issued) - 1 + n)) {
-        throw new Error("batch: admitted sequence short of blocks");
+      const rows = Math.min(L.maxSeqRows, P(s) + Math.max(1, s.issued) - 1 + n * per);
+      if (!s.blocks.ensure(rows)) throw new Error("batch: admitted sequence short of blocks");
+      if (s.blocks.blocks.length !== had) {
+        batch.setTable(s.slot, s.blocks.blocks);
+        this.#spec?.draft.setTable(s.slot, s.blocks.blocks);
       }
-      if (s.blocks.blocks.length !== had) batch.setTable(s.slot, s.blocks.blocks);
     }
+    if (this.#spec) return await this.#issueSpec(this.#spec, act, joined, sync, n);
     if (sync) {
       // Row state: each row's input token (joiners: their first, sampled below), position and
       // RNG counter (token j of a sequence draws with counter j).
@@ -418,32 +458,7 @@ export class BatchDecoder {
       );
       g.write(B.counters, new Uint32Array(act.map((s) => s.tokens.length)));
     }
-    // Prefill of each joiner in its own submissions (the prompt chunk buffers are rewritten
-    // between them; queue writes and submissions run in order), then its first token.
-    for (const s of joined) {
-      const row = act.indexOf(s);
-      const prompt = s.req.prompt;
-      for (let start = 0; start < prompt.length; start += L.maxRows) {
-        const T = Math.min(L.maxRows, prompt.length - start);
-        const last = start + T === prompt.length;
-        g.write(B.prompt, new Uint32Array(prompt.slice(start, start + T)));
-        g.write(
-          B.promptRows,
-          pagedRowsImage(Array.from({ length: T }, (_, i) => ({ seq: s.slot, pos: start + i }))),
-        );
-        const d = [
-          ...await batch.plan(
-            T,
-            { tokens: { buffer: B.prompt, offset: 0 }, rows: B.promptRows },
-            last ? "last" : "none",
-          ),
-        ];
-        if (last) d.push(await this.#sampler(s.req.sampling, row, 0));
-        const enc = g.device.createCommandEncoder({ label: "batch.prefill" });
-        g.encode(enc, "batch.prefill", d);
-        g.device.queue.submit([enc.finish()]);
-      }
-    }
+    await this.#prefill(act, joined);
     // n steps over the R rows; out[0] = the inputs, out[1 + i] = step i's samples.
     const step: Dispatch[] = [
       ...await batch.plan(R, { tokens: { buffer: B.tokens, offset: 0 }, rows: B.rows }, "all"),
@@ -480,6 +495,102 @@ export class BatchDecoder {
     return { rows: act, first, n, read };
   }
 
+  /** {@linkcode BatchDecoder.#issue} when speculating: n cycles of draft, verify, commit. */
+  async #issueSpec(
+    sp: SpecState,
+    act: Seq[],
+    joined: readonly Seq[],
+    sync: boolean,
+    n: number,
+  ): Promise<Chunk> {
+    const g = this.#gpu, R = act.length, B = sp.buf;
+    const P = (s: Seq) => s.req.prompt.length;
+    if (sync) {
+      // Per row: slot, position of its input, emitted and accepted counts of this chunk; the
+      // input (joiners: their first token, sampled by the prefill) in verifyIn row 0.
+      const seq = new Uint32Array(R * SPEC_SEQ_WORDS);
+      act.forEach((s, i) => {
+        seq[SPEC_SEQ_WORDS * i] = s.slot;
+        seq[SPEC_SEQ_WORDS * i + 1] = P(s) + Math.max(1, s.issued) - 1;
+      });
+      g.write(B.seq, seq);
+      g.write(B.verifyIn, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
+      g.write(this.#buf.counters, new Uint32Array(act.map((s) => s.tokens.length)));
+    } else {
+      // Continuing from the GPU's positions and inputs: only this chunk's counts restart.
+      for (let i = 0; i < R; i++) g.write(B.seq, new Uint32Array(2), (SPEC_SEQ_WORDS * i + 2) * 4);
+    }
+    await this.#prefill(act, joined);
+    const cycle = await sp.cycle(R);
+    const staging = sp.staging[this.#issued++ % RING];
+    const enc = g.device.createCommandEncoder({ label: "batch.spec_chunk" });
+    enc.copyBufferToBuffer(B.verifyIn, 0, staging, 0, R * 4); // the inputs (joiners' first)
+    for (let i = 0; i < n; i++) g.encode(enc, "batch.spec_cycle", cycle);
+    enc.copyBufferToBuffer(B.seq, 0, staging, R * 4, R * SPEC_SEQ_WORDS * 4);
+    enc.copyBufferToBuffer(B.out, 0, staging, R * (1 + SPEC_SEQ_WORDS) * 4, R * sp.cap * 4);
+    g.device.queue.submit([enc.finish()]);
+    const bytes = R * (1 + SPEC_SEQ_WORDS + sp.cap) * 4;
+    const first = act.map((s) => s.issued === 0);
+    for (const s of act) {
+      s.issued = Math.max(1, s.issued) + n * (sp.k + 1);
+      s.chunks++;
+    }
+    const read = (async () => {
+      await staging.mapAsync(GPUMapMode.READ, 0, bytes);
+      g.throwIfFailed();
+      const out = new Uint32Array(staging.getMappedRange(0, bytes).slice(0));
+      staging.unmap();
+      return out;
+    })();
+    read.catch(() => {});
+    return { rows: act, first, n, read };
+  }
+
+  /** {@linkcode BatchDecoder.#settle} when speculating: each row's emitted ids and counts. */
+  #settleSpec(sp: SpecState, out: Uint32Array, c: Chunk): void {
+    const R = c.rows.length, W = SPEC_SEQ_WORDS;
+    c.rows.forEach((s, i) => {
+      if (s.slot < 0) return; // it ended in an earlier chunk
+      const count = Math.min(out[R + W * i + 2], sp.cap);
+      s.accepted += out[R + W * i + 3];
+      const base = R * (1 + W) + i * sp.cap;
+      const ids = [...(c.first[i] ? [out[i]] : []), ...out.subarray(base, base + count)];
+      this.#take(s, ids, c.n);
+    });
+    this.#endStopped();
+  }
+
+  /**
+   * Prefill of each joiner in its own submissions (the prompt chunk buffers are rewritten
+   * between them; queue writes and submissions run in order), through the draft too when
+   * speculating, then its first token into its row's input.
+   */
+  async #prefill(act: readonly Seq[], joined: readonly Seq[]): Promise<void> {
+    const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
+    for (const s of joined) {
+      const row = act.indexOf(s);
+      const prompt = s.req.prompt;
+      for (let start = 0; start < prompt.length; start += L.maxRows) {
+        const T = Math.min(L.maxRows, prompt.length - start);
+        const last = start + T === prompt.length;
+        g.write(B.prompt, new Uint32Array(prompt.slice(start, start + T)));
+        g.write(
+          B.promptRows,
+          pagedRowsImage(Array.from({ length: T }, (_, i) => ({ seq: s.slot, pos: start + i }))),
+        );
+        const io = { tokens: { buffer: B.prompt, offset: 0 }, rows: B.promptRows };
+        const d = [...await batch.plan(T, io, last ? "last" : "none")];
+        if (this.#spec) d.push(...await this.#spec.draft.plan(T, io, "none"));
+        if (last) {
+          d.push(await this.#sampler(s.req.sampling, row, 0, this.#spec?.buf.verifyIn));
+        }
+        const enc = g.device.createCommandEncoder({ label: "batch.prefill" });
+        g.encode(enc, "batch.prefill", d);
+        g.device.queue.submit([enc.finish()]);
+      }
+    }
+  }
+
   /**
    * Settles a chunk read back: appends each row's tokens up to a stop, then ends the stopped
    * and the cancelled (their blocks return at once; rows of theirs in a chunk still in flight
@@ -487,28 +598,46 @@ export class BatchDecoder {
    */
   #settle(out: Uint32Array, c: Chunk): void {
     this.#chunks++;
-    const eos = this.#batch.config.eosIds, R = c.rows.length, now = performance.now();
-    const ended: [Seq, StopReason][] = [];
+    if (this.#spec) return this.#settleSpec(this.#spec, out, c);
+    const R = c.rows.length;
     c.rows.forEach((s, i) => {
       if (s.slot < 0) return; // it ended in an earlier chunk
-      const fresh: number[] = [];
-      let stop: StopReason | undefined;
-      for (let j = c.first[i] ? 0 : 1; j <= c.n && !stop; j++) {
-        const id = out[j * R + i];
-        fresh.push(id);
-        if (eos.includes(id)) stop = "eos";
-        else if (s.tokens.length + fresh.length >= s.limit) {
-          stop = s.limit < s.req.maxTokens ? "context" : "max-tokens";
-        }
-      }
-      if (s.tokens.length === 0) s.tFirst = now;
-      s.tokens.push(...fresh);
-      s.steps += c.n;
-      if (fresh.length) s.req.onTokens?.(fresh);
-      if (stop) ended.push([s, stop]);
-      else if (s.req.cancelled?.()) ended.push([s, "cancelled"]);
+      const ids: number[] = [];
+      for (let j = c.first[i] ? 0 : 1; j <= c.n; j++) ids.push(out[j * R + i]);
+      this.#take(s, ids, c.n);
     });
-    for (const [s, stop] of ended) {
+    this.#endStopped();
+  }
+
+  /** Sequences that met a stop while settling, and why; ended by {@linkcode #endStopped}. */
+  #stopped: [Seq, StopReason][] = [];
+
+  /**
+   * Appends `ids` (emitted after `n` target passes) to `s` up to a stop (EOS, its limit), streams
+   * them, and marks it stopped or, when its client went away, cancelled.
+   */
+  #take(s: Seq, ids: ArrayLike<number>, n: number): void {
+    const eos = this.#batch.config.eosIds;
+    const fresh: number[] = [];
+    let stop: StopReason | undefined;
+    for (let j = 0; j < ids.length && !stop; j++) {
+      fresh.push(ids[j]);
+      if (eos.includes(ids[j])) stop = "eos";
+      else if (s.tokens.length + fresh.length >= s.limit) {
+        stop = s.limit < s.req.maxTokens ? "context" : "max-tokens";
+      }
+    }
+    if (s.tokens.length === 0) s.tFirst = performance.now();
+    s.tokens.push(...fresh);
+    s.steps += n;
+    if (fresh.length) s.req.onTokens?.(fresh);
+    if (stop) this.#stopped.push([s, stop]);
+    else if (s.req.cancelled?.()) this.#stopped.push([s, "cancelled"]);
+  }
+
+  /** Ends the sequences {@linkcode #take} marked: they leave, their blocks return. */
+  #endStopped(): void {
+    for (const [s, stop] of this.#stopped.splice(0)) {
       this.#active.splice(this.#active.indexOf(s), 1);
       this.#finish(s, stop);
       this.#changed = true;
@@ -528,6 +657,8 @@ export class BatchDecoder {
       prefillMs: s.tokens.length ? s.tFirst - s.tJoin : 0,
       decodeMs: s.tokens.length ? now - s.tFirst : 0,
       steps: s.steps,
+      accepted: s.accepted,
+      proposed: s.steps * (this.#spec?.k ?? 0),
     });
   }
 
@@ -535,5 +666,157 @@ export class BatchDecoder {
   destroy(): void {
     for (const b of Object.values(this.#buf)) b.destroy();
     for (const b of this.#staging) b.destroy();
+    this.#spec?.destroy();
+  }
+}
+
+/** Speculation for a {@linkcode BatchDecoder}: the draft's batched forward and drafts per cycle. */
+export interface BatchSpeculation {
+  /**
+   * The draft model's batch: same slots, block size, block count and table rows as the target's
+   * (its pool holds the same blocks, so one block table serves both), logits for maxSeqs rows.
+   */
+  draft: LlamaBatch;
+  /** Draft tokens per cycle, 1..16. */
+  k: number;
+}
+
+/** Target batch shape a {@linkcode BatchSpeculation} of k drafts needs: rows and logit rows. */
+export function specBatchRows(maxSeqs: number, k: number): number {
+  return (k + 1) * maxSeqs;
+}
+
+/** GPU state and cycle dispatches of batched greedy speculation (kernels/batch_spec.ts). */
+class SpecState {
+  readonly k: number;
+  readonly draft: LlamaBatch;
+  /** Ids per sequence row of out: every cycle of a chunk emitting k + 1. */
+  readonly cap: number;
+  readonly buf: Record<"verifyIn" | "tids" | "seq" | "drows" | "vrows" | "out", GPUBuffer>;
+  readonly staging: GPUBuffer[];
+  readonly #gpu: Gpu;
+  readonly #target: LlamaBatch;
+  readonly #cycles = new Map<number, Promise<Dispatch[]>>();
+
+  constructor(gpu: Gpu, target: LlamaBatch, spec: BatchSpeculation, maxSteps: number) {
+    const { draft, k } = spec, T = target.layout, D = draft.layout;
+    if (!Number.isInteger(k) || k < 1 || k > 16) {
+      throw new RangeError(`draft tokens per cycle must be in [1, 16], got ${k}`);
+    }
+    for (const f of ["maxSeqs", "blockRows", "numBlocks", "maxBlocksPerSeq"] as const) {
+      if (T[f] !== D[f]) {
+        throw new Error(
+          `batched speculation: draft ${f} ${D[f]} differs from the target's ${T[f]}`,
+        );
+      }
+    }
+    const rows = specBatchRows(T.maxSeqs, k);
+    if (T.maxRows < rows || T.maxLogitRows < rows) {
+      throw new RangeError(
+        `batched speculation with k=${k} verifies ${rows} rows: the target batch holds ` +
+          `${T.maxRows} rows and ${T.maxLogitRows} logit rows`,
+      );
+    }
+    if (D.maxLogitRows < T.maxSeqs) {
+      throw new RangeError(`the draft batch holds ${D.maxLogitRows} logit rows < ${T.maxSeqs}`);
+    }
+    this.#gpu = gpu;
+    this.#target = target;
+    this.k = k;
+    this.draft = draft;
+    this.cap = maxSteps * (k + 1);
+    const R = T.maxSeqs;
+    const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+    const b = (name: string, bytes: number) => gpu.buffer(`batch.spec.${name}`, bytes, S);
+    this.buf = {
+      verifyIn: b("verify_in", (k + 1) * R * 4), // [k + 1, R] u32: inputs, then drafts
+      tids: b("tids", (k + 1) * R * 4), // [k + 1, R] u32: target argmax per verify row
+      seq: b("seq", R * SPEC_SEQ_WORDS * 4), // [R] (slot, pos, count, accepted)
+      drows: b("drows", R * 8), // [R] (slot, pos): the draft's rows
+      vrows: b("vrows", (k + 1) * R * 8), // [(k + 1) R] (slot, pos): the verify rows
+      out: b("out", R * this.cap * 4), // [R, cap] u32 emitted ids
+    };
+    this.staging = Array.from({ length: RING }, (_, i) =>
+      gpu.buffer(
+        `batch.spec.staging${i}`,
+        R * (1 + SPEC_SEQ_WORDS + this.cap) * 4,
+        GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+      ));
+  }
+
+  /** GPU bytes of the speculation buffers. */
+  get bytes(): number {
+    let n = 0;
+    for (const b of [...Object.values(this.buf), ...this.staging]) n += b.size;
+    return n;
+  }
+
+  /**
+   * One cycle over R sequences: rows from the positions; k draft steps (forward, argmax into
+   * verifyIn row i + 1, positions + 1) and one cache-only step for d_k; the target's forward over
+   * the (k + 1) R rows with their argmax; the commit. Built once per R.
+   */
+  cycle(R: number): Promise<Dispatch[]> {
+    let c = this.#cycles.get(R);
+    if (!c) {
+      c = this.#build(R);
+      this.#cycles.set(R, c);
+    }
+    return c;
+  }
+
+  async #build(R: number): Promise<Dispatch[]> {
+    const g = this.#gpu, B = this.buf, k = this.k, d = this.draft, t = this.#target;
+    const V = t.config.vocabSize;
+    const out: Dispatch[] = [
+      await createSpecRows(g, { label: `batch.spec.rows${R}`, ...B, R, k }),
+    ];
+    const advance = await createPagedAdvance(g, {
+      label: `batch.spec.advance${R}`,
+      rows: B.drows,
+      R,
+    });
+    for (let i = 0; i <= k; i++) {
+      const io = { tokens: { buffer: B.verifyIn, offset: i * R }, rows: B.drows };
+      out.push(...await d.plan(R, io, i < k ? "all" : "none"));
+      if (i === k) break;
+      out.push(
+        await createArgmax(g, {
+          label: `batch.spec.draft_argmax${i}`,
+          logits: d.logits,
+          ids: B.verifyIn,
+          idsOffset: (i + 1) * R,
+          T: R,
+          V,
+        }),
+        advance,
+      );
+    }
+    const rows = specBatchRows(R, k);
+    out.push(
+      ...await t.plan(rows, { tokens: { buffer: B.verifyIn, offset: 0 }, rows: B.vrows }, "all"),
+      await createArgmax(g, {
+        label: "batch.spec.argmax",
+        logits: t.logits,
+        ids: B.tids,
+        T: rows,
+        V,
+      }),
+      await createSpecCommit(g, {
+        label: `batch.spec.commit${R}`,
+        seq: B.seq,
+        verifyIn: B.verifyIn,
+        tids: B.tids,
+        out: B.out,
+        R,
+        k,
+        cap: this.cap,
+      }),
+    );
+    return out;
+  }
+
+  destroy(): void {
+    for (const b of [...Object.values(this.buf), ...this.staging]) b.destroy();
   }
 }
