@@ -73,6 +73,11 @@ export interface BatchRequest {
   onTokens?: (ids: number[]) => void;
   /** Polled between chunks; true ends the sequence ("cancelled"). */
   cancelled?: () => boolean;
+  /**
+   * With a speculating decoder: draft for this sequence (default true; greedy only). False
+   * decodes it plainly in the same cycles, with any sampling settings.
+   */
+  speculate?: boolean;
 }
 
 /** Outcome and timings of one {@linkcode BatchRequest}. */
@@ -250,8 +255,10 @@ export class BatchDecoder {
         throw new RangeError(`maxTokens must be an integer >= 1, got ${req.maxTokens}`);
       }
       checkSampling("batch", req.sampling);
-      if (this.#spec && req.sampling.temperature !== 0) {
-        throw new RangeError("batched speculation is greedy only: temperature must be 0");
+      if (this.#spec && req.speculate !== false && req.sampling.temperature !== 0) {
+        throw new RangeError(
+          "batched speculation is greedy only: temperature must be 0 (or speculate: false)",
+        );
       }
       if (!Number.isInteger(req.sampling.seed)) {
         throw new RangeError(`seed must be an integer, got ${req.sampling.seed}`);
@@ -262,7 +269,7 @@ export class BatchDecoder {
     // The last token needs no KV row: P + limit - 1 rows at most.
     const limit = Math.min(req.maxTokens, L.maxSeqRows - P + 1);
     // Speculation writes up to k rows past the last input (drafts that may be rejected).
-    const k = this.#spec?.k ?? 0;
+    const k = req.speculate === false ? 0 : this.#spec?.k ?? 0;
     const need = Math.ceil(Math.min(L.maxSeqRows, P + limit - 1 + k) / L.blockRows);
     if (need > L.numBlocks) {
       return Promise.reject(
@@ -419,10 +426,16 @@ export class BatchDecoder {
    * first tokens stream soon.
    */
   #steps(fresh: boolean): number {
-    const act = this.#active, per = (this.#spec?.k ?? 0) + 1; // tokens per cycle at most
-    const left = (s: Seq) => Math.ceil((s.limit - (fresh && s.issued === 0 ? 1 : s.issued)) / per);
+    const act = this.#active;
+    const left = (s: Seq) =>
+      Math.ceil((s.limit - (fresh && s.issued === 0 ? 1 : s.issued)) / this.#per(s));
     const ramp = (s: Seq) => 2 << Math.min(s.chunks, 20);
     return Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
+  }
+
+  /** Tokens a cycle of `s` emits at most (and cache rows it moves on): k + 1 if it drafts. */
+  #per(s: Seq): number {
+    return s.req.speculate === false ? 1 : (this.#spec?.k ?? 0) + 1;
   }
 
   /**
@@ -437,10 +450,9 @@ export class BatchDecoder {
     const P = (s: Seq) => s.req.prompt.length;
     // Blocks for every row this chunk writes: inputs at rows P + issued - 1 .. + n - 1 (each
     // speculative cycle moves at most k + 1 rows on and writes k + 1).
-    const per = (this.#spec?.k ?? 0) + 1;
     for (const s of act) {
       const had = s.blocks.blocks.length;
-      const rows = Math.min(L.maxSeqRows, P(s) + Math.max(1, s.issued) - 1 + n * per);
+      const rows = Math.min(L.maxSeqRows, P(s) + Math.max(1, s.issued) - 1 + n * this.#per(s));
       if (!s.blocks.ensure(rows)) throw new Error("batch: admitted sequence short of blocks");
       if (s.blocks.blocks.length !== had) {
         batch.setTable(s.slot, s.blocks.blocks);
@@ -516,12 +528,16 @@ export class BatchDecoder {
       g.write(B.seq, seq);
       g.write(B.verifyIn, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
       g.write(this.#buf.counters, new Uint32Array(act.map((s) => s.tokens.length)));
+      g.write(B.kRow, new Uint32Array(act.map((s) => s.req.speculate === false ? 0 : sp.k)));
     } else {
       // Continuing from the GPU's positions and inputs: only this chunk's counts restart.
       for (let i = 0; i < R; i++) g.write(B.seq, new Uint32Array(2), (SPEC_SEQ_WORDS * i + 2) * 4);
     }
     await this.#prefill(act, joined);
-    const cycle = await sp.cycle(R);
+    const cycle = await sp.cycle(
+      act.map((s) => s.req.speculate === false ? s.req.sampling : undefined),
+      (settings, row) => this.#sampler(settings, row, row, B.tids),
+    );
     const staging = sp.staging[this.#issued++ % RING];
     const enc = g.device.createCommandEncoder({ label: "batch.spec_chunk" });
     enc.copyBufferToBuffer(B.verifyIn, 0, staging, 0, R * 4); // the inputs (joiners' first)
@@ -532,7 +548,7 @@ export class BatchDecoder {
     const bytes = R * (1 + SPEC_SEQ_WORDS + sp.cap) * 4;
     const first = act.map((s) => s.issued === 0);
     for (const s of act) {
-      s.issued = Math.max(1, s.issued) + n * (sp.k + 1);
+      s.issued = Math.max(1, s.issued) + n * this.#per(s);
       s.chunks++;
     }
     const read = (async () => {
@@ -658,7 +674,7 @@ export class BatchDecoder {
       decodeMs: s.tokens.length ? now - s.tFirst : 0,
       steps: s.steps,
       accepted: s.accepted,
-      proposed: s.steps * (this.#spec?.k ?? 0),
+      proposed: s.steps * (this.#per(s) - 1),
     });
   }
 
@@ -692,11 +708,14 @@ class SpecState {
   readonly draft: LlamaBatch;
   /** Ids per sequence row of out: every cycle of a chunk emitting k + 1. */
   readonly cap: number;
-  readonly buf: Record<"verifyIn" | "tids" | "seq" | "drows" | "vrows" | "out", GPUBuffer>;
+  readonly buf: Record<
+    "verifyIn" | "tids" | "seq" | "drows" | "vrows" | "out" | "kRow",
+    GPUBuffer
+  >;
   readonly staging: GPUBuffer[];
   readonly #gpu: Gpu;
   readonly #target: LlamaBatch;
-  readonly #cycles = new Map<number, Promise<Dispatch[]>>();
+  readonly #cycles = new Map<string, Promise<Dispatch[]>>();
 
   constructor(gpu: Gpu, target: LlamaBatch, spec: BatchSpeculation, maxSteps: number) {
     const { draft, k } = spec, T = target.layout, D = draft.layout;
@@ -735,6 +754,7 @@ class SpecState {
       drows: b("drows", R * 8), // [R] (slot, pos): the draft's rows
       vrows: b("vrows", (k + 1) * R * 8), // [(k + 1) R] (slot, pos): the verify rows
       out: b("out", R * this.cap * 4), // [R, cap] u32 emitted ids
+      kRow: b("k_row", R * 4), // [R] u32: drafts each row may accept (0: plain)
     };
     this.staging = Array.from({ length: RING }, (_, i) =>
       gpu.buffer(
@@ -752,20 +772,32 @@ class SpecState {
   }
 
   /**
-   * One cycle over R sequences: rows from the positions; k draft steps (forward, argmax into
-   * verifyIn row i + 1, positions + 1) and one cache-only step for d_k; the target's forward over
-   * the (k + 1) R rows with their argmax; the commit. Built once per R.
+   * One cycle over R = `plain.length` sequences: rows from the positions; k draft steps
+   * (forward, argmax into verifyIn row i + 1, positions + 1) and one cache-only step for d_k;
+   * the target's forward over the (k + 1) R rows with their argmax; for each row that does not
+   * speculate and samples (`plain[r]` with temperature > 0), its own sampler (`sampler`) over its
+   * target row 0 instead; the commit. Built once per composition.
    */
-  cycle(R: number): Promise<Dispatch[]> {
-    let c = this.#cycles.get(R);
+  cycle(
+    plain: readonly (SamplingSettings | undefined)[],
+    sampler: (s: SamplingSettings, row: number) => Promise<Dispatch>,
+  ): Promise<Dispatch[]> {
+    const sampled = plain.map((s) => s && s.temperature > 0 ? s : undefined);
+    const key = JSON.stringify(sampled.map((s) => s ? [s.temperature, s.topK, s.topP, s.seed] : 0));
+    let c = this.#cycles.get(key);
     if (!c) {
-      c = this.#build(R);
-      this.#cycles.set(R, c);
+      if (this.#cycles.size >= 256) this.#cycles.clear(); // distinct seeds: stay bounded
+      c = this.#build(plain.length, sampled, sampler);
+      this.#cycles.set(key, c);
     }
     return c;
   }
 
-  async #build(R: number): Promise<Dispatch[]> {
+  async #build(
+    R: number,
+    sampled: readonly (SamplingSettings | undefined)[],
+    sampler: (s: SamplingSettings, row: number) => Promise<Dispatch>,
+  ): Promise<Dispatch[]> {
     const g = this.#gpu, B = this.buf, k = this.k, d = this.draft, t = this.#target;
     const V = t.config.vocabSize;
     const out: Dispatch[] = [
@@ -802,12 +834,16 @@ class SpecState {
         T: rows,
         V,
       }),
+    );
+    for (let r = 0; r < R; r++) if (sampled[r]) out.push(await sampler(sampled[r]!, r));
+    out.push(
       await createSpecCommit(g, {
         label: `batch.spec.commit${R}`,
         seq: B.seq,
         verifyIn: B.verifyIn,
         tids: B.tids,
         out: B.out,
+        kRow: B.kRow,
         R,
         k,
         cap: this.cap,

@@ -15,7 +15,9 @@
  *   tids[a*R + r]` (a < k), then emit the accepted drafts and the bonus `tids[a*R + r]` to
  *   `out[r, count ..]`, move pos and count on by a + 1, and put the bonus in `verifyIn[0, r]`.
  *   The KV rows past the new position (rejected drafts) stay in the caches and are masked by
- *   position, as in engine/decode.ts.
+ *   position, as in engine/decode.ts. A sequence r with `kRow[r] = 0` does not speculate: it
+ *   accepts no draft and emits `tids[r]` (its target row 0, argmax or a sampled token), as a
+ *   plain step would.
  *
  * @module
  */
@@ -62,13 +64,15 @@ struct Params { R: u32, k: u32, cap: u32, pad: u32 }
 @group(0) @binding(2) var<storage, read> tids: array<u32>;             // tids: [k + 1, R] target argmax
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;        // out: [R, cap] emitted ids
 @group(0) @binding(4) var<uniform> p: Params;
+@group(0) @binding(5) var<storage, read> kRow: array<u32>;             // kRow: [R] drafts it may accept
 
 @compute @workgroup_size(${SPEC_WG})
 fn main(@builtin(global_invocation_id) g: vec3u) {
   let r = g.x;
   if (r >= p.R) { return; }
   var a = 0u;
-  while (a < p.k && verifyIn[(a + 1u) * p.R + r] == tids[a * p.R + r]) { a++; }
+  let k = min(p.k, kRow[r]);
+  while (a < k && verifyIn[(a + 1u) * p.R + r] == tids[a * p.R + r]) { a++; }
   var s = seq[r];
   for (var j = 0u; j <= a; j++) {
     var id = tids[a * p.R + r];
@@ -128,6 +132,8 @@ export interface SpecCommitArgs {
   tids: GPUBuffer;
   /** out: [R, cap] u32 emitted ids (ids past cap are dropped). */
   out: GPUBuffer;
+  /** kRow: [R] u32, drafts each sequence may accept (0: it does not speculate). */
+  kRow: GPUBuffer;
   /** Sequences. */
   R: number;
   /** Drafts per cycle. */
@@ -153,13 +159,15 @@ export async function createSpecCommit(gpu: Gpu, args: SpecCommitArgs): Promise<
       args.tids,
       args.out,
       params,
+      args.kRow,
     ]),
     workgroups: [Math.ceil(R / SPEC_WG), 1, 1],
   };
 }
 
 /**
- * CPU reference of {@linkcode specCommitWgsl} (in place on `seq`, `verifyIn` and `out`).
+ * CPU reference of {@linkcode specCommitWgsl} (in place on `seq`, `verifyIn` and `out`);
+ * `kRow` default: every sequence may accept k.
  *
  * @example
  * ```ts
@@ -181,10 +189,12 @@ export function specCommitRef(
   R: number,
   k: number,
   cap: number,
+  kRow?: Uint32Array,
 ): void {
   for (let r = 0; r < R; r++) {
     let a = 0;
-    while (a < k && verifyIn[(a + 1) * R + r] === tids[a * R + r]) a++;
+    const kr = Math.min(k, kRow?.[r] ?? k);
+    while (a < kr && verifyIn[(a + 1) * R + r] === tids[a * R + r]) a++;
     const count = seq[4 * r + 2];
     for (let j = 0; j <= a; j++) {
       const id = j < a ? verifyIn[(j + 1) * R + r] : tids[a * R + r];
