@@ -36,9 +36,9 @@ export const serve: Command = {
 
 Serves POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
 events ending in "data: [DONE]"), GET /v1/models and GET /health. Requests decode one at a time
-in arrival order (speculatively when a draft is loaded), or with --parallel N > 1 and no
-speculation up to N together (continuous batching over a paged KV cache); up to --queue more
-wait, and past that a request gets 503 with Retry-After. Responses carry usage and finish_reason, and specdec's
+in arrival order (speculatively when a draft is loaded), or with --parallel N > 1 up to N
+together (continuous batching over a paged KV cache; with a draft, greedy requests speculate
+in the batch); up to --queue more wait, and past that a request gets 503 with Retry-After. Responses carry usage and finish_reason, and specdec's
 figures (acceptance, tokens per target pass, decode tok/s) under "specdec". Chat prompts are
 rendered with the model's chat template (tokenizer_config.json / chat_template.jinja / GGUF
 tokenizer.chat_template, or --chat-template); a model without one gets "role: content" lines
@@ -56,9 +56,9 @@ ${COMMON_MODEL}
   --alias <name>        the model name clients use (default: the model's file or folder name)
   --api-key <key>       require "Authorization: Bearer <key>" on /v1/* (default: open)
   --queue <n>           most requests waiting while the decoding slots are taken (default 16)
-  --parallel <n>        sequences decoded together, 1..64 (default 1: one at a time). Batched
-                        decoding does not speculate: with a draft or --spec, pass --spec none
-                        to batch, else requests keep taking turns on the speculative path
+  --parallel <n>        sequences decoded together, 1..64 (default 1: one at a time). With a
+                        draft, greedy requests speculate in the batch (--draft-tokens k, "auto"
+                        = 4); sampled ones, --spec ngram and --draft-tree take turns serially
   --chat-template <f>   a Jinja chat template file to use instead of the model's
   --ctx <n>             KV-cache rows, the most prompt + generated tokens (default: the model's)
 ${QUANT_FLAGS}
@@ -144,6 +144,7 @@ async function runServe(v: Record<string, string | boolean | undefined>): Promis
       selfDraft,
       vram,
       parallel,
+      batchDraftTokens: typeof draftTokens === "number" ? draftTokens : undefined,
     },
     (m) => console.error(m),
   );
@@ -176,9 +177,12 @@ async function runServe(v: Record<string, string | boolean | undefined>): Promis
   const info = engine.info;
   if (parallel > 1 && server.slots === 1) {
     console.error(
-      `note: --parallel ${parallel} batches only plain decoding; with speculation on ` +
-        `(${info.draft ? "a draft is loaded" : `--spec ${spec}`}) requests take turns: pass ` +
-        `--spec none to batch them`,
+      `note: --parallel ${parallel} batches plain decoding and draft-model chains; ` +
+        `${draftTree ? "--draft-tree" : `--spec ${spec}`} takes turns: drop it to batch`,
+    );
+  } else if (parallel > 1 && info.draft && spec === "model") {
+    console.error(
+      `note: greedy requests speculate in the batch; sampled ones (temperature > 0) take turns`,
     );
   }
   console.error(

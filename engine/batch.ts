@@ -35,7 +35,7 @@
  * @module
  */
 import type { Dispatch, Gpu } from "./gpu.ts";
-import type { LlamaBatch, LlamaBatchLayout } from "../models/llama_batch.ts";
+import type { LlamaBatch, LlamaBatchLayout, LlamaBatchShape } from "../models/llama_batch.ts";
 import { SequenceBlocks } from "./paged_kv.ts";
 import { pagedRowsImage } from "../kernels/paged_attention.ts";
 import { createPagedAdvance } from "../kernels/paged_advance.ts";
@@ -78,6 +78,8 @@ export interface BatchRequest {
    * decodes it plainly in the same cycles, with any sampling settings.
    */
   speculate?: boolean;
+  /** With a speculating decoder: drafts this sequence may accept per cycle, at most its k. */
+  draftTokens?: number;
 }
 
 /** Outcome and timings of one {@linkcode BatchRequest}. */
@@ -255,6 +257,11 @@ export class BatchDecoder {
         throw new RangeError(`maxTokens must be an integer >= 1, got ${req.maxTokens}`);
       }
       checkSampling("batch", req.sampling);
+      if (
+        req.draftTokens !== undefined && (!Number.isInteger(req.draftTokens) || req.draftTokens < 1)
+      ) {
+        throw new RangeError(`draftTokens must be an integer >= 1, got ${req.draftTokens}`);
+      }
       if (this.#spec && req.speculate !== false && req.sampling.temperature !== 0) {
         throw new RangeError(
           "batched speculation is greedy only: temperature must be 0 (or speculate: false)",
@@ -269,7 +276,8 @@ export class BatchDecoder {
     // The last token needs no KV row: P + limit - 1 rows at most.
     const limit = Math.min(req.maxTokens, L.maxSeqRows - P + 1);
     // Speculation writes up to k rows past the last input (drafts that may be rejected).
-    const k = req.speculate === false ? 0 : this.#spec?.k ?? 0;
+    const spk = this.#spec?.k ?? 0;
+    const k = req.speculate === false ? 0 : Math.min(spk, req.draftTokens ?? spk);
     const need = Math.ceil(Math.min(L.maxSeqRows, P + limit - 1 + k) / L.blockRows);
     if (need > L.numBlocks) {
       return Promise.reject(
@@ -433,9 +441,15 @@ export class BatchDecoder {
     return Math.min(this.#maxSteps, ...act.map(left), ...act.map(ramp));
   }
 
-  /** Tokens a cycle of `s` emits at most (and cache rows it moves on): k + 1 if it drafts. */
+  /** Drafts `s` may accept per cycle: 0 when plain, else its draftTokens up to the k. */
+  #kOf(s: Seq): number {
+    const k = this.#spec?.k ?? 0;
+    return s.req.speculate === false ? 0 : Math.min(k, s.req.draftTokens ?? k);
+  }
+
+  /** Tokens a cycle of `s` emits at most (and cache rows it moves on). */
   #per(s: Seq): number {
-    return s.req.speculate === false ? 1 : (this.#spec?.k ?? 0) + 1;
+    return this.#kOf(s) + 1;
   }
 
   /**
@@ -528,7 +542,7 @@ export class BatchDecoder {
       g.write(B.seq, seq);
       g.write(B.verifyIn, new Uint32Array(act.map((s) => s.tokens.at(-1) ?? 0)));
       g.write(this.#buf.counters, new Uint32Array(act.map((s) => s.tokens.length)));
-      g.write(B.kRow, new Uint32Array(act.map((s) => s.req.speculate === false ? 0 : sp.k)));
+      g.write(B.kRow, new Uint32Array(act.map((s) => this.#kOf(s))));
     } else {
       // Continuing from the GPU's positions and inputs: only this chunk's counts restart.
       for (let i = 0; i < R; i++) g.write(B.seq, new Uint32Array(2), (SPEC_SEQ_WORDS * i + 2) * 4);
@@ -697,9 +711,36 @@ export interface BatchSpeculation {
   k: number;
 }
 
-/** Target batch shape a {@linkcode BatchSpeculation} of k drafts needs: rows and logit rows. */
+/** Target batch rows (and logit rows) a {@linkcode BatchSpeculation} of k drafts verifies. */
 export function specBatchRows(maxSeqs: number, k: number): number {
   return (k + 1) * maxSeqs;
+}
+
+/**
+ * The batch shapes a session with `parallel` sequences of `ctx` rows creates: the target's
+ * (with room to verify `draftK` drafts per sequence when a draft model is loaded) and the
+ * draft's. The VRAM planner plans the same shapes.
+ */
+export function sessionBatchShapes(
+  parallel: number,
+  ctx: number,
+  draftK?: number,
+): { target: LlamaBatchShape; draft?: LlamaBatchShape } {
+  const base = { maxSeqs: parallel, maxSeqRows: ctx };
+  if (draftK === undefined) return { target: base };
+  const rows = specBatchRows(parallel, draftK);
+  return { target: { ...base, maxRows: Math.max(64, rows), maxLogitRows: rows }, draft: base };
+}
+
+/**
+ * Exact bytes of the speculation buffers of a {@linkcode BatchDecoder} over `maxSeqs` slots with
+ * k drafts ("staging" in the VRAM report): inputs and drafts, target argmax, sequence state,
+ * rows, the emitted ids and their readback copies.
+ */
+export function specStateBytes(maxSeqs: number, k: number, maxSteps = BATCH_MAX_STEPS): number {
+  const R = maxSeqs, cap = maxSteps * (k + 1);
+  return 2 * (k + 1) * R * 4 + R * SPEC_SEQ_WORDS * 4 + R * 8 + (k + 1) * R * 8 + R * cap * 4 +
+    R * 4 + RING * R * (1 + SPEC_SEQ_WORDS + cap) * 4;
 }
 
 /** GPU state and cycle dispatches of batched greedy speculation (kernels/batch_spec.ts). */

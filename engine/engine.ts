@@ -7,6 +7,7 @@
  */
 import {
   type BatchFigures,
+  batchMode,
   type GenerateChunk,
   type GenerateOptions,
   type GenerateStats,
@@ -14,7 +15,6 @@ import {
   type ModelInfo,
   type Request,
   type Response,
-  runsBatched,
 } from "./protocol.ts";
 
 /** An error raised inside the GPU worker, re-thrown on the caller's side. */
@@ -145,15 +145,15 @@ export class Engine {
    * Generates text; yields chunks as the worker streams them and records the final statistics in
    * {@linkcode Engine.lastStats}. Aborting `signal` stops generation cleanly (stop reason
    * "cancelled"). Generations started while one runs wait for it: the GPU decodes one sequence
-   * at a time, except with `parallel` > 1 (`LoadOptions`), where generations without
-   * speculation run together, batched (engine/batch.ts).
+   * at a time, except with `parallel` > 1 (`LoadOptions`), where plain generations and greedy
+   * ones speculating with the draft run together, batched (engine/batch.ts, `batchMode`).
    */
   async *generate(
     options: Partial<GenerateOptions>,
     signal?: AbortSignal,
   ): AsyncGenerator<GenerateChunk, GenerateStats> {
     const i = this.info;
-    if (runsBatched(i.parallel, i.draft, options.spec, options.draftTree)) {
+    if (batchMode(i.parallel, i.draft, { ...DEFAULT_GENERATE, ...options }) !== "serial") {
       return yield* this.#generate(options, signal);
     }
     const before = this.#turn;

@@ -47,6 +47,8 @@ export interface PlanRequest {
   readonly speculative: boolean;
   /** Sequences decoded together (`serve --parallel`; the paged pool is planned above 1). */
   readonly parallel?: number;
+  /** Draft tokens per cycle of batched speculation (default 4). */
+  readonly batchDraftTokens?: number;
   /** The adapter's limits and features. */
   readonly adapter: AdapterFacts;
   /** Whether the device has shader-f16. */
@@ -154,6 +156,7 @@ export async function planConfigurations(req: PlanRequest): Promise<PlanRow[]> {
         kv,
         speculative: req.speculative,
         parallel: req.parallel,
+        batchDraftTokens: req.batchDraftTokens,
         adapter: req.adapter,
       };
       const weights = await planWeights(setup);

@@ -42,10 +42,13 @@ export interface LoadOptions {
   vram?: number;
   /**
    * Sequences decoded together (continuous batching over a paged KV pool, engine/batch.ts);
-   * default 1: one generation at a time. Above 1, generations without speculation (`spec`
-   * "none") run batched and concurrently; speculative ones still take turns on the serial path.
+   * default 1: one generation at a time. Above 1, plain generations and greedy ones speculating
+   * with the loaded draft run batched and concurrently ({@linkcode batchMode}); the others still
+   * take turns on the serial path.
    */
   parallel?: number;
+  /** Draft tokens per cycle of batched speculation (`parallel` > 1 with a draft); default 4. */
+  batchDraftTokens?: number;
 }
 
 /** Sampling and stopping options for one generation. */
@@ -172,18 +175,35 @@ export interface BatchFigures {
 }
 
 /**
- * Whether a generation with proposal source `spec` runs on the batched path: with `parallel`
- * above 1 and no speculation (`spec` given, or the default: "model" when a draft is loaded).
- * The session, the engine and the server decide with this one rule.
+ * How a generation runs when `parallel` > 1 (engine/batch.ts): "plain" (batched without
+ * speculation: `spec` "none", any sampling), "speculative" (batched with the loaded draft: `spec`
+ * "model", the default with a draft, greedy only, no draft tree) or "serial" (one at a time, the
+ * path of `parallel` 1: n-gram or tree speculation, sampled speculation). The session, the engine
+ * and the server decide with this one rule.
  */
-export function runsBatched(
+export function batchMode(
+  parallel: number,
+  draftLoaded: boolean,
+  o: Pick<Partial<GenerateOptions>, "spec" | "draftTree" | "temperature">,
+): "plain" | "speculative" | "serial" {
+  const spec = o.spec ?? (draftLoaded ? "model" : "none");
+  if (parallel <= 1 || o.draftTree !== undefined) return "serial";
+  if (spec === "none") return "plain";
+  if (spec === "model" && draftLoaded && o.temperature === 0) return "speculative";
+  return "serial";
+}
+
+/**
+ * Whether a server configured with `spec` and `draftTree` can run requests batched (its queue
+ * then admits `parallel` at once): plain decoding, or speculation with a loaded draft.
+ */
+export function serverBatches(
   parallel: number,
   draftLoaded: boolean,
   spec: GenerateOptions["spec"],
   draftTree?: string,
 ): boolean {
-  return parallel > 1 && (spec ?? (draftLoaded ? "model" : "none")) === "none" &&
-    draftTree === undefined;
+  return batchMode(parallel, draftLoaded, { spec, draftTree, temperature: 0 }) !== "serial";
 }
 
 /** Main thread → worker. */

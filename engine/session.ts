@@ -10,7 +10,7 @@ import { Decoder, type SamplingSettings, type Speculation, targetLogitRows } fro
 import { parseTreeShape, type TreeShape } from "./token_tree.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { LlamaBatch } from "../models/llama_batch.ts";
-import { BatchDecoder } from "./batch.ts";
+import { BATCH_MAX_STEPS, BatchDecoder, sessionBatchShapes } from "./batch.ts";
 import { planFormats } from "./quant_plan.ts";
 import {
   formatPlanTable,
@@ -24,12 +24,12 @@ import { contextLimitReason, loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
 import {
   type BatchFigures,
+  batchMode,
   type GenerateChunk,
   type GenerateOptions,
   type GenerateStats,
   type LoadOptions,
   type ModelInfo,
-  runsBatched,
 } from "./protocol.ts";
 
 /** A loaded target (and optional draft) on the GPU, ready to generate. */
@@ -40,8 +40,11 @@ export class Session {
   readonly #draft: LlamaGpu | undefined;
   readonly #decoders = new Map<string, Decoder>();
   readonly #tokenizer: Tokenizer | undefined;
-  /** Batched decoding (`parallel` > 1): the target's paged forward and its scheduler. */
-  readonly #batch: { forward: LlamaBatch; decoder: BatchDecoder } | undefined;
+  /**
+   * Batched decoding (`parallel` > 1): the target's paged forward (and the draft's, for batched
+   * speculation) and the scheduler.
+   */
+  readonly #batch: SessionBatch | undefined;
   /** The planner's figures for this setup, computed before anything was allocated. */
   readonly planned: VramBytes;
 
@@ -52,7 +55,7 @@ export class Session {
     draft: LlamaGpu | undefined,
     tokenizer: Tokenizer | undefined,
     planned: VramBytes,
-    batch?: { forward: LlamaBatch; decoder: BatchDecoder },
+    batch?: SessionBatch,
   ) {
     this.planned = planned;
     this.#batch = batch;
@@ -111,6 +114,10 @@ export class Session {
     if (!Number.isInteger(parallel) || parallel < 1 || parallel > 64) {
       throw new RangeError(`parallel must be an integer in [1, 64], got ${parallel}`);
     }
+    const batchK = options.batchDraftTokens ?? 4;
+    if (!Number.isInteger(batchK) || batchK < 1 || batchK > 16) {
+      throw new RangeError(`batched draft tokens must be an integer in [1, 16], got ${batchK}`);
+    }
     if (options.kv === "f16" && !f16) {
       throw new Error(
         "--kv f16 needs the shader-f16 feature (this device or --no-f16 rules it out)",
@@ -130,6 +137,7 @@ export class Session {
       budget: options.vram,
       speculative: self || draftHost !== undefined,
       parallel,
+      batchDraftTokens: batchK,
       adapter: adapterFacts(gpu),
       f16,
     };
@@ -213,17 +221,25 @@ export class Session {
       });
     }
     const tokenizer = host.tokenizer ?? draftHost?.tokenizer;
-    let batch: { forward: LlamaBatch; decoder: BatchDecoder } | undefined;
+    let batch: SessionBatch | undefined;
     if (parallel > 1) {
-      const forward = await LlamaBatch.create(gpu, target, {
-        maxSeqs: parallel,
-        maxSeqRows: maxSeq,
-      });
+      const shapes = sessionBatchShapes(parallel, maxSeq, draft ? batchK : undefined);
+      const forward = await LlamaBatch.create(gpu, target, shapes.target);
+      const draftForward = draft && shapes.draft
+        ? await LlamaBatch.create(gpu, draft, shapes.draft, "draft.batch")
+        : undefined;
+      const poolBytes = forward.bytes.kv + (draftForward?.bytes.kv ?? 0);
       progress(
         `paged KV pool: ${forward.layout.numBlocks} blocks of ${forward.layout.blockRows} rows ` +
-          `(${formatBytes(forward.bytes.kv)}) for ${parallel} sequences`,
+          `(${formatBytes(poolBytes)}${draftForward ? ", target and draft" : ""}) for ` +
+          `${parallel} sequences`,
       );
-      batch = { forward, decoder: new BatchDecoder(gpu, forward) };
+      const spec = draftForward ? { draft: draftForward, k: batchK } : undefined;
+      batch = {
+        forward,
+        draftForward,
+        decoder: new BatchDecoder(gpu, forward, BATCH_MAX_STEPS, spec),
+      };
     }
     return new Session(gpu, store, target, draft, tokenizer, planned, batch);
   }
@@ -256,8 +272,10 @@ export class Session {
     return {
       target_weights: this.#store.bytesOf("target"),
       draft_weights: this.#store.bytesOf("draft"),
-      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0) + (b?.forward.bytes.kv ?? 0),
-      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0) + (b?.forward.bytes.scratch ?? 0),
+      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0) + (b?.forward.bytes.kv ?? 0) +
+        (b?.draftForward?.bytes.kv ?? 0),
+      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0) + (b?.forward.bytes.scratch ?? 0) +
+        (b?.draftForward?.bytes.scratch ?? 0),
       staging: staging + (b?.decoder.bytes ?? 0),
     };
   }
@@ -370,11 +388,12 @@ export class Session {
     const streamer = this.#tokenizer?.decoder();
     let ttft = 0;
     const sampling = { temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed };
-    if (
-      this.#batch &&
-      runsBatched(this.#batch.forward.layout.maxSeqs, !!this.#draft, o.spec, o.draftTree)
-    ) {
-      return await this.#generateBatched(prompt, o, sampling, onChunk, cancelled);
+    const mode = this.#batch
+      ? batchMode(this.#batch.forward.layout.maxSeqs, !!this.#draft, o)
+      : "serial";
+    if (mode !== "serial") {
+      const speculate = mode === "speculative";
+      return await this.#generateBatched(prompt, o, sampling, speculate, onChunk, cancelled);
     }
     const r = await this.#decoder(spec).generate(
       prompt,
@@ -423,6 +442,7 @@ export class Session {
     prompt: number[],
     o: GenerateOptions,
     sampling: SamplingSettings,
+    speculate: boolean,
     onChunk: (chunk: GenerateChunk) => void,
     cancelled: () => boolean,
   ): Promise<GenerateStats> {
@@ -431,6 +451,8 @@ export class Session {
       prompt,
       maxTokens: o.maxTokens,
       sampling,
+      speculate,
+      draftTokens: typeof o.draftTokens === "number" ? o.draftTokens : undefined,
       onTokens: (ids) => {
         const text = streamer ? ids.map((id) => streamer.push(id)).join("") : "";
         onChunk({ text, tokens: ids });
@@ -450,10 +472,10 @@ export class Session {
       stop_reason: r.stop,
       vram_bytes: vramTotal(info.vram),
       vram: info.vram,
-      spec: "none",
-      acceptance_rate: 0,
-      proposed_tokens: 0,
-      accepted_tokens: 0,
+      spec: speculate ? "model" : "none",
+      acceptance_rate: r.proposed ? r.accepted / r.proposed : 0,
+      proposed_tokens: r.proposed,
+      accepted_tokens: r.accepted,
       target_passes: r.steps,
       tokens_per_pass: r.steps ? (n - 1) / r.steps : 0,
       tree_shape: null,
@@ -469,6 +491,7 @@ export class Session {
       await this.#batch.decoder.idle();
       this.#batch.decoder.destroy();
       this.#batch.forward.destroy();
+      this.#batch.draftForward?.destroy();
     }
     for (const d of this.#decoders.values()) d.destroy();
     this.#draft?.destroy();
@@ -478,6 +501,13 @@ export class Session {
     this.#gpu.destroy();
     await this.#gpu.device.lost;
   }
+}
+
+/** A session's batched path: the paged forwards of target (and draft) and their scheduler. */
+interface SessionBatch {
+  forward: LlamaBatch;
+  draftForward?: LlamaBatch;
+  decoder: BatchDecoder;
 }
 
 /**

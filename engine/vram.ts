@@ -23,7 +23,7 @@ import { llamaBufferSizes, uploadList } from "../models/llama.ts";
 import { storedBytes, tensorKey } from "./weights.ts";
 import { decoderBytes, targetLogitRows } from "./decode.ts";
 import { llamaBatchSizes, resolveBatchShape } from "../models/llama_batch.ts";
-import { batchDecoderBytes } from "./batch.ts";
+import { batchDecoderBytes, sessionBatchShapes, specStateBytes } from "./batch.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 
@@ -98,6 +98,8 @@ export interface VramSetup {
    * pool holding that many full contexts, with its batch activations and scheduler buffers.
    */
   readonly parallel?: number;
+  /** Draft tokens per cycle of batched speculation (with a draft and `parallel` > 1); default 4. */
+  readonly batchDraftTokens?: number;
 }
 
 /** Weight bytes of a setup, and tensors too large for the adapter. */
@@ -175,18 +177,28 @@ export function planBuffers(
     a.timestamps,
   );
   if ((setup.parallel ?? 1) > 1) {
-    const layout = resolveBatchShape({ maxSeqs: setup.parallel!, maxSeqRows: maxSeq }, setup.kv);
-    const s = llamaBatchSizes(setup.target.model.config, layout, a.maxComputeWorkgroupStorageSize);
+    // The batched path: a paged pool and batch activations per model (the draft's when one is
+    // loaded, for batched speculation), and the scheduler's buffers.
+    const k = setup.draft ? setup.batchDraftTokens ?? 4 : undefined;
+    const shapes = sessionBatchShapes(setup.parallel!, maxSeq, k);
     const limit = Math.min(a.maxBufferSize, a.maxStorageBufferBindingSize);
-    if (s.kv / 2 > limit) {
-      problems.push(
-        `a ${setup.kv} paged KV pool for ${setup.parallel} sequences of ${maxSeq} rows needs ` +
-          `${s.kv / 2} bytes per buffer > ${limit}`,
-      );
+    const models = [[setup.target, shapes.target], [setup.draft, shapes.draft]] as const;
+    for (const [m, shape] of models) {
+      if (!m || !shape) continue;
+      const layout = resolveBatchShape(shape, setup.kv);
+      const s = llamaBatchSizes(m.model.config, layout, a.maxComputeWorkgroupStorageSize);
+      if (s.kv / 2 > limit) {
+        problems.push(
+          `a ${setup.kv} paged KV pool for ${setup.parallel} sequences of ${maxSeq} rows needs ` +
+            `${s.kv / 2} bytes per buffer > ${limit}`,
+        );
+      }
+      if (s.act.logits > limit) problems.push(`batch logits need ${s.act.logits} bytes > ${limit}`);
+      kv += s.kv;
+      scratch += s.scratch;
+      if (m === setup.target) staging += batchDecoderBytes(layout);
     }
-    kv += s.kv;
-    scratch += s.scratch;
-    staging += batchDecoderBytes(layout);
+    if (k !== undefined) staging += specStateBytes(setup.parallel!, k);
   }
   return { kv_cache: kv, scratch, staging, problems };
 }

@@ -5,7 +5,7 @@
  * so `Deno.serve` runs it and tests call it directly.
  *
  * Requests decode one at a time in arrival order ({@linkcode TurnQueue}), or, when the engine
- * batches (`--parallel` N > 1 and no speculation), up to N at once; more than `queue` waiting
+ * batches (`--parallel` N > 1, plain or draft-model speculation), up to N at once; more than `queue` waiting
  * get 503 with `Retry-After`. A client that goes away (closed connection, cancelled
  * stream) cancels its generation, or leaves the queue if it was still waiting.
  *
@@ -19,7 +19,7 @@ import {
   type GenerateOptions,
   type GenerateStats,
   type ModelInfo,
-  runsBatched,
+  serverBatches,
 } from "../engine/protocol.ts";
 import { ApiError, type ParsedRequest, parseRequest } from "./request.ts";
 import { StopMatcher } from "./stop.ts";
@@ -186,7 +186,7 @@ export class SpecdecServer {
     this.#backend = backend;
     this.#config = config;
     const i = backend.info, parallel = i.parallel ?? 1;
-    const batched = runsBatched(parallel, i.draft, config.spec, config.draftTree);
+    const batched = serverBatches(parallel, i.draft, config.spec, config.draftTree);
     this.#queue = new TurnQueue(config.queue, batched ? parallel : 1);
   }
 

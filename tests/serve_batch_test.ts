@@ -173,3 +173,67 @@ Deno.test({
   while (!(await lines.read()).done) { /* drain */ }
   assert.equal((await child.status).code, 0, log);
 });
+
+Deno.test({
+  ...opts,
+  name: "serve --parallel 3 with a draft: greedy streams speculate together and equal plain greedy",
+}, async () => {
+  const stories = await fixture("icppWorld-icpp_llm/stories260K.bin");
+  const tok512 = await fixture("icppWorld-icpp_llm/tok512.bin");
+  const xs = await fixture("saltyduckegg-llama2xs.c/model.bin");
+  const serial = await Engine.load({ model: stories, tokenizer: tok512, maxSeq: 128 });
+  const want: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    let text = "";
+    const ids = await serial.tokenize(PROMPTS[i], true);
+    for await (
+      const c of serial.generate({ promptTokens: ids, maxTokens: MAX[i], temperature: 0 })
+    ) {
+      text += c.text;
+    }
+    want.push(text);
+  }
+  await serial.dispose();
+  const engine = await Engine.load({
+    model: stories,
+    tokenizer: tok512,
+    draft: xs,
+    draftTokenizer: tok512,
+    maxSeq: 128,
+    parallel: 3,
+    batchDraftTokens: 3,
+  });
+  const server = new SpecdecServer(engine, {
+    modelId: "tiny",
+    chatTemplate: compileChatTemplate({ template: FALLBACK_CHAT_TEMPLATE, source: "fallback" }),
+    queue: 16,
+    spec: "model",
+    draftTokens: 3,
+  });
+  assert.equal(server.slots, 3);
+  const http = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    (r) => server.handle(r),
+  );
+  const url = `http://127.0.0.1:${http.addr.port}`;
+  try {
+    const texts = await Promise.all(
+      [0, 1, 2].map(async (i) => await streamText(await stream(url, PROMPTS[i], MAX[i]))),
+    );
+    for (let i = 0; i < 3; i++) assert.equal(texts[i], want[i], `stream ${i}`);
+    // Not streamed: the response carries the speculation figures.
+    const res = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      body: JSON.stringify({ prompt: PROMPTS[0], max_tokens: MAX[0], temperature: 0 }),
+    });
+    const body = await res.json();
+    assert.equal(body.choices[0].text, want[0]);
+    assert.equal(body.specdec.spec, "model");
+    assert.ok(body.specdec.acceptance_rate > 0 && body.specdec.tokens_per_pass > 1);
+    assert.equal((await engine.batchLoad())!.blocksInUse, 0);
+  } finally {
+    await server.drain();
+    await http.shutdown();
+    await engine.dispose();
+  }
+});

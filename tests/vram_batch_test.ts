@@ -94,3 +94,39 @@ gpuTest(
   },
   { features: ["shader-f16"] },
 );
+
+gpuTest(
+  "planner bytes equal the allocated bytes with batched speculation (draft, --parallel 2)",
+  async (gpu) => {
+    const s = await Session.load({
+      model: await fixture(STORIES),
+      tokenizer: await fixture(TOK),
+      draft: await fixture("saltyduckegg-llama2xs.c/model.bin"),
+      draftTokenizer: await fixture(TOK),
+      maxSeq: 96,
+      parallel: 2,
+      batchDraftTokens: 3,
+    }, () => {});
+    try {
+      const r = await s.generate(
+        {
+          promptTokens: [1, 403, 407, 261],
+          maxTokens: 20,
+          temperature: 0,
+          topK: 0,
+          topP: 1,
+          seed: 0,
+        },
+        () => {},
+        () => false,
+      );
+      assert.equal(r.spec, "model");
+      assert.ok(r.accepted_tokens > 0 && r.tokens_per_pass > 1, JSON.stringify(r));
+      const serialDecoder = decoderBytes(96, s.info().vocabSize, true, gpu.features.timestamp);
+      assert.deepEqual(s.vram(), { ...s.planned, staging: s.planned.staging - serialDecoder });
+      assert.equal(vramTotal(s.vram()), s.allocatedBytes);
+    } finally {
+      await s.dispose();
+    }
+  },
+);
