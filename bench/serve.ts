@@ -5,14 +5,15 @@
  * between streamed events (p50/p99), with speculation off and on.
  *
  *   deno run -A bench/serve.ts --model DIR [--draft DIR] [--tokenizer F] [--streams 1,8]
- *                              [--tokens 64] [--reps 2] [--parallel N] [--ctx C] [--kv q8]
+ *                              [--tokens 64] [--reps 2] [--parallel N] [--draft-tokens K]
+ *                              [--ctx C] [--kv q8]
  *                              [--out F] [--json]
  *
  * With `--parallel 1` (the default) the server decodes one request at a time, so N streams take
  * about N times as long as one: the ratio shows it. With `--parallel N` the engine batches up to
- * N plain (spec none) streams per forward over a paged KV cache (engine/batch.ts); speculative
- * rows (spec model) still take turns, as the server does. `--ctx` bounds the KV rows per
- * sequence (the pool holds N of them).
+ * N streams per forward over a paged KV cache (engine/batch.ts): plain ones (spec none) and,
+ * with a draft, greedy speculative ones (spec model, `--draft-tokens` k, default 4). `--ctx`
+ * bounds the KV rows per sequence (the pool holds N of them).
  */
 import { parseArgs } from "@specdec/cli";
 import { Engine } from "../engine/engine.ts";
@@ -116,6 +117,7 @@ if (import.meta.main) {
       tokens: { type: "string", default: "64" },
       reps: { type: "string", default: "2" },
       parallel: { type: "string", default: "1" },
+      "draft-tokens": { type: "string", default: "4" },
       ctx: { type: "string" },
       kv: { type: "string" },
       out: { type: "string" },
@@ -143,6 +145,7 @@ if (import.meta.main) {
       tokenizer: values.tokenizer,
       draftTokenizer: values.tokenizer,
       parallel,
+      batchDraftTokens: Number(values["draft-tokens"]),
       maxSeq: values.ctx === undefined ? undefined : Number(values.ctx),
       kv,
     },
@@ -157,6 +160,7 @@ if (import.meta.main) {
         chatTemplate: compileChatTemplate({ template: FALLBACK_CHAT_TEMPLATE, source: "fallback" }),
         queue: 1024,
         spec,
+        draftTokens: Number(values["draft-tokens"]),
       });
       const http = Deno.serve(
         { hostname: "127.0.0.1", port: 0, onListen() {} },

@@ -1,7 +1,7 @@
 /**
  * Continuous batching (issue 12): up to `maxSeqs` sequences decode together, one row each per
  * forward of models/llama_batch.ts, their KV rows in blocks of one paged pool
- * (engine/paged_kv.ts). Plain decoding only (no speculation): each step is
+ * (engine/paged_kv.ts). Plain decoding: each step is
  *
  *   forward   R rows: row i = the last token of active sequence i at its own position
  *   sample    row i with sequence i's own settings (temperature/top-k/top-p/seed; greedy =
@@ -27,6 +27,14 @@
  * its whole length (prompt + max tokens) needs, together with what the running sequences may
  * still take, are free: so a running sequence never waits for blocks and nothing is ever
  * preempted. A request that does not fit waits in line (first come, first served).
+ *
+ * With a draft model ({@linkcode BatchSpeculation}) a step is a greedy speculative cycle instead
+ * (kernels/batch_spec.ts): k batched draft steps propose k tokens per sequence (the draft's pool
+ * holds the same blocks as the target's, so one block table serves both), the target verifies
+ * all (k + 1) R rows in one forward, and each sequence accepts its drafts up to the first
+ * disagreement with the target's argmax, plus the target's token there; rejected rows are masked
+ * by position. Sequences that do not speculate (`speculate: false`) ride in the same cycles,
+ * accepting no draft, with their own sampler over their target row.
  *
  * Per-sequence sampling is bit-compatible with engine/decode.ts's plain path: token j of a
  * sequence is drawn with RNG counter j of its seed (sampler row 0), so greedy output equals
@@ -148,6 +156,8 @@ const RING = 2;
 /** A submitted chunk: its rows (active sequences, in row order), steps and readback. */
 interface Chunk {
   rows: Seq[];
+  /** Speculative cycles (some row drafts) or plain steps. */
+  spec: boolean;
   /** Per row: it joined in this chunk (its first token is out[0]). */
   first: boolean[];
   n: number;
@@ -473,7 +483,11 @@ export class BatchDecoder {
         this.#spec?.draft.setTable(s.slot, s.blocks.blocks);
       }
     }
-    if (this.#spec) return await this.#issueSpec(this.#spec, act, joined, sync, n);
+    // Speculative cycles only while some row drafts; a batch of plain rows takes plain steps
+    // (the composition, hence the mode, never changes between host-written chunks).
+    if (this.#spec && act.some((s) => this.#kOf(s) > 0)) {
+      return await this.#issueSpec(this.#spec, act, joined, sync, n);
+    }
     if (sync) {
       // Row state: each row's input token (joiners: their first, sampled below), position and
       // RNG counter (token j of a sequence draws with counter j).
@@ -484,7 +498,7 @@ export class BatchDecoder {
       );
       g.write(B.counters, new Uint32Array(act.map((s) => s.tokens.length)));
     }
-    await this.#prefill(act, joined);
+    await this.#prefill(act, joined, false);
     // n steps over the R rows; out[0] = the inputs, out[1 + i] = step i's samples.
     const step: Dispatch[] = [
       ...await batch.plan(R, { tokens: { buffer: B.tokens, offset: 0 }, rows: B.rows }, "all"),
@@ -518,7 +532,7 @@ export class BatchDecoder {
       return out;
     })();
     read.catch(() => {}); // awaited by the loop; a failure must not go unhandled meanwhile
-    return { rows: act, first, n, read };
+    return { rows: act, spec: false, first, n, read };
   }
 
   /** {@linkcode BatchDecoder.#issue} when speculating: n cycles of draft, verify, commit. */
@@ -547,7 +561,7 @@ export class BatchDecoder {
       // Continuing from the GPU's positions and inputs: only this chunk's counts restart.
       for (let i = 0; i < R; i++) g.write(B.seq, new Uint32Array(2), (SPEC_SEQ_WORDS * i + 2) * 4);
     }
-    await this.#prefill(act, joined);
+    await this.#prefill(act, joined, true);
     const cycle = await sp.cycle(
       act.map((s) => s.req.speculate === false ? s.req.sampling : undefined),
       (settings, row) => this.#sampler(settings, row, row, B.tids),
@@ -573,7 +587,7 @@ export class BatchDecoder {
       return out;
     })();
     read.catch(() => {});
-    return { rows: act, first, n, read };
+    return { rows: act, spec: true, first, n, read };
   }
 
   /** {@linkcode BatchDecoder.#settle} when speculating: each row's emitted ids and counts. */
@@ -595,7 +609,7 @@ export class BatchDecoder {
    * between them; queue writes and submissions run in order), through the draft too when
    * speculating, then its first token into its row's input.
    */
-  async #prefill(act: readonly Seq[], joined: readonly Seq[]): Promise<void> {
+  async #prefill(act: readonly Seq[], joined: readonly Seq[], spec: boolean): Promise<void> {
     const g = this.#gpu, B = this.#buf, batch = this.#batch, L = batch.layout;
     for (const s of joined) {
       const row = act.indexOf(s);
@@ -610,10 +624,9 @@ export class BatchDecoder {
         );
         const io = { tokens: { buffer: B.prompt, offset: 0 }, rows: B.promptRows };
         const d = [...await batch.plan(T, io, last ? "last" : "none")];
-        if (this.#spec) d.push(...await this.#spec.draft.plan(T, io, "none"));
-        if (last) {
-          d.push(await this.#sampler(s.req.sampling, row, 0, this.#spec?.buf.verifyIn));
-        }
+        const sp = spec ? this.#spec : undefined;
+        if (sp && this.#kOf(s) > 0) d.push(...await sp.draft.plan(T, io, "none"));
+        if (last) d.push(await this.#sampler(s.req.sampling, row, 0, sp?.buf.verifyIn));
         const enc = g.device.createCommandEncoder({ label: "batch.prefill" });
         g.encode(enc, "batch.prefill", d);
         g.device.queue.submit([enc.finish()]);
@@ -628,7 +641,7 @@ export class BatchDecoder {
    */
   #settle(out: Uint32Array, c: Chunk): void {
     this.#chunks++;
-    if (this.#spec) return this.#settleSpec(this.#spec, out, c);
+    if (c.spec) return this.#settleSpec(this.#spec!, out, c);
     const R = c.rows.length;
     c.rows.forEach((s, i) => {
       if (s.slot < 0) return; // it ended in an earlier chunk
