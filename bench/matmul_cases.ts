@@ -34,6 +34,10 @@ export interface MatmulCase {
   path?: MatmulPath;
   /** Force a matrix-vector split; default matvecShape(T, software, { K, N, unitValues }). */
   shape?: MatvecShape;
+  /** Fold an RMSNorm of x into the product (as the forward's qkv and gate/up products do). */
+  norm?: boolean;
+  /** Factored block decoding (createMatmul's `factor`; default true). */
+  factor?: boolean;
 }
 
 /** One measured case. */
@@ -165,6 +169,44 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
   ])
 );
 
+const SWEEP_SPLITS: readonly Required<MatvecShape>[] = [
+  { rows: 8, lanes: 32, perThread: 2 },
+  { rows: 8, lanes: 32, perThread: 1 },
+  { rows: 16, lanes: 32, perThread: 4 },
+  { rows: 8, lanes: 64, perThread: 4 },
+  { rows: 4, lanes: 64, perThread: 1 },
+];
+
+/**
+ * Rows-per-invocation sweep: 4096→14336 (norm folded in, as the forward's products) at every
+ * verify width T in f16 and the vec4 block formats, with 8 rows x 32 lanes and 1, 2 or 4 rows
+ * per invocation, beside the default split: where each T's accumulators stop fitting registers.
+ */
+export const SWEEP_CASES: readonly MatmulCase[] = (["q4_0", "q8_0", "q4_k", "f16"] as const)
+  .flatMap((dtype) =>
+    [1, 2, 4, 8, 17].flatMap((T) =>
+      [false, true].flatMap((norm) =>
+        (dtype === "f16" ? [true] : [true, false]).flatMap((factor) =>
+          [undefined, ...SWEEP_SPLITS].filter((sh) => !sh || T <= 8 || sh.perThread === 1).map(
+            (shape): MatmulCase => ({
+              name: `4096→14336${norm ? " norm" : ""}${factor ? "" : " unfactored"} ${
+                shape ? `${shape.rows}x${shape.lanes}x${shape.perThread}` : "auto"
+              }`,
+              T,
+              K: 4096,
+              N: 14336,
+              dtype,
+              path: "matvec",
+              norm,
+              factor,
+              shape,
+            }),
+          )
+        )
+      )
+    )
+  );
+
 /**
  * Times each case (cases needing f16 are skipped on devices without it). Each case gets one
  * untimed warm-up dispatch; then up to `reps` dispatches are encoded into one timed pass (fewer
@@ -197,7 +239,9 @@ export async function benchMatmul(
     const x = gpu.buffer(`${label}.x`, c.T * c.K * 4, rw);
     const w = gpu.buffer(`${label}.w`, wBytes, rw);
     const y = gpu.buffer(`${label}.y`, c.T * c.N * 4, rw);
+    const g = c.norm ? gpu.buffer(`${label}.g`, c.K * 4, rw) : undefined;
     const d = await createMatmul(gpu, {
+      norm: g && { weight: g, eps: 1e-5 },
       label,
       x,
       w,
@@ -208,6 +252,7 @@ export async function benchMatmul(
       N: c.N,
       path,
       shape: c.shape,
+      factor: c.factor,
     });
     const t0 = performance.now();
     await gpu.run(`${label}.warmup`, [d]);
@@ -245,6 +290,7 @@ export async function benchMatmul(
     x.destroy();
     w.destroy();
     y.destroy();
+    g?.destroy();
     const per = seconds / n;
     rows.push({
       ...c,

@@ -5,21 +5,31 @@
  * uses too). Measures and never asserts.
  *
  *   deno run -A bench/peers.ts --target T [--draft D] [--llama-quant Q4_K_M] [--tokens 64]
- *                              [--prompt-tokens 128] [--k 4] [--build cpu|vulkan]
- *                              [--threads 2] [--json]
+ *                              [--prompt-tokens 128] [--k 4] [--reps 1] [--build cpu|vulkan]
+ *                              [--llama-lib DIR] [--threads 2] [--json] [--json-out FILE]
  *
  * `--target`/`--draft`: a GGUF, or any checkpoint specdec reads (written to an f16 GGUF first, so
  * both engines read the same file). `--llama-quant`: llama.cpp quantizes that GGUF into one of
  * its file types first (`llama_model_quantize`), and both engines run the result.
  *
- * Per engine, over the same prompts (code, cut to `--prompt-tokens`): prefill tok/s (prompt
+ * Per engine, after a warm-up, over the same prompts (code, cut to `--prompt-tokens`; all of them
+ * `--reps` times, the rates summed over every repetition): prefill tok/s (prompt
  * tokens / wall time of the prompt pass), decode tok/s (greedy new tokens after the first / wall
  * time), and with `--draft` the speculative tok/s of both (draft model, k = `--k`, counted the same
  * way). llama.cpp's speculative decoding is not in its C API: it runs through node-llama-cpp's
- * `DraftSequenceTokenPredictor` in a Node child process (bench/llama_spec.mjs; `node` must be on
- * PATH), drafting exactly k tokens (no confidence cut-off). Memory: specdec's GPU bytes as allocated
- * (weights + KV cache + scratch); llama.cpp's model bytes (`llama_model_size`: in RAM for the CPU
- * build, on the GPU with Vulkan).
+ * `DraftSequenceTokenPredictor` in a Node child process (bench/llama_spec.mjs), drafting exactly k
+ * tokens (no confidence cut-off). It needs `node` on PATH and node-llama-cpp's JavaScript in
+ * `$SPECDEC_LLAMA_PEER`; without them the speculative column of llama.cpp says "not run" and the
+ * output gives the reason (`llama_spec_skipped` in the JSON). Memory: specdec's GPU bytes as
+ * allocated (weights + KV cache + scratch); llama.cpp's model bytes (`llama_model_size`: in RAM for
+ * the CPU build, on the GPU with Vulkan), and with Vulkan also the device memory its model and
+ * context took (the drop of ggml's free-memory figure of the device across loading).
+ *
+ * `--llama-lib DIR`: the folder of llama.cpp's shared libraries (else `$SPECDEC_LLAMA_LIB_DIR`, else
+ * the npm install in `$SPECDEC_LLAMA_PEER`; see tests/llama_cpp.ts). `--build` defaults to `vulkan`
+ * when that folder holds `libggml-vulkan.so`, else `cpu`. The Vulkan build offloads every layer
+ * (n_gpu_layers 999) and the table names the ggml device it ran on. `--json-out FILE` writes the
+ * JSON object to FILE besides printing the table.
  */
 import { parseArgs } from "@specdec/cli";
 import { join } from "@specdec/path";
@@ -30,11 +40,12 @@ import { quantizeToGguf } from "../engine/quantize.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { loadModel } from "../models/load.ts";
 import {
-  argmax,
   LLAMA_FTYPE,
   type LlamaBuild,
+  type LlamaCpp,
   LlamaCppModel,
   type LlamaFtype,
+  llamaLibDir,
   llamaPeerDir,
   llamaQuantize,
   openLlamaCpp,
@@ -50,21 +61,35 @@ const args = parseArgs({
     tokens: { type: "string", default: "64" },
     "prompt-tokens": { type: "string", default: "128" },
     k: { type: "string", default: "4" },
-    build: { type: "string", default: "cpu" },
+    reps: { type: "string", default: "1" },
+    build: { type: "string" },
+    "llama-lib": { type: "string" },
     threads: { type: "string", default: "2" },
     json: { type: "boolean", default: false },
+    "json-out": { type: "string" },
   },
 });
 if (!args.values.target) {
   console.error(
     "usage: deno run -A bench/peers.ts --target T [--draft D] [--llama-quant Q4_K_M] " +
-      "[--tokens 64] [--prompt-tokens 128] [--k 4] [--build cpu|vulkan] [--threads 2] [--json]",
+      "[--tokens 64] [--prompt-tokens 128] [--k 4] [--reps 1] [--build cpu|vulkan] [--llama-lib DIR] " +
+      "[--threads 2] [--json] [--json-out FILE]",
   );
   Deno.exit(2);
 }
 const tokens = Number(args.values.tokens), promptTokens = Number(args.values["prompt-tokens"]);
 const k = Number(args.values.k), threads = Number(args.values.threads);
-const build = args.values.build as LlamaBuild;
+const reps = Number(args.values.reps);
+const libDir = args.values["llama-lib"] ?? Deno.env.get("SPECDEC_LLAMA_LIB_DIR");
+const hasVulkanLib = (d: string) => {
+  try {
+    return [...Deno.readDirSync(d)].some((e) => /^libggml-vulkan.*\.so$/.test(e.name));
+  } catch {
+    return false;
+  }
+};
+const build = (args.values.build ??
+  (libDir && hasVulkanLib(libDir) ? "vulkan" : "cpu")) as LlamaBuild;
 if (build !== "cpu" && build !== "vulkan") throw new Error(`--build ${build}: cpu or vulkan`);
 const llamaQuant = args.values["llama-quant"] as LlamaFtype | undefined;
 if (llamaQuant && !(llamaQuant in LLAMA_FTYPE)) {
@@ -72,7 +97,22 @@ if (llamaQuant && !(llamaQuant in LLAMA_FTYPE)) {
 }
 
 const dir = await Deno.makeTempDir({ prefix: "specdec-peers-" });
-const cpp = openLlamaCpp(build);
+const gpuLayers = build === "cpu" ? 0 : 999;
+// A llama.cpp that cannot be opened (no library, no Vulkan device) still lets specdec's side run
+// (unless llama.cpp must quantize first); the output then says why llama.cpp's row is missing and
+// the exit status is 1.
+let cpp: LlamaCpp | undefined, cppError: string | undefined;
+try {
+  cpp = openLlamaCpp(build, libDir ?? llamaLibDir(build));
+  console.error(
+    `peers: llama.cpp ${build} from ${cpp.dir}; ggml devices: ${cpp.devices.join(", ")}` +
+      (build === "cpu" ? "" : `; n_gpu_layers ${gpuLayers} onto ${cpp.gpuDevices.join(", ")}`),
+  );
+} catch (e) {
+  if (llamaQuant) throw e;
+  cppError = e instanceof Error ? e.message : String(e);
+  console.error(`peers: llama.cpp not run: ${cppError}`);
+}
 
 /** The GGUF both engines run for `path` (converted and/or llama.cpp-quantized in `dir`). */
 async function gguf(path: string, name: string): Promise<string> {
@@ -83,7 +123,7 @@ async function gguf(path: string, name: string): Promise<string> {
   }
   if (llamaQuant) {
     const out = join(dir, `${name}-${llamaQuant}.gguf`);
-    llamaQuantize(cpp, file, out, llamaQuant, threads);
+    llamaQuantize(cpp!, file, out, llamaQuant, threads);
     file = out;
   }
   return file;
@@ -121,25 +161,29 @@ const plain = new Decoder(gpu, target);
 await plain.generate(prompts[0], 4, greedy, quiet); // warm-up: pipelines
 let pTok = 0, pMs = 0, dTok = 0, dMs = 0;
 const ours: number[][] = [];
-for (const p of prompts) {
-  const r = await plain.generate(p, tokens, greedy, quiet);
-  pTok += p.length;
-  pMs += r.prefillMs;
-  dTok += r.tokens.length - 1;
-  dMs += r.decodeMs;
-  ours.push(r.tokens);
+for (let rep = 0; rep < reps; rep++) {
+  for (const p of prompts) {
+    const r = await plain.generate(p, tokens, greedy, quiet);
+    pTok += p.length;
+    pMs += r.prefillMs;
+    dTok += r.tokens.length - 1;
+    dMs += r.decodeMs;
+    if (rep === 0) ours.push(r.tokens);
+  }
 }
 let specRate: number | null = null, acceptance: number | null = null;
 if (draft) {
   const spec = new Decoder(gpu, target, { kind: "model", draft });
   await spec.generate(prompts[0], 8, greedy, quiet, k);
   let n = 0, ms = 0, acc = 0, prop = 0;
-  for (const p of prompts) {
-    const r = await spec.generate(p, tokens, greedy, quiet, k);
-    n += r.tokens.length - 1;
-    ms += r.decodeMs;
-    acc += r.accepted;
-    prop += r.proposed;
+  for (let rep = 0; rep < reps; rep++) {
+    for (const p of prompts) {
+      const r = await spec.generate(p, tokens, greedy, quiet, k);
+      n += r.tokens.length - 1;
+      ms += r.decodeMs;
+      acc += r.accepted;
+      prop += r.proposed;
+    }
   }
   specRate = n / (ms / 1000);
   acceptance = prop ? acc / prop : 0;
@@ -156,36 +200,76 @@ const rows: Row[] = [{
   memory_what: "GPU bytes allocated",
   outputs: ours,
 }];
+// Printed now, so that a crash on the llama.cpp side below still leaves specdec's figures.
+console.error(`peers: specdec ${JSON.stringify({ ...rows[0], outputs: undefined })}`);
 plain.destroy();
 target.destroy();
 draft?.destroy();
 store.destroy();
 
+if (!cpp) {
+  const f = (x: number | null) => x === null ? "–" : x.toFixed(1);
+  const r = rows[0];
+  if (args.values["json-out"]) {
+    await Deno.writeTextFile(
+      args.values["json-out"],
+      JSON.stringify({ model: args.values.target, tokens, reps, rows, llama_error: cppError }) +
+        "\n",
+    );
+  }
+  console.log(
+    `\n| engine | prefill tok/s | decode tok/s | speculative tok/s | memory |\n| --- | --- | --- | --- | --- |\n` +
+      `| ${r.engine} | ${f(r.prefill_tok_s)} | ${f(r.decode_tok_s)} | ${f(r.spec_tok_s)} | ` +
+      `${(r.memory_bytes / 2 ** 20).toFixed(1)} MiB |\n\nllama.cpp not run: ${cppError}`,
+  );
+  await Deno.remove(dir, { recursive: true });
+  Deno.exit(1);
+}
+
 // ---- llama.cpp -----------------------------------------------------------------------------
-const peer = LlamaCppModel.load(cpp, targetFile, { nCtx: maxSeq, threads });
+const freeBefore = cpp.gpuMemory();
+const peer = LlamaCppModel.load(cpp, targetFile, { nCtx: maxSeq, threads, gpuLayers });
 peer.greedy(prompts[0], 4); // warm-up
+const freeAfter = cpp.gpuMemory();
+const peerDeviceBytes = freeBefore.reduce((a, m, i) => a + m.free - freeAfter[i].free, 0);
 let lpMs = 0, ldMs = 0, ldTok = 0;
 const theirs: number[][] = [];
-for (const p of prompts) {
-  peer.clear();
-  let t0 = performance.now();
-  let row = peer.decode(p, 0, "last")[0];
-  lpMs += performance.now() - t0;
-  const out = [argmax(row)];
-  t0 = performance.now();
-  for (let i = 1; i < tokens; i++) {
-    row = peer.decode([out[i - 1]], p.length + i - 1, "last")[0];
-    out.push(argmax(row));
+for (let rep = 0; rep < reps; rep++) {
+  for (const p of prompts) {
+    peer.clear();
+    let t0 = performance.now();
+    const out = [peer.decodeArgmax(p, 0)];
+    lpMs += performance.now() - t0;
+    t0 = performance.now();
+    for (let i = 1; i < tokens; i++) out.push(peer.decodeArgmax([out[i - 1]], p.length + i - 1));
+    ldMs += performance.now() - t0;
+    ldTok += tokens - 1;
+    if (rep === 0) theirs.push(out);
   }
-  ldMs += performance.now() - t0;
-  ldTok += tokens - 1;
-  theirs.push(out);
 }
 peer.close();
 let peerSpec:
   | { spec_tok_s: number; validated: number; refuted: number; plain_tok_s: number }
   | null = null;
+/** Why llama.cpp's speculative loop did not run (null when it ran or no draft was given). */
+let specSkipped: string | null = null;
 if (draftFile) {
+  const nodeLlama = join(llamaPeerDir(), "node_modules/node-llama-cpp/dist/index.js");
+  // A real Node: Deno runs itself when a subprocess named "node" is not on PATH.
+  const node = await new Deno.Command("node", { args: ["--version"], stdout: "piped" }).output()
+    .then((o) => o.success && /^v\d+\./.test(new TextDecoder().decode(o.stdout)), () => false);
+  if (!node) {
+    specSkipped = "no `node` on PATH (llama.cpp's speculative decoding is only reachable " +
+      "through node-llama-cpp's JavaScript, bench/llama_spec.mjs)";
+  } else if (!(await Deno.stat(nodeLlama).then(() => true, () => false))) {
+    specSkipped = `node-llama-cpp's JavaScript is not installed (${nodeLlama})`;
+  } else if (build === "vulkan" && libDir) {
+    specSkipped = "node-llama-cpp loads its own Vulkan build from $SPECDEC_LLAMA_PEER, not " +
+      `--llama-lib ${libDir}`;
+  }
+  if (specSkipped) console.error(`peers: llama.cpp speculative not run: ${specSkipped}`);
+}
+if (draftFile && !specSkipped) {
   // llama.cpp's own speculative loop, through node-llama-cpp in Node (see the module doc).
   const peerDir = llamaPeerDir();
   const input = {
@@ -208,22 +292,52 @@ if (draftFile) {
 }
 rows.push({
   engine: `llama.cpp ${build} (node-llama-cpp 3.21.1; ${
-    cpp.devices.join(", ")
+    build === "cpu"
+      ? cpp.devices.join(", ")
+      : `n_gpu_layers ${gpuLayers} on ${cpp.gpuDevices.join(", ")}`
   }; ${threads} threads)`,
   prefill_tok_s: pTok / (lpMs / 1000),
   decode_tok_s: ldTok / (ldMs / 1000),
   spec_tok_s: peerSpec?.spec_tok_s ?? null,
   acceptance: peerSpec ? peerSpec.validated / (peerSpec.validated + peerSpec.refuted) : null,
   memory_bytes: peer.modelBytes,
-  memory_what: build === "cpu" ? "model bytes (RAM)" : "model bytes",
+  memory_what: build === "cpu"
+    ? "model bytes (RAM)"
+    : `model bytes; device memory taken: ${
+      peerDeviceBytes > 0 ? `${(peerDeviceBytes / 2 ** 20).toFixed(1)} MiB` : "not reported"
+    }`,
   outputs: theirs,
 });
 await Deno.remove(dir, { recursive: true });
 
 const same = ours.filter((o, i) => o.every((t, j) => t === theirs[i][j])).length;
 const what = `${args.values.target}${llamaQuant ? ` as llama.cpp ${llamaQuant}` : ""}`;
+const report = {
+  model: what,
+  prompts: prompts.length,
+  prompt_tokens: promptTokens,
+  reps,
+  tokens,
+  k,
+  draft: args.values.draft ?? null,
+  llama: {
+    build,
+    dir: cpp.dir,
+    devices: cpp.devices,
+    gpu_devices: cpp.gpuDevices,
+    n_gpu_layers: gpuLayers,
+    device_memory_bytes: build === "cpu" ? null : peerDeviceBytes,
+    system_info: cpp.systemInfo,
+  },
+  llama_spec_skipped: specSkipped,
+  rows,
+  same,
+};
+if (args.values["json-out"]) {
+  await Deno.writeTextFile(args.values["json-out"], JSON.stringify(report, null, 1) + "\n");
+}
 if (args.values.json) {
-  console.log(JSON.stringify({ model: what, prompts: prompts.length, tokens, k, rows, same }));
+  console.log(JSON.stringify(report));
 } else {
   const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
   const f = (x: number | null) => x === null ? "–" : x.toFixed(1);
@@ -234,15 +348,18 @@ if (args.values.json) {
   console.log("| engine | prefill tok/s | decode tok/s | speculative tok/s | memory |");
   console.log("| --- | --- | --- | --- | --- |");
   for (const r of rows) {
-    const spec = r.spec_tok_s === null
-      ? "–"
-      : `${f(r.spec_tok_s)} (${(100 * r.acceptance!).toFixed(0)}% accepted)`;
+    const spec = r.spec_tok_s !== null
+      ? `${f(r.spec_tok_s)} (${(100 * r.acceptance!).toFixed(0)}% accepted)`
+      : r.engine.startsWith("llama.cpp") && specSkipped
+      ? "not run (see below)"
+      : "–";
     console.log(
       `| ${r.engine} | ${f(r.prefill_tok_s)} | ${f(r.decode_tok_s)} | ${spec} | ` +
         `${mib(r.memory_bytes)} (${r.memory_what}) |`,
     );
   }
   console.log(`\ngreedy outputs identical on ${same}/${prompts.length} prompts`);
+  if (specSkipped) console.log(`llama.cpp speculative decoding not run: ${specSkipped}`);
   if (peerSpec) {
     console.log(
       `llama.cpp plain decode through node-llama-cpp's JS loop: ${

@@ -117,8 +117,18 @@ export interface DecodeResult {
 
 /** Cycles per submission at most (bounded by the timestamp query set too). */
 const MAX_CYCLES = 128;
-/** Submissions in flight at once: one running on the GPU while the CPU reads the other back. */
-export const RING = 2;
+/**
+ * Submissions in flight at once. A readback costs >= ~11 ms on Deno (DESIGN.md), so while the CPU
+ * waits for one chunk the GPU needs that much queued work behind it: with the first chunks small
+ * (2, 4, 8 cycles, for a quick first token) two in flight left the GPU idle through most of each
+ * early wait on a small model (the pycode target on the H200: 54% busy over 64 tokens).
+ */
+export const RING = 4;
+/**
+ * GPU time a chunk of cycles aims at once a cycle's cost is known (ms): past the readback's
+ * ~11 ms, so each wait is covered by the chunks queued behind it.
+ */
+const CHUNK_MS = 16;
 
 /**
  * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
@@ -748,6 +758,9 @@ export class Decoder {
       gpuMs.draft += state.draftMs;
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
+      // Chunks big enough to hide a readback, from the GPU time of the cycles just read.
+      const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
+      if (cycleMs > 0) cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
       proposed += dCycles * chunk.kc;
       if (auto && chunk.shape && dCycles > 0) {
         // The top-1 acceptance that explains this chunk's mean accepted length, smoothed.

@@ -112,8 +112,9 @@ export function fusedAttentionWgsl(
   dtype: KvDType,
   layout: RopeLayout,
   tree = false,
+  wg: number = ATTN_WG,
 ): string {
-  const HD4 = headDim / 4, { bq: BQ, kt: KT } = plan, WG = ATTN_WG;
+  const HD4 = headDim / 4, { bq: BQ, kt: KT } = plan, WG = wg;
   const split = plan.variant === "flash-split";
   const NS = plan.nSplits;
   const ACC = Math.ceil(BQ * HD4 / WG);
@@ -248,9 +249,12 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
   let blockEnd = min(pos + lastRow / p.group + 1u, p.maxSeq);
   var kBegin = 0u;
   var kEnd = blockEnd;
+  var nActive = 1u; // key chunks holding keys: the others return at once and are not merged
   if (NS > 1u) {
     let chunk = max(KT, (((blockEnd + NS - 1u) / NS + KT - 1u) / KT) * KT);
-    kBegin = min(wg.z * chunk, blockEnd);
+    nActive = max(1u, (blockEnd + chunk - 1u) / chunk);
+    if (wg.z >= nActive) { return; } // uniform per workgroup: safe before the barriers
+    kBegin = wg.z * chunk;
     kEnd = min(kBegin + chunk, blockEnd);
   }
 
@@ -402,8 +406,8 @@ function splitTail(): string {
   if (tid == 0u) {
     let counter = kh * (p.lastBlock + 1u) + wg.x;
     let arrived = atomicAdd(&part[counter], 1u);
-    isLast = select(0u, 1u, arrived == NS - 1u);
-    if (arrived == NS - 1u) { atomicStore(&part[counter], 0u); } // ready for the next dispatch
+    isLast = select(0u, 1u, arrived == nActive - 1u);
+    if (arrived == nActive - 1u) { atomicStore(&part[counter], 0u); } // ready for the next dispatch
   }
   if (workgroupUniformLoad(&isLast) == 0u) { return; }
   // The last chunk merges: M = max m, out = sum(acc * 2^(m-M)) / sum(l * 2^(m-M)).
@@ -414,12 +418,12 @@ function splitTail(): string {
       let c = e % HD4;
       let qRow = (row / p.group) * p.nHeads + kh * p.group + row % p.group;
       var m = ${NEG};
-      for (var z = 0u; z < NS; z++) {
+      for (var z = 0u; z < nActive; z++) {
         m = max(m, bitcast<f32>(atomicLoad(&part[p.mlBase + 2u * (z * rowsQ + qRow)])));
       }
       var l = 0.0;
       var a = vec4<f32>(0.0);
-      for (var z = 0u; z < NS; z++) {
+      for (var z = 0u; z < nActive; z++) {
         let ml = p.mlBase + 2u * (z * rowsQ + qRow);
         let w = exp2(bitcast<f32>(atomicLoad(&part[ml])) - m);
         l += bitcast<f32>(atomicLoad(&part[ml + 1u])) * w;
@@ -469,7 +473,25 @@ export interface FusedAttentionArgs extends AttentionShape {
    * pos + t sees every row up to its own).
    */
   tree?: { table: GPUBuffer; first: number };
+  /**
+   * Invocations per workgroup: default {@linkcode fusedAttentionWorkgroup} of the adapter (tests
+   * pass the other size to check both on one adapter).
+   */
+  wg?: number;
 }
+
+/**
+ * Invocations per fused-attention workgroup on an adapter: 256 on a GPU, where each invocation's
+ * K/V staging loads are a chain of round trips to memory (4x the invocations: a quarter of the
+ * chain; on the H200 the 8B model's decode attention spent ~40 µs a layer with 64), 64 on a
+ * software adapter, where every invocation costs a coroutine switch at each barrier.
+ */
+export function fusedAttentionWorkgroup(gpu: Gpu): number {
+  return gpu.software ? ATTN_WG : FUSED_ATTN_WG_GPU;
+}
+
+/** Invocations per fused-attention workgroup on a hardware adapter. */
+export const FUSED_ATTN_WG_GPU = 256;
 
 /**
  * Builds the single dispatch of the fused attention (plan by `attentionPlan`). Pipelines, params
@@ -512,6 +534,10 @@ export async function createFusedAttention(
     throw new Error(`${label}: an f16 KV cache needs the shader-f16 feature`);
   }
   const plan = fusedAttentionPlan(args, gpu.limits.maxComputeWorkgroupStorageSize);
+  const wg = args.wg ?? fusedAttentionWorkgroup(gpu);
+  if (![64, 128, 256].includes(wg)) {
+    throw new Error(`${label}: wg must be 64, 128 or 256, got ${wg}`);
+  }
   const split = plan.variant === "flash-split";
   const need = fusedAttentionScratchBytes(args, plan);
   if (split && (!args.scratch || args.scratch.size < need)) {
@@ -549,10 +575,10 @@ export async function createFusedAttention(
   new Float32Array(raw.buffer)[7] = LOG2E / Math.sqrt(headDim);
   const params = gpu.uniform(`${label}.params`, raw);
   const key = `attention.fused.${plan.variant}.hd${headDim}.${dtype}.${args.layout}.bq${plan.bq}` +
-    `.kt${plan.kt}.ns${plan.nSplits}.wg${ATTN_WG}${tree ? ".tree" : ""}`;
+    `.kt${plan.kt}.ns${plan.nSplits}.wg${wg}${tree ? ".tree" : ""}`;
   const pipeline = await gpu.pipeline(
     key,
-    () => fusedAttentionWgsl(headDim, plan, dtype, args.layout, tree !== undefined),
+    () => fusedAttentionWgsl(headDim, plan, dtype, args.layout, tree !== undefined, wg),
   );
   return {
     label,

@@ -24,6 +24,7 @@
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
 import {
   formatBlock,
+  formatFactoring,
   formatGroups,
   formatUnitValues,
   isBlockFormat,
@@ -258,7 +259,7 @@ function unrolled(n: number, line: (i: number) => string): string {
  * one u32 for the others: `wUnit` in `kernels/qformats.ts`).
  */
 export function matvecWgsl(
-  s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape },
+  s: MatmulSpec & { T: number; vec4: boolean; shape?: MatvecShape; factor?: boolean },
 ): string {
   const shape = s.shape ?? matvecShape(s.T);
   const T = s.T, R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1;
@@ -289,17 +290,61 @@ ${unrolled(RT, (r) => `    let d${r} = wUnit(rowBlock${r} + kb, j, p.nb);`)}
 ${unrolled(G, (g) => `    let k${g} = kb * (W_BLOCK / 4u) + wUnitK4(j, ${g}u);`)}`
     : `    let k0 = u;
 ${unrolled(RT, (r) => `    let d${r} = array<${V}, 1>(${V}(w[rowStart${r} + u]));`)}`;
-  const body = unrolled(G, (g) =>
+  // The RMSNorm gain g[k] multiplies whichever side has fewer vec4s per group: the RT weight
+  // groups, or the T x loads (decode: 1 x row against 4 weight rows).
+  const xGain = s.norm && T < RT;
+  const wGain = s.norm && !xGain;
+  // Factored formats (q8_0, q4_0, q4_k): each part of a unit sums Σ q x over its groups into
+  // q{t}_{r}, then adds scale * q{t}_{r} (- offset * Σ x) to the accumulator: one multiply per
+  // part instead of one per value.
+  const fac = lazy && s.factor !== false ? formatFactoring(s.dtype) : undefined;
+  const groupBody = (g: number) =>
     `    {
 ${s.norm ? `      let gk = g[k${g}];` : ""}
-${unrolled(RT, (r) => `      let w${r} = ${group(r, g)}${s.norm ? " * gk" : ""};`)}
 ${
-      unrolled(T, (t) =>
-        `      { let xv = xq(${t}u, k${g}); ${
-          Array.from({ length: RT }, (_, r) => `acc${t}_${r} += ${mul(`w${r}`, "xv")};`).join(" ")
-        }${s.norm ? ` ss${t} += ${mul("xv", "xv")};` : ""} }`)
+      unrolled(
+        RT,
+        (r) =>
+          `      let w${r} = ${fac ? `wGroupQ(d${r}, ${g}u)` : group(r, g)}${
+            wGain ? " * gk" : ""
+          };`,
+      )
     }
-    }`);
+${
+      unrolled(T, (t) => {
+        const xs = xGain ? "xg" : "xv";
+        const dst = (r: number) => fac ? `q${t}_${r}` : `acc${t}_${r}`;
+        return `      { let xv = xq(${t}u, k${g}); ${xGain ? "let xg = xv * gk; " : ""}${
+          Array.from({ length: RT }, (_, r) => `${dst(r)} += ${mul(`w${r}`, xs)};`).join(" ")
+        }${s.norm ? ` ss${t} += ${mul("xv", "xv")};` : ""}${
+          fac?.offset ? ` sx${t} += dot(${xs}, ${wGain ? "gk" : "vec4<f32>(1.0)"});` : ""
+        } }`;
+      })
+    }
+    }`;
+  const body = fac
+    ? unrolled(fac.parts, (part) => {
+      const per = G / fac.parts, gs = Array.from({ length: per }, (_, i) => part * per + i);
+      return `    {
+${
+        unrolled(T, (t) =>
+          `      ${Array.from({ length: RT }, (_, r) => `var q${t}_${r} = 0.0;`).join(" ")}${
+            fac.offset ? ` var sx${t} = 0.0;` : ""
+          }`)
+      }
+${gs.map(groupBody).join("\n")}
+${
+        unrolled(RT, (r) =>
+          `      { let sc = wScale(d${r}, ${part}u); ${
+            Array.from(
+              { length: T },
+              (_, t) => `acc${t}_${r} += sc.x * q${t}_${r}${fac.offset ? ` - sc.y * sx${t}` : ""};`,
+            ).join(" ")
+          } }`)
+      }
+    }`;
+    })
+    : unrolled(G, groupBody);
   const store = s.swiglu
     ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
     let i = e / ${T}u;
@@ -562,6 +607,12 @@ export interface MatmulArgs {
    * {K, N, unitValues}).
    */
   shape?: MatvecShape;
+  /**
+   * Matrix-vector path, factored formats (q8_0, q4_0, q4_k; `formatFactoring`): multiply by the
+   * scales once per part of a unit (default true) or, false, each value as it is decoded
+   * (benchmarks compare the two).
+   */
+  factor?: boolean;
 }
 
 /**
@@ -623,8 +674,8 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
       `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.pt${rt}` +
-        `.vec${vec4 ? 4 : 1}`,
-      () => matvecWgsl({ ...spec, T, vec4, shape }),
+        `.vec${vec4 ? 4 : 1}.f${+(args.factor ?? true)}`,
+      () => matvecWgsl({ ...spec, T, vec4, shape, factor: args.factor }),
     );
     workgroups = grid2d(Math.ceil(N / shape.rows), gpu.limits.maxComputeWorkgroupsPerDimension);
   } else {

@@ -1,9 +1,11 @@
 import {
   createFusedAttention,
+  FUSED_ATTN_WG_GPU,
   fusedAttentionPlan,
   fusedAttentionRef,
   type FusedAttentionRefShape,
   fusedAttentionScratchBytes,
+  fusedAttentionWorkgroup,
 } from "../kernels/fused_attention.ts";
 import { attentionUsesSplitK } from "../kernels/attention.ts";
 import { kvCacheBytes, kvDequantizeRef, type KvDType, kvQuantizeRef } from "../kernels/kv_write.ts";
@@ -38,6 +40,8 @@ interface Case {
   layout: RopeLayout;
   /** Tree attention: the tree's parents and the node of row 0 (rows are nodes first..+T-1). */
   tree?: { parents: number[]; first: number };
+  /** Invocations per workgroup (default: the adapter's). */
+  wg?: number;
 }
 
 /** What a cache of `dtype` holds for `values` (f32 values) and the bytes to upload. */
@@ -99,6 +103,7 @@ async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<Float32Arra
     layer: 1,
     scratch,
     tree: tree && { table: gpu.upload("tree", table!), first: tree.first },
+    wg: c.wg,
   });
   // Twice: the split counters must have returned to 0 for the second run to merge correctly.
   let got = new Float32Array(0);
@@ -106,7 +111,7 @@ async function check(gpu: Gpu, c: Case, shared?: GPUBuffer): Promise<Float32Arra
     if (rep) gpu.write(kCache, k0.bytes), gpu.write(vCache, v0.bytes);
     await gpu.run("test", [d]);
     const name = `${dtype} ${layout} T=${T} pos=${pos} heads=${nHeads}/${nKvHeads} hd=${headDim}` +
-      ` maxSeq=${maxSeq} ${plan.variant} ns=${plan.nSplits} rep=${rep}` +
+      ` maxSeq=${maxSeq} ${plan.variant} ns=${plan.nSplits} wg=${c.wg ?? "default"} rep=${rep}` +
       (c.tree ? ` tree=[${c.tree.parents}] first=${c.tree.first}` : "");
     const tol = dtype === "q8" ? Q8_TOL : TOL;
     got = new Float32Array(await gpu.read(out));
@@ -185,6 +190,33 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
     { features },
   );
 }
+
+gpuTest(
+  "fused attention at the other workgroup size (64 or 256) matches the reference, split and not",
+  async (gpu) => {
+    const wg = fusedAttentionWorkgroup(gpu) === 64 ? FUSED_ATTN_WG_GPU : 64;
+    // Decode at a short context in a long cache (most key chunks empty), a verify, a prefill.
+    const cases: Case[] = [
+      { T: 1, pos: 37, nHeads: 8, nKvHeads: 2, headDim: 32, maxSeq: 1024, dtype: "f32" },
+      { T: 1, pos: 300, nHeads: 4, nKvHeads: 1, headDim: 64, maxSeq: 512, dtype: "q8" },
+      { T: 5, pos: 130, nHeads: 4, nKvHeads: 2, headDim: 16, maxSeq: 400, dtype: "q8" },
+      { T: 17, pos: 29, nHeads: 6, nKvHeads: 3, headDim: 8, maxSeq: 300, dtype: "f32" },
+      { T: 6, pos: 0, nHeads: 4, nKvHeads: 4, headDim: 16, maxSeq: 8, dtype: "f32" },
+    ].map((c, i) => ({
+      ...c,
+      dtype: c.dtype as KvDType,
+      layout: (i % 2 ? "interleaved" : "rotate-half") as RopeLayout,
+      wg,
+    }));
+    let split = 0;
+    for (const c of cases) {
+      const kt = fusedAttentionPlan(c, gpu.limits.maxComputeWorkgroupStorageSize).kt;
+      if (attentionUsesSplitK(c, kt)) split++;
+      await check(gpu, c);
+    }
+    assert.ok(split >= 2 && split < cases.length, `both paths exercised (${split} split)`);
+  },
+);
 
 gpuTest("fused attention plans of different T share one split-K scratch", async (gpu) => {
   const base = { pos: 20, nHeads: 4, nKvHeads: 4, headDim: 64, maxSeq: 200 };

@@ -7,8 +7,14 @@
  * Where the binaries are: `$SPECDEC_LLAMA_PEER` (default `~/.cache/specdec/node-llama-cpp-3.21.1`)
  * is a folder where `npm i -E node-llama-cpp@3.21.1` was run (`.ci/run` does this); the CPU build
  * is `node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/`, the Vulkan build
- * `.../linux-x64-vulkan/bins/linux-x64-vulkan/`. `$SPECDEC_LLAMA_LIB_DIR` overrides the folder of
- * `libllama*.so` itself.
+ * `.../linux-x64-vulkan/bins/linux-x64-vulkan/`. `$SPECDEC_LLAMA_LIB_DIR` (or the `dir` argument of
+ * {@linkcode openLlamaCpp}) overrides the folder of `libllama*.so` itself, e.g. the Vulkan build
+ * installed on its own (`npm i -E --ignore-scripts @node-llama-cpp/linux-x64-vulkan@3.21.1`) or
+ * unpacked from a tarball on a machine without npm.
+ *
+ * The Vulkan build offloads every layer (n_gpu_layers 999) to the Vulkan devices ggml finds; ggml
+ * skips CPU Vulkan devices such as Mesa's lavapipe unless `GGML_VK_VISIBLE_DEVICES=0` is set.
+ * llama.cpp's log is dropped unless `SPECDEC_LLAMA_LOG=1` (then it goes to stderr).
  *
  * The struct layouts below are those of the llama.h that node-llama-cpp 3.21.1 builds (its
  * `llama/gitRelease.bundle`, release v0.4.0); {@linkcode openLlamaCpp} checks the library's
@@ -91,6 +97,8 @@ const GGML_SYMBOLS = {
   ggml_backend_dev_get: { parameters: ["usize"], result: "pointer" },
   ggml_backend_dev_name: { parameters: ["pointer"], result: "pointer" },
   ggml_backend_dev_description: { parameters: ["pointer"], result: "pointer" },
+  ggml_backend_dev_type: { parameters: ["pointer"], result: "i32" },
+  ggml_backend_dev_memory: { parameters: ["pointer", "buffer", "buffer"], result: "void" },
 } as const;
 
 const GGML_BASE_SYMBOLS = {
@@ -121,6 +129,13 @@ export interface LlamaCpp {
   readonly systemInfo: string;
   /** The ggml devices found, "name: description" (e.g. "Vulkan0: NVIDIA H200", "CPU: ..."). */
   readonly devices: readonly string[];
+  /**
+   * The non-CPU ggml devices (those a model's layers are offloaded to), "name: description";
+   * never empty for the Vulkan build ({@linkcode openLlamaCpp} throws otherwise).
+   */
+  readonly gpuDevices: readonly string[];
+  /** Free and total bytes of each of {@linkcode gpuDevices} now (`ggml_backend_dev_memory`). */
+  gpuMemory(): { free: number; total: number }[];
   /** libggml-base: ggml's own quantizers and dequantizers. */
   readonly ggmlBase: Deno.DynamicLibrary<typeof GGML_BASE_SYMBOLS>["symbols"];
 }
@@ -144,7 +159,7 @@ export function llamaLibDir(build: LlamaBuild = "cpu"): string {
   return join(peer, "node_modules/@node-llama-cpp", pkg, "bins", pkg);
 }
 
-const opened = new Map<LlamaBuild, LlamaCpp>();
+const opened = new Map<string, LlamaCpp>();
 
 function cstr(s: string): Uint8Array<ArrayBuffer> {
   return new TextEncoder().encode(s + "\0");
@@ -157,13 +172,14 @@ function view(s: Uint8Array): DataView {
 
 /**
  * Opens libllama of `build` (once per process), loads its ggml backends and silences its log.
- * Throws an `Error` saying how to install it when the library is missing, and when the
- * library's default parameters do not match the struct layouts this file was written for.
+ * `dir`: the folder of its libraries (default {@linkcode llamaLibDir}). Throws an `Error` saying
+ * how to install it when the library is missing, when the library's default parameters do not
+ * match the struct layouts this file was written for, and when the Vulkan build finds no
+ * Vulkan device.
  */
-export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
-  const have = opened.get(build);
+export function openLlamaCpp(build: LlamaBuild = "cpu", dir = llamaLibDir(build)): LlamaCpp {
+  const have = opened.get(`${build}\0${dir}`);
   if (have) return have;
-  const dir = llamaLibDir(build);
   let file: string | undefined;
   try {
     file = [...Deno.readDirSync(dir)].map((e) => e.name).find((n) => /^libllama\..*so$/.test(n));
@@ -175,8 +191,11 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
     throw new Error(
       `llama.cpp (${build}) not found: no libllama*.so / libggml*.so in ${dir}. Install the ` +
         `pinned peer with \`mkdir -p DIR && cd DIR && npm i -E --ignore-scripts ` +
-        `node-llama-cpp@${NODE_LLAMA_CPP_VERSION}\` (DIR = $SPECDEC_LLAMA_PEER, default ` +
-        `~/.cache/specdec/node-llama-cpp-${NODE_LLAMA_CPP_VERSION}); .ci/run does this.`,
+        `node-llama-cpp@${NODE_LLAMA_CPP_VERSION}${
+          build === "cpu" ? "" : ` @node-llama-cpp/linux-x64-vulkan@${NODE_LLAMA_CPP_VERSION}`
+        }\` (DIR = $SPECDEC_LLAMA_PEER, default ` +
+        `~/.cache/specdec/node-llama-cpp-${NODE_LLAMA_CPP_VERSION}; .ci/run does this for the ` +
+        `CPU build), or name the folder of the libraries with $SPECDEC_LLAMA_LIB_DIR.`,
     );
   }
   const lib = Deno.dlopen(join(dir, file), SYMBOLS).symbols;
@@ -198,7 +217,9 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
   for (const f of [file, ggmlFile, baseFile]) libc.dlopen(cstr(join(dir, f)), 2 /* RTLD_NOW */);
   const noop = libc.dlsym(null, cstr("endpwent")); // RTLD_DEFAULT
   if (noop === null) throw new Error("dlsym(endpwent) failed: no glibc?");
-  lib.llama_log_set(noop, null);
+  // SPECDEC_LLAMA_LOG=1 keeps llama.cpp's own log on stderr (its default logger), e.g. to see
+  // which devices ggml found and how many layers a model offloaded.
+  if (Deno.env.get("SPECDEC_LLAMA_LOG") !== "1") lib.llama_log_set(noop, null);
   ggml.ggml_backend_load_all_from_path(cstr(dir));
   lib.llama_backend_init();
 
@@ -217,16 +238,39 @@ export function openLlamaCpp(build: LlamaBuild = "cpu"): LlamaCpp {
     );
   }
   const info = Deno.UnsafePointerView.getCString(lib.llama_print_system_info()!);
-  const devices: string[] = [];
+  const devices: string[] = [], gpuDevices: string[] = [], gpuPtrs: Deno.PointerValue[] = [];
   for (let i = 0n; i < BigInt(ggml.ggml_backend_dev_count()); i++) {
     const dev = ggml.ggml_backend_dev_get(i);
     const str = (p: Deno.PointerValue) => p ? Deno.UnsafePointerView.getCString(p) : "?";
-    devices.push(
-      `${str(ggml.ggml_backend_dev_name(dev))}: ${str(ggml.ggml_backend_dev_description(dev))}`,
+    const name = `${str(ggml.ggml_backend_dev_name(dev))}: ${
+      str(ggml.ggml_backend_dev_description(dev))
+    }`;
+    devices.push(name);
+    if (ggml.ggml_backend_dev_type(dev) !== 0 /* GGML_BACKEND_DEVICE_TYPE_CPU */) {
+      gpuDevices.push(name);
+      gpuPtrs.push(dev);
+    }
+  }
+  if (build === "vulkan" && gpuDevices.length === 0) {
+    throw new Error(
+      `llama.cpp vulkan (${dir}) found no Vulkan device (ggml devices: ${devices.join(", ")}). ` +
+        `Is a Vulkan driver installed (VK_DRIVER_FILES=${
+          Deno.env.get("VK_DRIVER_FILES") ?? "unset"
+        })? ggml skips CPU devices such as lavapipe unless GGML_VK_VISIBLE_DEVICES=0.`,
     );
   }
-  const out = { lib, dir, build, systemInfo: info, ggmlBase, devices };
-  opened.set(build, out);
+  const gpuMemory = () =>
+    gpuPtrs.map((dev) => {
+      const free = new BigUint64Array(1), total = new BigUint64Array(1);
+      ggml.ggml_backend_dev_memory(
+        dev,
+        new Uint8Array(free.buffer),
+        new Uint8Array(total.buffer),
+      );
+      return { free: Number(free[0]), total: Number(total[0]) };
+    });
+  const out = { lib, dir, build, systemInfo: info, ggmlBase, devices, gpuDevices, gpuMemory };
+  opened.set(`${build}\0${dir}`, out);
   return out;
 }
 
@@ -324,6 +368,20 @@ export class LlamaCppModel {
    */
   decode(tokens: readonly number[], pos0: number, outputs: "last" | "all"): Float32Array[] {
     const n = tokens.length;
+    this.#eval(tokens, pos0, outputs === "all");
+    const rows: Float32Array[] = [];
+    for (let i = outputs === "all" ? 0 : n - 1; i < n; i++) {
+      const p = this.#l.llama_get_logits_ith(this.#ctx, i);
+      rows.push(
+        new Float32Array(Deno.UnsafePointerView.getArrayBuffer(p!, 4 * this.vocabSize)).slice(),
+      );
+    }
+    return rows;
+  }
+
+  /** One llama_decode of `tokens` at `pos0 ..`, logits for every row (`all`) or the last. */
+  #eval(tokens: readonly number[], pos0: number, all: boolean): void {
+    const n = tokens.length;
     if (n < 1 || pos0 + n > this.#nCtx) {
       throw new RangeError(
         `decode: ${n} tokens at ${pos0} do not fit a ${this.#nCtx}-token context`,
@@ -344,18 +402,21 @@ export class LlamaCppModel {
       nSeq[i] = 1;
       const seq = Deno.UnsafePointer.create(seqPtrs[i]);
       new Int32Array(Deno.UnsafePointerView.getArrayBuffer(seq!, 4))[0] = 0;
-      logits[i] = outputs === "all" || i === n - 1 ? 1 : 0;
+      logits[i] = all || i === n - 1 ? 1 : 0;
     }
     const rc = this.#l.llama_decode(this.#ctx, this.#batch);
     if (rc !== 0) throw new Error(`llama_decode returned ${rc}`);
-    const rows: Float32Array[] = [];
-    for (let i = outputs === "all" ? 0 : n - 1; i < n; i++) {
-      const p = this.#l.llama_get_logits_ith(this.#ctx, i);
-      rows.push(
-        new Float32Array(Deno.UnsafePointerView.getArrayBuffer(p!, 4 * this.vocabSize)).slice(),
-      );
-    }
-    return rows;
+  }
+
+  /**
+   * Like {@linkcode decode} with outputs "last", but returns only the argmax of that row (first
+   * index on ties), read in place without copying the row (for timing loops).
+   */
+  decodeArgmax(tokens: readonly number[], pos0: number): number {
+    const n = tokens.length;
+    this.#eval(tokens, pos0, false);
+    const p = this.#l.llama_get_logits_ith(this.#ctx, n - 1);
+    return argmax(new Float32Array(Deno.UnsafePointerView.getArrayBuffer(p!, 4 * this.vocabSize)));
   }
 
   /** Greedy continuation of `prompt` by `n` tokens (argmax, first index on ties), fresh cache. */
