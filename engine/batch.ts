@@ -412,8 +412,7 @@ export class BatchDecoder {
     logitsRow: number,
     out: GPUBuffer = this.#buf.tokens,
   ): Promise<Dispatch> {
-    const key = `${s.temperature}:${s.topK}:${s.topP}:${s.seed}:${row}:${logitsRow}:` +
-      (out === this.#buf.tokens ? "t" : "v");
+    const key = `${s.temperature}:${s.topK}:${s.topP}:${s.seed}:${row}:${logitsRow}:${out.label}`;
     let d = this.#samplers.get(key);
     if (!d) {
       if (this.#samplers.size >= 512) this.#samplers.clear(); // distinct seeds: stay bounded

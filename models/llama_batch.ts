@@ -143,6 +143,9 @@ export function llamaBatchSizes(
 
 type BatchAct = "x" | "qkv" | "q" | "k" | "v" | "att" | "h";
 
+/** Block-table entry of no block: past the pool, so the paged kernels drop writes to it. */
+const UNMAPPED = 0xffffffff;
+
 /** Where a batched forward reads its inputs: token ids and paged rows `[R] (seq, pos)`. */
 export interface BatchInputs {
   /** u32 ids, row r's at `offset + r`. */
@@ -242,21 +245,23 @@ export class LlamaBatch {
       );
     }
     const b = await gpu.scoped(`${label} buffers`, () => new LlamaBatch(gpu, model, layout, label));
-    gpu.write(b.#table, new Uint32Array(layout.maxSeqs * layout.maxBlocksPerSeq));
+    gpu.write(b.#table, new Uint32Array(layout.maxSeqs * layout.maxBlocksPerSeq).fill(UNMAPPED));
     return b;
   }
 
-  /** Writes slot `seq`'s block table (engine/paged_kv.ts `SequenceBlocks.blocks`). */
+  /**
+   * Writes slot `seq`'s block table (engine/paged_kv.ts `SequenceBlocks.blocks`). Entries past
+   * its blocks hold an id outside the pool, so a row written past a sequence's blocks (a
+   * rejected draft of a sequence that does not speculate) is dropped, never written into another
+   * sequence's block.
+   */
   setTable(seq: number, blocks: readonly number[]): void {
     const L = this.layout;
     if (!Number.isInteger(seq) || seq < 0 || seq >= L.maxSeqs) {
       throw new RangeError(`${this.#label}: slot ${seq} outside [0, ${L.maxSeqs})`);
     }
-    this.#gpu.write(
-      this.#table,
-      blockTableImage([blocks], L.maxBlocksPerSeq),
-      seq * L.maxBlocksPerSeq * 4,
-    );
+    const row = blockTableImage([blocks], L.maxBlocksPerSeq).fill(UNMAPPED, blocks.length);
+    this.#gpu.write(this.#table, row, seq * L.maxBlocksPerSeq * 4);
   }
 
   /**
