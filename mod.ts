@@ -20,6 +20,7 @@
  */
 export { DEFAULT_GENERATE, Engine, WorkerError } from "./engine/engine.ts";
 export type {
+  BatchFigures,
   GenerateChunk,
   GenerateOptions,
   GenerateStats,

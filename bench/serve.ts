@@ -5,14 +5,19 @@
  * between streamed events (p50/p99), with speculation off and on.
  *
  *   deno run -A bench/serve.ts --model DIR [--draft DIR] [--tokenizer F] [--streams 1,8]
- *                              [--tokens 64] [--reps 2] [--out F] [--json]
+ *                              [--tokens 64] [--reps 2] [--parallel N] [--draft-tokens K]
+ *                              [--ctx C] [--kv q8]
+ *                              [--out F] [--json]
  *
- * The server decodes one request at a time (no continuous batching yet), so N streams take
- * about N times as long as one: the ratio shows it.
+ * With `--parallel 1` (the default) the server decodes one request at a time, so N streams take
+ * about N times as long as one: the ratio shows it. With `--parallel N` the engine batches up to
+ * N streams per forward over a paged KV cache (engine/batch.ts): plain ones (spec none) and,
+ * with a draft, greedy speculative ones (spec model, `--draft-tokens` k, default 4). `--ctx`
+ * bounds the KV rows per sequence (the pool holds N of them).
  */
 import { parseArgs } from "@specdec/cli";
 import { Engine } from "../engine/engine.ts";
-import type { GenerateOptions } from "../engine/protocol.ts";
+import type { GenerateOptions, LoadOptions } from "../engine/protocol.ts";
 import { compileChatTemplate, FALLBACK_CHAT_TEMPLATE } from "../models/chat_template.ts";
 import { SpecdecServer } from "../serve/server.ts";
 
@@ -88,6 +93,8 @@ function pct(xs: number[], p: number): number {
 /** Figures of N concurrent streams. */
 interface Row {
   spec: string;
+  /** Requests the server decodes at once (1 on the serial path). */
+  slots: number;
   streams: number;
   tokens: number;
   wall_s: number;
@@ -109,22 +116,38 @@ if (import.meta.main) {
       streams: { type: "string", default: "1,8" },
       tokens: { type: "string", default: "64" },
       reps: { type: "string", default: "2" },
+      parallel: { type: "string", default: "1" },
+      "draft-tokens": { type: "string", default: "4" },
+      ctx: { type: "string" },
+      kv: { type: "string" },
       out: { type: "string" },
       json: { type: "boolean" },
     },
   });
   if (!values.model) throw new Error("--model is required");
   const counts = values.streams.split(",").map(Number);
-  if (counts.some((n) => !Number.isInteger(n) || n < 1)) {
+  if (counts.some((n: number) => !Number.isInteger(n) || n < 1)) {
     throw new Error(`--streams wants counts like 1,8, got ${values.streams}`);
   }
   const maxTokens = Number(values.tokens), reps = Number(values.reps);
+  const parallel = Number(values.parallel);
+  if (!Number.isInteger(parallel) || parallel < 1) {
+    throw new Error(`--parallel wants a count >= 1, got ${values.parallel}`);
+  }
+  const kv = values.kv as LoadOptions["kv"];
+  if (kv !== undefined && !["f16", "f32", "q8"].includes(kv)) {
+    throw new Error(`--kv must be f16, f32 or q8, got ${kv}`);
+  }
   const engine = await Engine.load(
     {
       model: values.model,
       draft: values.draft,
       tokenizer: values.tokenizer,
       draftTokenizer: values.tokenizer,
+      parallel,
+      batchDraftTokens: Number(values["draft-tokens"]),
+      maxSeq: values.ctx === undefined ? undefined : Number(values.ctx),
+      kv,
     },
     (m) => console.error(m),
   );
@@ -137,6 +160,7 @@ if (import.meta.main) {
         chatTemplate: compileChatTemplate({ template: FALLBACK_CHAT_TEMPLATE, source: "fallback" }),
         queue: 1024,
         spec,
+        draftTokens: Number(values["draft-tokens"]),
       });
       const http = Deno.serve(
         { hostname: "127.0.0.1", port: 0, onListen() {} },
@@ -161,6 +185,7 @@ if (import.meta.main) {
           const gaps = results.flatMap((r) => r.gapsMs);
           const row: Row = {
             spec,
+            slots: server.slots,
             streams: n,
             tokens,
             wall_s: wall,
@@ -186,6 +211,7 @@ if (import.meta.main) {
   }
   const head = [
     "spec",
+    "slots",
     "streams",
     "tokens",
     "wall s",
@@ -200,6 +226,7 @@ if (import.meta.main) {
     head,
     ...rows.map((r) => [
       r.spec,
+      String(r.slots),
       String(r.streams),
       String(r.tokens),
       r.wall_s.toFixed(2),
@@ -214,12 +241,19 @@ if (import.meta.main) {
   const w = head.map((_, i) => Math.max(...cells.map((c) => c[i].length)));
   const text = cells.map((c) => c.map((x, i) => i ? x.padStart(w[i]) : x.padEnd(w[i])).join("  "))
     .join("\n");
-  const report = { model: values.model, draft: values.draft ?? null, max_tokens: maxTokens, rows };
+  const report = {
+    model: values.model,
+    draft: values.draft ?? null,
+    max_tokens: maxTokens,
+    parallel,
+    rows,
+  };
   if (values.json) console.log(JSON.stringify(report));
   else {
     console.log(
       `serving ${values.model}${values.draft ? ` (draft ${values.draft})` : ""}, ` +
-        `${maxTokens} greedy tokens per stream, best of ${reps} (one request decodes at a time):`,
+        `${maxTokens} greedy tokens per stream, best of ${reps}, --parallel ${parallel} ` +
+        `("slots": requests decoding at once):`,
     );
     console.log(text);
   }

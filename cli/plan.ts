@@ -38,6 +38,7 @@ ${COMMON_MODEL}
   --spec <kind>         self: plan a self-draft (quantized copy of the target)
   --ctx <n>             context (KV rows) to plan for (default: the model's context length)
   --vram <size>         budget (default: no budget; only the adapter's limits apply)
+  --parallel <n>        plan serve --parallel n: a paged KV pool of n contexts (default 1)
 ${QUANT_FLAGS}
   --no-f16              plan without shader-f16
   --json                one JSON object instead of the table
@@ -50,6 +51,7 @@ ${QUANT_FLAGS}
     spec: { type: "string" },
     ctx: { type: "string" },
     vram: { type: "string" },
+    parallel: { type: "string" },
     "no-f16": { type: "boolean" },
     json: { type: "boolean" },
     ...QUANT_FLAG_SPECS,
@@ -68,6 +70,7 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
   const q = quantOptions(v);
   const budget = v.vram === undefined ? undefined : bytesFlag(v.vram, "--vram");
   const ctxFlag = v.ctx === undefined ? undefined : numberFlag(v, "ctx", 0, 2, 1 << 24);
+  const parallel = numberFlag(v, "parallel", 1, 1, 64);
   const json = v.json === true;
   const progress = json ? undefined : (m: string) => console.error(m);
   const tokenizer = typeof v.tokenizer === "string" ? v.tokenizer : undefined;
@@ -96,6 +99,7 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
       ctx,
       budget,
       speculative: self || draft !== undefined,
+      parallel,
       adapter: adapterFacts(gpu),
       f16: gpu.features.f16,
     };
@@ -104,6 +108,7 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
       console.log(JSON.stringify({
         adapter: gpu.adapterName,
         ctx,
+        parallel,
         budget: budget ?? null,
         configurations: rows.map((r) => ({
           weights: r.quant ?? "as loaded",
@@ -118,7 +123,10 @@ async function runPlan(v: Record<string, string | boolean | undefined>): Promise
         })),
       }));
     } else {
-      console.log(`${gpu.adapterName}, context ${ctx}`);
+      console.log(
+        `${gpu.adapterName}, context ${ctx}` +
+          (parallel > 1 ? `, ${parallel} sequences batched (paged KV pool)` : ""),
+      );
       console.log(formatPlanTable(rows, req));
     }
     return rows.some((r) => r.chosen) ? 0 : 1;

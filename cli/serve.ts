@@ -36,8 +36,9 @@ export const serve: Command = {
 
 Serves POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
 events ending in "data: [DONE]"), GET /v1/models and GET /health. Requests decode one at a time
-in arrival order (speculatively when a draft is loaded); up to --queue more wait, and past that
-a request gets 503 with Retry-After. Responses carry usage and finish_reason, and specdec's
+in arrival order (speculatively when a draft is loaded), or with --parallel N > 1 up to N
+together (continuous batching over a paged KV cache; with a draft, greedy requests speculate
+in the batch); up to --queue more wait, and past that a request gets 503 with Retry-After. Responses carry usage and finish_reason, and specdec's
 figures (acceptance, tokens per target pass, decode tok/s) under "specdec". Chat prompts are
 rendered with the model's chat template (tokenizer_config.json / chat_template.jinja / GGUF
 tokenizer.chat_template, or --chat-template); a model without one gets "role: content" lines
@@ -54,7 +55,10 @@ ${COMMON_MODEL}
   --port <n>            port (default 8080; 0 picks a free one)
   --alias <name>        the model name clients use (default: the model's file or folder name)
   --api-key <key>       require "Authorization: Bearer <key>" on /v1/* (default: open)
-  --queue <n>           most requests waiting while one decodes (default 16)
+  --queue <n>           most requests waiting while the decoding slots are taken (default 16)
+  --parallel <n>        sequences decoded together, 1..64 (default 1: one at a time). With a
+                        draft, greedy requests speculate in the batch (--draft-tokens k, "auto"
+                        = 4); sampled ones, --spec ngram and --draft-tree take turns serially
   --chat-template <f>   a Jinja chat template file to use instead of the model's
   --ctx <n>             KV-cache rows, the most prompt + generated tokens (default: the model's)
 ${QUANT_FLAGS}
@@ -74,6 +78,7 @@ ${QUANT_FLAGS}
     alias: { type: "string" },
     "api-key": { type: "string" },
     queue: { type: "string" },
+    parallel: { type: "string" },
     "chat-template": { type: "string" },
     ctx: { type: "string" },
     "no-f16": { type: "boolean" },
@@ -108,6 +113,7 @@ async function runServe(v: Record<string, string | boolean | undefined>): Promis
   if (host === "") throw new UsageError("--host is empty");
   const port = numberFlag(v, "port", 8080, 0, 65535);
   const queue = numberFlag(v, "queue", 16, 0, 1 << 16);
+  const parallel = numberFlag(v, "parallel", 1, 1, 64);
   if (v["api-key"] === "") throw new UsageError("--api-key is empty");
   const apiKey = v["api-key"] as string | undefined;
   const ctx = v.ctx === undefined ? undefined : numberFlag(v, "ctx", 0, 1, 1 << 20);
@@ -137,6 +143,8 @@ async function runServe(v: Record<string, string | boolean | undefined>): Promis
       ...quant,
       selfDraft,
       vram,
+      parallel,
+      batchDraftTokens: typeof draftTokens === "number" ? draftTokens : undefined,
     },
     (m) => console.error(m),
   );
@@ -167,9 +175,20 @@ async function runServe(v: Record<string, string | boolean | undefined>): Promis
   }
   const addr = http.addr as Deno.NetAddr;
   const info = engine.info;
+  if (parallel > 1 && server.slots === 1) {
+    console.error(
+      `note: --parallel ${parallel} batches plain decoding and draft-model chains; ` +
+        `${draftTree ? "--draft-tree" : `--spec ${spec}`} takes turns: drop it to batch`,
+    );
+  } else if (parallel > 1 && info.draft && spec === "model") {
+    console.error(
+      `note: greedy requests speculate in the batch; sampled ones (temperature > 0) take turns`,
+    );
+  }
   console.error(
     `serving "${modelId}" (context ${info.kvRows} tokens, ${info.draft ? "with a draft" : spec},` +
-      ` VRAM ${formatBytes(Object.values(info.vram).reduce((a, b) => a + b, 0))}, chat template: ` +
+      ` VRAM ${formatBytes(Object.values(info.vram).reduce((a, b) => a + b, 0))}, ` +
+      `${server.slots > 1 ? `${server.slots} sequences batched, ` : ""}chat template: ` +
       `${chatTemplate.source}) on http://${addr.hostname}:${addr.port}` +
       `${apiKey ? " (API key required)" : ""}`,
   );

@@ -5,14 +5,16 @@
  *
  * @module
  */
-import type {
-  GenerateChunk,
-  GenerateOptions,
-  GenerateStats,
-  LoadOptions,
-  ModelInfo,
-  Request,
-  Response,
+import {
+  type BatchFigures,
+  batchMode,
+  type GenerateChunk,
+  type GenerateOptions,
+  type GenerateStats,
+  type LoadOptions,
+  type ModelInfo,
+  type Request,
+  type Response,
 } from "./protocol.ts";
 
 /** An error raised inside the GPU worker, re-thrown on the caller's side. */
@@ -143,12 +145,17 @@ export class Engine {
    * Generates text; yields chunks as the worker streams them and records the final statistics in
    * {@linkcode Engine.lastStats}. Aborting `signal` stops generation cleanly (stop reason
    * "cancelled"). Generations started while one runs wait for it: the GPU decodes one sequence
-   * at a time.
+   * at a time, except with `parallel` > 1 (`LoadOptions`), where plain generations and greedy
+   * ones speculating with the draft run together, batched (engine/batch.ts, `batchMode`).
    */
   async *generate(
     options: Partial<GenerateOptions>,
     signal?: AbortSignal,
   ): AsyncGenerator<GenerateChunk, GenerateStats> {
+    const i = this.info;
+    if (batchMode(i.parallel, i.draft, { ...DEFAULT_GENERATE, ...options }) !== "serial") {
+      return yield* this.#generate(options, signal);
+    }
     const before = this.#turn;
     let release!: () => void;
     this.#turn = new Promise((r) => release = r);
@@ -196,6 +203,11 @@ export class Engine {
       signal?.removeEventListener("abort", onAbort);
       if (!finished) onAbort(); // the consumer stopped early: stop the worker too
     }
+  }
+
+  /** The batched decoder's load (active, waiting, blocks in use), or null without batching. */
+  batchLoad(): Promise<BatchFigures | null> {
+    return this.#request({ id: this.#nextId++, type: "batchLoad" });
   }
 
   /** Releases the GPU and stops the worker. */

@@ -45,6 +45,10 @@ export interface PlanRequest {
   readonly budget?: number;
   /** Whether generation speculates (a draft, self-draft or n-gram). */
   readonly speculative: boolean;
+  /** Sequences decoded together (`serve --parallel`; the paged pool is planned above 1). */
+  readonly parallel?: number;
+  /** Draft tokens per cycle of batched speculation (default 4). */
+  readonly batchDraftTokens?: number;
   /** The adapter's limits and features. */
   readonly adapter: AdapterFacts;
   /** Whether the device has shader-f16. */
@@ -151,6 +155,8 @@ export async function planConfigurations(req: PlanRequest): Promise<PlanRow[]> {
           : undefined,
         kv,
         speculative: req.speculative,
+        parallel: req.parallel,
+        batchDraftTokens: req.batchDraftTokens,
         adapter: req.adapter,
       };
       const weights = await planWeights(setup);

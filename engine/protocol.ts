@@ -40,6 +40,15 @@ export interface LoadOptions {
    * given explicitly are chosen), or refuse before allocating with the table of options.
    */
   vram?: number;
+  /**
+   * Sequences decoded together (continuous batching over a paged KV pool, engine/batch.ts);
+   * default 1: one generation at a time. Above 1, plain generations and greedy ones speculating
+   * with the loaded draft run batched and concurrently ({@linkcode batchMode}); the others still
+   * take turns on the serial path.
+   */
+  parallel?: number;
+  /** Draft tokens per cycle of batched speculation (`parallel` > 1 with a draft); default 4. */
+  batchDraftTokens?: number;
 }
 
 /** Sampling and stopping options for one generation. */
@@ -147,8 +156,54 @@ export interface ModelInfo {
   vocabSize: number;
   /** Whether a draft model is loaded. */
   draft: boolean;
+  /** Sequences decoded together (1: one at a time). */
+  parallel: number;
   /** GPU bytes allocated by category. */
   vram: VramBytes;
+}
+
+/** The batched decoder's load (engine/batch.ts `BatchLoad`), or null when not batching. */
+export interface BatchFigures {
+  /** Sequences decoding now. */
+  active: number;
+  /** Requests waiting for a slot or KV blocks. */
+  waiting: number;
+  /** Paged KV blocks held by sequences. */
+  blocksInUse: number;
+  /** Blocks in the pool. */
+  blocks: number;
+}
+
+/**
+ * How a generation runs when `parallel` > 1 (engine/batch.ts): "plain" (batched without
+ * speculation: `spec` "none", any sampling), "speculative" (batched with the loaded draft: `spec`
+ * "model", the default with a draft, greedy only, no draft tree) or "serial" (one at a time, the
+ * path of `parallel` 1: n-gram or tree speculation, sampled speculation). The session, the engine
+ * and the server decide with this one rule.
+ */
+export function batchMode(
+  parallel: number,
+  draftLoaded: boolean,
+  o: Pick<Partial<GenerateOptions>, "spec" | "draftTree" | "temperature">,
+): "plain" | "speculative" | "serial" {
+  const spec = o.spec ?? (draftLoaded ? "model" : "none");
+  if (parallel <= 1 || o.draftTree !== undefined) return "serial";
+  if (spec === "none") return "plain";
+  if (spec === "model" && draftLoaded && o.temperature === 0) return "speculative";
+  return "serial";
+}
+
+/**
+ * Whether a server configured with `spec` and `draftTree` can run requests batched (its queue
+ * then admits `parallel` at once): plain decoding, or speculation with a loaded draft.
+ */
+export function serverBatches(
+  parallel: number,
+  draftLoaded: boolean,
+  spec: GenerateOptions["spec"],
+  draftTree?: string,
+): boolean {
+  return batchMode(parallel, draftLoaded, { spec, draftTree, temperature: 0 }) !== "serial";
 }
 
 /** Main thread → worker. */
@@ -157,6 +212,7 @@ export type Request =
   | { id: number; type: "tokenize"; text: string; bos: boolean; specials?: string[] }
   | { id: number; type: "generate"; options: GenerateOptions }
   | { id: number; type: "cancel"; target: number }
+  | { id: number; type: "batchLoad" }
   | { id: number; type: "dispose" };
 
 /** Worker → main thread. */

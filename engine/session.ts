@@ -6,9 +6,11 @@
  */
 import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
-import { Decoder, type Speculation, targetLogitRows } from "./decode.ts";
+import { Decoder, type SamplingSettings, type Speculation, targetLogitRows } from "./decode.ts";
 import { parseTreeShape, type TreeShape } from "./token_tree.ts";
 import { LlamaGpu } from "../models/llama.ts";
+import { LlamaBatch } from "../models/llama_batch.ts";
+import { BATCH_MAX_STEPS, BatchDecoder, sessionBatchShapes } from "./batch.ts";
 import { planFormats } from "./quant_plan.ts";
 import {
   formatPlanTable,
@@ -20,12 +22,14 @@ import { adapterFacts, estimateVram, formatBytes, type VramBytes, vramTotal } fr
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { contextLimitReason, loadModel } from "../models/load.ts";
 import type { LoadedModel, Tokenizer } from "../models/types.ts";
-import type {
-  GenerateChunk,
-  GenerateOptions,
-  GenerateStats,
-  LoadOptions,
-  ModelInfo,
+import {
+  type BatchFigures,
+  batchMode,
+  type GenerateChunk,
+  type GenerateOptions,
+  type GenerateStats,
+  type LoadOptions,
+  type ModelInfo,
 } from "./protocol.ts";
 
 /** A loaded target (and optional draft) on the GPU, ready to generate. */
@@ -36,6 +40,11 @@ export class Session {
   readonly #draft: LlamaGpu | undefined;
   readonly #decoders = new Map<string, Decoder>();
   readonly #tokenizer: Tokenizer | undefined;
+  /**
+   * Batched decoding (`parallel` > 1): the target's paged forward (and the draft's, for batched
+   * speculation) and the scheduler.
+   */
+  readonly #batch: SessionBatch | undefined;
   /** The planner's figures for this setup, computed before anything was allocated. */
   readonly planned: VramBytes;
 
@@ -46,8 +55,10 @@ export class Session {
     draft: LlamaGpu | undefined,
     tokenizer: Tokenizer | undefined,
     planned: VramBytes,
+    batch?: SessionBatch,
   ) {
     this.planned = planned;
+    this.#batch = batch;
     this.#gpu = gpu;
     this.#store = store;
     this.#target = target;
@@ -99,6 +110,14 @@ export class Session {
     progress: (msg: string) => void,
   ): Promise<Session> {
     const f16 = gpu.features.f16 && !options.noF16;
+    const parallel = options.parallel ?? 1;
+    if (!Number.isInteger(parallel) || parallel < 1 || parallel > 64) {
+      throw new RangeError(`parallel must be an integer in [1, 64], got ${parallel}`);
+    }
+    const batchK = options.batchDraftTokens ?? 4;
+    if (!Number.isInteger(batchK) || batchK < 1 || batchK > 16) {
+      throw new RangeError(`batched draft tokens must be an integer in [1, 16], got ${batchK}`);
+    }
     if (options.kv === "f16" && !f16) {
       throw new Error(
         "--kv f16 needs the shader-f16 feature (this device or --no-f16 rules it out)",
@@ -117,6 +136,8 @@ export class Session {
       ctx: maxSeq,
       budget: options.vram,
       speculative: self || draftHost !== undefined,
+      parallel,
+      batchDraftTokens: batchK,
       adapter: adapterFacts(gpu),
       f16,
     };
@@ -130,7 +151,9 @@ export class Session {
       const pick = rows.find((r) => r.chosen);
       if (!pick) {
         throw new Error(
-          `nothing fits ${formatBytes(options.vram)} at a context of ${maxSeq}; the options:\n` +
+          `nothing fits ${formatBytes(options.vram)} at a context of ${maxSeq}` +
+            (parallel > 1 ? ` with a paged KV pool for ${parallel} sequences (--parallel)` : "") +
+            `; the options:\n` +
             formatPlanTable(rows, req),
         );
       }
@@ -198,7 +221,27 @@ export class Session {
       });
     }
     const tokenizer = host.tokenizer ?? draftHost?.tokenizer;
-    return new Session(gpu, store, target, draft, tokenizer, planned);
+    let batch: SessionBatch | undefined;
+    if (parallel > 1) {
+      const shapes = sessionBatchShapes(parallel, maxSeq, draft ? batchK : undefined);
+      const forward = await LlamaBatch.create(gpu, target, shapes.target);
+      const draftForward = draft && shapes.draft
+        ? await LlamaBatch.create(gpu, draft, shapes.draft, "draft.batch")
+        : undefined;
+      const poolBytes = forward.bytes.kv + (draftForward?.bytes.kv ?? 0);
+      progress(
+        `paged KV pool: ${forward.layout.numBlocks} blocks of ${forward.layout.blockRows} rows ` +
+          `(${formatBytes(poolBytes)}${draftForward ? ", target and draft" : ""}) for ` +
+          `${parallel} sequences`,
+      );
+      const spec = draftForward ? { draft: draftForward, k: batchK } : undefined;
+      batch = {
+        forward,
+        draftForward,
+        decoder: new BatchDecoder(gpu, forward, BATCH_MAX_STEPS, spec),
+      };
+    }
+    return new Session(gpu, store, target, draft, tokenizer, planned, batch);
   }
 
   #decoder(spec: "model" | "ngram" | "none"): Decoder {
@@ -225,12 +268,15 @@ export class Session {
     const t = this.#target, d = this.#draft;
     let staging = 0;
     for (const dec of this.#decoders.values()) staging += dec.bytes;
+    const b = this.#batch;
     return {
       target_weights: this.#store.bytesOf("target"),
       draft_weights: this.#store.bytesOf("draft"),
-      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0),
-      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0),
-      staging,
+      kv_cache: t.bytes.kv + (d?.bytes.kv ?? 0) + (b?.forward.bytes.kv ?? 0) +
+        (b?.draftForward?.bytes.kv ?? 0),
+      scratch: t.bytes.scratch + (d?.bytes.scratch ?? 0) + (b?.forward.bytes.scratch ?? 0) +
+        (b?.draftForward?.bytes.scratch ?? 0),
+      staging: staging + (b?.decoder.bytes ?? 0),
     };
   }
 
@@ -245,8 +291,22 @@ export class Session {
       kvRows: t.maxSeq,
       vocabSize: t.config.vocabSize,
       draft: d !== undefined,
+      parallel: this.#batch?.forward.layout.maxSeqs ?? 1,
       formats: { target: { ...t.formats }, ...(d ? { draft: { ...d.formats } } : {}) },
       vram: this.vram(),
+    };
+  }
+
+  /** The batched decoder's load, or null without batching (`parallel` 1). */
+  batchLoad(): BatchFigures | null {
+    const b = this.#batch;
+    if (!b) return null;
+    const l = b.decoder.load;
+    return {
+      active: l.active,
+      waiting: l.waiting,
+      blocksInUse: l.blocksInUse,
+      blocks: b.forward.layout.numBlocks,
     };
   }
 
@@ -328,6 +388,13 @@ export class Session {
     const streamer = this.#tokenizer?.decoder();
     let ttft = 0;
     const sampling = { temperature: o.temperature, topK: o.topK, topP: o.topP, seed: o.seed };
+    const mode = this.#batch
+      ? batchMode(this.#batch.forward.layout.maxSeqs, !!this.#draft, o)
+      : "serial";
+    if (mode !== "serial") {
+      const speculate = mode === "speculative";
+      return await this.#generateBatched(prompt, o, sampling, speculate, onChunk, cancelled);
+    }
     const r = await this.#decoder(spec).generate(
       prompt,
       o.maxTokens,
@@ -370,8 +437,62 @@ export class Session {
     };
   }
 
+  /** One generation on the batched path (engine/batch.ts), with the serial path's statistics. */
+  async #generateBatched(
+    prompt: number[],
+    o: GenerateOptions,
+    sampling: SamplingSettings,
+    speculate: boolean,
+    onChunk: (chunk: GenerateChunk) => void,
+    cancelled: () => boolean,
+  ): Promise<GenerateStats> {
+    const streamer = this.#tokenizer?.decoder();
+    const r = await this.#batch!.decoder.generate({
+      prompt,
+      maxTokens: o.maxTokens,
+      sampling,
+      speculate,
+      draftTokens: typeof o.draftTokens === "number" ? o.draftTokens : undefined,
+      onTokens: (ids) => {
+        const text = streamer ? ids.map((id) => streamer.push(id)).join("") : "";
+        onChunk({ text, tokens: ids });
+      },
+      cancelled,
+    });
+    const tail = streamer?.flush() ?? "";
+    if (tail) onChunk({ text: tail, tokens: [] });
+    const info = this.info();
+    const n = r.tokens.length;
+    return {
+      prompt_tokens: prompt.length,
+      generated_tokens: n,
+      prefill_tok_s: r.prefillMs > 0 ? prompt.length / (r.prefillMs / 1000) : 0,
+      decode_tok_s: n > 1 && r.decodeMs > 0 ? (n - 1) / (r.decodeMs / 1000) : 0,
+      ttft_ms: r.queueMs + r.prefillMs,
+      stop_reason: r.stop,
+      vram_bytes: vramTotal(info.vram),
+      vram: info.vram,
+      spec: speculate ? "model" : "none",
+      acceptance_rate: r.proposed ? r.accepted / r.proposed : 0,
+      proposed_tokens: r.proposed,
+      accepted_tokens: r.accepted,
+      target_passes: r.steps,
+      tokens_per_pass: r.steps ? (n - 1) / r.steps : 0,
+      tree_shape: null,
+      draft_time_share: null,
+      verify_time_share: null,
+      gpu_busy: null,
+    };
+  }
+
   /** Frees every GPU object and the device; resolves once the device is gone. */
   async dispose(): Promise<void> {
+    if (this.#batch) {
+      await this.#batch.decoder.idle();
+      this.#batch.decoder.destroy();
+      this.#batch.forward.destroy();
+      this.#batch.draftForward?.destroy();
+    }
     for (const d of this.#decoders.values()) d.destroy();
     this.#draft?.destroy();
     this.#target.destroy();
@@ -380,6 +501,13 @@ export class Session {
     this.#gpu.destroy();
     await this.#gpu.device.lost;
   }
+}
+
+/** A session's batched path: the paged forwards of target (and draft) and their scheduler. */
+interface SessionBatch {
+  forward: LlamaBatch;
+  draftForward?: LlamaBatch;
+  decoder: BatchDecoder;
 }
 
 /**

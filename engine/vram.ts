@@ -8,7 +8,8 @@
  * - `target_weights`: the target's tensors in the store;
  * - `draft_weights`: what the draft adds to the store (tensors it shares with the target, such as
  *   a self-draft's kept embedding, are counted once, under the target);
- * - `kv_cache`: K and V caches of both models;
+ * - `kv_cache`: K and V caches of both models, and the paged pool of batched decoding
+ *   (`--parallel` > 1, models/llama_batch.ts `llamaBatchSizes`);
  * - `scratch`: activations, logits, attention partials, position state and RoPE tables;
  * - `staging`: the decoder's token rings, draft distributions, run state and readback buffers.
  *
@@ -21,6 +22,8 @@ import type { Gpu } from "./gpu.ts";
 import { llamaBufferSizes, uploadList } from "../models/llama.ts";
 import { storedBytes, tensorKey } from "./weights.ts";
 import { decoderBytes, targetLogitRows } from "./decode.ts";
+import { llamaBatchSizes, resolveBatchShape } from "../models/llama_batch.ts";
+import { batchDecoderBytes, sessionBatchShapes, specStateBytes } from "./batch.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 
@@ -90,6 +93,13 @@ export interface VramSetup {
   readonly maxT?: number;
   /** Logit rows per forward; default 17 as the session uses. */
   readonly maxLogitRows?: number;
+  /**
+   * Sequences decoded together (`serve --parallel`); above 1 the target also gets a paged KV
+   * pool holding that many full contexts, with its batch activations and scheduler buffers.
+   */
+  readonly parallel?: number;
+  /** Draft tokens per cycle of batched speculation (with a draft and `parallel` > 1); default 4. */
+  readonly batchDraftTokens?: number;
 }
 
 /** Weight bytes of a setup, and tensors too large for the adapter. */
@@ -160,12 +170,36 @@ export function planBuffers(
     kv += 2 * s.kvCache;
     scratch += s.scratch;
   }
-  const staging = decoderBytes(
+  let staging = decoderBytes(
     maxSeq,
     setup.target.model.config.vocabSize,
     setup.speculative,
     a.timestamps,
   );
+  if ((setup.parallel ?? 1) > 1) {
+    // The batched path: a paged pool and batch activations per model (the draft's when one is
+    // loaded, for batched speculation), and the scheduler's buffers.
+    const k = setup.draft ? setup.batchDraftTokens ?? 4 : undefined;
+    const shapes = sessionBatchShapes(setup.parallel!, maxSeq, k);
+    const limit = Math.min(a.maxBufferSize, a.maxStorageBufferBindingSize);
+    const models = [[setup.target, shapes.target], [setup.draft, shapes.draft]] as const;
+    for (const [m, shape] of models) {
+      if (!m || !shape) continue;
+      const layout = resolveBatchShape(shape, setup.kv);
+      const s = llamaBatchSizes(m.model.config, layout, a.maxComputeWorkgroupStorageSize);
+      if (s.kv / 2 > limit) {
+        problems.push(
+          `a ${setup.kv} paged KV pool for ${setup.parallel} sequences of ${maxSeq} rows needs ` +
+            `${s.kv / 2} bytes per buffer > ${limit}`,
+        );
+      }
+      if (s.act.logits > limit) problems.push(`batch logits need ${s.act.logits} bytes > ${limit}`);
+      kv += s.kv;
+      scratch += s.scratch;
+      if (m === setup.target) staging += batchDecoderBytes(layout);
+    }
+    if (k !== undefined) staging += specStateBytes(setup.parallel!, k);
+  }
   return { kv_cache: kv, scratch, staging, problems };
 }
 

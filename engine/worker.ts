@@ -52,6 +52,9 @@ self.onmessage = async (ev: MessageEvent<Request>) => {
       case "cancel":
         cancelled.add(req.target);
         break;
+      case "batchLoad":
+        send({ id: req.id, type: "result", value: need(session).batchLoad() });
+        break;
       case "dispose":
         // Destroy the device and wait until wgpu has processed it before replying: the caller
         // may exit the process right after, and a driver torn down mid-destruction crashes.

@@ -72,14 +72,14 @@ export interface UploadTensor {
 }
 
 /** One product writing a column range of the qkv activation. */
-interface QkvPart {
+export interface QkvPart {
   w: StoredTensor; // [rows, dim]
   bias?: StoredTensor; // [rows] f32
   col: number; // first column of qkv it writes
 }
 
 /** Per-layer weights in the store. Shapes as `[out, in]`. */
-interface LayerWeights {
+export interface LayerWeights {
   attnNorm: StoredTensor; // [dim] f32
   // q, k, v rows: one [qDim + 2*kvDim, dim] matrix (+ bias) when they share a format, else
   // one product each into its columns of qkv.
@@ -88,6 +88,18 @@ interface LayerWeights {
   ffnNorm: StoredTensor; // [dim] f32
   gateUp: StoredTensor; // [2*ffnDim, dim]: rows 2i, 2i+1 = gate_i, up_i
   down: StoredTensor; // [dim, ffnDim]
+}
+
+/** A model's stored weights, for plan builders sharing them (models/llama_batch.ts). */
+export interface LlamaWeights {
+  /** token_embd: [vocab, dim]. */
+  readonly embedding: StoredTensor;
+  /** The classifier [vocab, dim] (the embedding when tied). */
+  readonly classifier: StoredTensor;
+  /** output_norm: [dim] f32. */
+  readonly outNorm: StoredTensor;
+  /** Per-layer weights. */
+  readonly layers: readonly LayerWeights[];
 }
 
 /** Which rows of a forward produce logits. */
@@ -470,6 +482,20 @@ export class LlamaGpu {
     // state[0] += T: these rows are now in the cache.
     d.push(await createAdvance(g, { label: `${L}.advance`, state: this.state, by: T }));
     return d;
+  }
+
+  /**
+   * The stored weights, shared with other plan builders (models/llama_batch.ts).
+   *
+   * @ignore
+   */
+  get weights(): LlamaWeights {
+    return {
+      embedding: this.#embedding,
+      classifier: this.#classifier,
+      outNorm: this.#outNorm,
+      layers: this.#layers,
+    };
   }
 
   /**

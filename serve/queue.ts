@@ -1,7 +1,8 @@
 /**
- * The server's admission queue: the engine decodes one sequence at a time, requests wait their
- * turn in arrival order, and past `limit` waiting requests a new one is refused (503 with
- * `Retry-After`) instead of piling up. A waiting request whose client goes away leaves the queue.
+ * The server's admission queue: the engine decodes `slots` sequences at a time (1 on the serial
+ * path, `--parallel` when batching), requests wait their turn in arrival order, and past `limit`
+ * waiting requests a new one is refused (503 with `Retry-After`) instead of piling up. A waiting
+ * request whose client goes away leaves the queue.
  *
  * @module
  */
@@ -15,7 +16,7 @@ interface Waiter {
 }
 
 /**
- * One turn at a time, in arrival order, with a bounded waiting line.
+ * `slots` turns at a time (default 1), in arrival order, with a bounded waiting line.
  *
  * @example
  * ```ts
@@ -27,24 +28,33 @@ interface Waiter {
  * ```
  */
 export class TurnQueue {
-  /** Most requests that may wait while one runs. */
+  /** Most requests that may wait while the slots are taken. */
   readonly limit: number;
-  #busy = false;
+  /** Requests that may run at once. */
+  readonly slots: number;
+  #running = 0;
   #closed = false;
   #line: Waiter[] = [];
   #idle: (() => void)[] = [];
 
-  /** `limit`: most waiting requests (0: refuse whenever one is running). */
-  constructor(limit: number) {
+  /**
+   * `limit`: most waiting requests (0: refuse whenever every slot is taken); `slots`: requests
+   * running at once.
+   */
+  constructor(limit: number, slots = 1) {
     if (!Number.isInteger(limit) || limit < 0) {
       throw new RangeError(`queue limit must be an integer >= 0, got ${limit}`);
     }
+    if (!Number.isInteger(slots) || slots < 1) {
+      throw new RangeError(`queue slots must be an integer >= 1, got ${slots}`);
+    }
     this.limit = limit;
+    this.slots = slots;
   }
 
-  /** Requests running now (0 or 1). */
+  /** Requests running now (0 .. slots). */
   get active(): number {
-    return this.#busy ? 1 : 0;
+    return this.#running;
   }
 
   /** Requests waiting for their turn. */
@@ -64,8 +74,8 @@ export class TurnQueue {
       );
     }
     if (signal?.aborted) return Promise.reject(signal.reason);
-    if (!this.#busy) {
-      this.#busy = true;
+    if (this.#running < this.slots) {
+      this.#running++;
       return Promise.resolve(this.#releaser());
     }
     if (this.#line.length >= this.limit) {
@@ -106,8 +116,8 @@ export class TurnQueue {
         next.resolve(this.#releaser());
         return;
       }
-      this.#busy = false;
-      for (const f of this.#idle.splice(0)) f();
+      this.#running--;
+      if (this.#running === 0) { for (const f of this.#idle.splice(0)) f(); }
     };
   }
 
@@ -118,7 +128,7 @@ export class TurnQueue {
 
   /** Resolves when nothing runs or waits. */
   idle(): Promise<void> {
-    if (!this.#busy && this.#line.length === 0) return Promise.resolve();
+    if (this.#running === 0 && this.#line.length === 0) return Promise.resolve();
     return new Promise((r) => this.#idle.push(r));
   }
 }

@@ -4,19 +4,22 @@
  * JSON body), `GET /v1/models` and `GET /health`. It is a plain `(Request) => Response` handler,
  * so `Deno.serve` runs it and tests call it directly.
  *
- * Requests decode one at a time in arrival order ({@linkcode TurnQueue}); more than `queue`
- * waiting get 503 with `Retry-After`. A client that goes away (closed connection, cancelled
+ * Requests decode one at a time in arrival order ({@linkcode TurnQueue}), or, when the engine
+ * batches (`--parallel` N > 1, plain or draft-model speculation), up to N at once; more than `queue` waiting
+ * get 503 with `Retry-After`. A client that goes away (closed connection, cancelled
  * stream) cancels its generation, or leaves the queue if it was still waiting.
  *
  * @module
  */
 import type { ChatTemplate } from "../models/chat_template.ts";
 import { ChatTemplateError } from "../models/chat_template.ts";
-import type {
-  GenerateChunk,
-  GenerateOptions,
-  GenerateStats,
-  ModelInfo,
+import {
+  type BatchFigures,
+  type GenerateChunk,
+  type GenerateOptions,
+  type GenerateStats,
+  type ModelInfo,
+  serverBatches,
 } from "../engine/protocol.ts";
 import { ApiError, type ParsedRequest, parseRequest } from "./request.ts";
 import { StopMatcher } from "./stop.ts";
@@ -28,6 +31,8 @@ export interface Backend {
   readonly info: ModelInfo;
   /** Token ids of `text`, BOS first when `bos`, `specials` mapped to their ids. */
   tokenize(text: string, bos?: boolean, specials?: readonly string[]): Promise<number[]>;
+  /** The batched decoder's load (KV blocks in use), when batching; reported by `/health`. */
+  batchLoad?(): Promise<BatchFigures | null>;
   /** Streams one generation; aborting `signal` cancels it. */
   generate(
     options: Partial<GenerateOptions>,
@@ -180,10 +185,17 @@ export class SpecdecServer {
   constructor(backend: Backend, config: ServerConfig) {
     this.#backend = backend;
     this.#config = config;
-    this.#queue = new TurnQueue(config.queue);
+    const i = backend.info, parallel = i.parallel ?? 1;
+    const batched = serverBatches(parallel, i.draft, config.spec, config.draftTree);
+    this.#queue = new TurnQueue(config.queue, batched ? parallel : 1);
   }
 
-  /** Requests decoding now (0 or 1) and waiting for their turn. */
+  /** Requests decoding at once at most (1, or `--parallel` when batching). */
+  get slots(): number {
+    return this.#queue.slots;
+  }
+
+  /** Requests decoding now and waiting for their turn. */
   get load(): { active: number; waiting: number } {
     return { active: this.#queue.active, waiting: this.#queue.waiting };
   }
@@ -209,7 +221,12 @@ export class SpecdecServer {
       if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: CORS });
       if (path === "/health") {
         this.#method(req, "GET");
-        return json({ status: "ok", ...this.load });
+        const batch = this.#queue.slots > 1 ? await this.#backend.batchLoad?.() : undefined;
+        return json({
+          status: "ok",
+          ...this.load,
+          ...(batch ? { kv_blocks: { in_use: batch.blocksInUse, total: batch.blocks } } : {}),
+        });
       }
       const routes: Record<string, string> = {
         "/v1/models": "GET",
