@@ -141,6 +141,32 @@ async function benchModel(
   return result;
 }
 
+/** A config.json of the pycode pair's family (Llama 2 vocabulary, head size 64, tied embeddings). */
+function pycodeConfig(
+  dim: number,
+  ffn: number,
+  layers: number,
+  heads: number,
+  kvHeads: number,
+): Record<string, unknown> {
+  return {
+    model_type: "llama",
+    hidden_size: dim,
+    intermediate_size: ffn,
+    num_hidden_layers: layers,
+    num_attention_heads: heads,
+    num_key_value_heads: kvHeads,
+    head_dim: 64,
+    max_position_embeddings: 1024,
+    vocab_size: 32000,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: true,
+    bos_token_id: 1,
+    eos_token_id: 2,
+  };
+}
+
 /**
  * The configurations `--dummy` builds, as their Hugging Face config.json files give them (the
  * fields this engine reads); weights are random, so EOS never stops a run.
@@ -148,38 +174,8 @@ async function benchModel(
 const DUMMY_CONFIGS: Record<string, Record<string, unknown>> = {
   // The pycode pair's shapes (../shared/models/pycode-pair/*/config.json): plain decode speed of
   // the fixtures' shapes without staging their weights.
-  "pycode-target": {
-    model_type: "llama",
-    hidden_size: 576,
-    intermediate_size: 1536,
-    num_hidden_layers: 12,
-    num_attention_heads: 9,
-    num_key_value_heads: 3,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    vocab_size: 32000,
-    rms_norm_eps: 1e-5,
-    rope_theta: 10000,
-    tie_word_embeddings: true,
-    bos_token_id: 1,
-    eos_token_id: 2,
-  },
-  "pycode-draft": {
-    model_type: "llama",
-    hidden_size: 256,
-    intermediate_size: 704,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 4,
-    head_dim: 64,
-    max_position_embeddings: 1024,
-    vocab_size: 32000,
-    rms_norm_eps: 1e-5,
-    rope_theta: 10000,
-    tie_word_embeddings: true,
-    bos_token_id: 1,
-    eos_token_id: 2,
-  },
+  "pycode-target": pycodeConfig(576, 1536, 12, 9, 3),
+  "pycode-draft": pycodeConfig(256, 704, 3, 4, 4),
   "llama-3.2-1b": {
     model_type: "llama",
     hidden_size: 2048,
