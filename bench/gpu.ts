@@ -19,7 +19,9 @@
  * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
- * plain).
+ * plain), then the GPU time of one cycle per op (plain, the first `--ks`, the first fixed tree).
+ * `--target dummy:NAME --draft dummy:NAME` runs that with random weights at a `--dummy`
+ * configuration's shapes (per-op costs without staging weights; acceptance is meaningless).
  */
 import { matvecTuning } from "../kernels/matmul.ts";
 import { parseArgs } from "@specdec/cli";
@@ -364,19 +366,39 @@ async function benchSpeculative(
   ks: number[],
   trees: (TreeShape | "auto")[],
   ngram: boolean,
-): Promise<SpecRow[]> {
-  const th = await loadModel(targetPath, { tokenizer }),
-    dh = await loadModel(draftPath, { tokenizer });
-  const tok = th.tokenizer!;
+): Promise<{ rows: SpecRow[]; profiles: CycleProfile[] }> {
   const store = new WeightStore(gpu);
-  const maxSeq = Math.min(th.config.maxSeqLen, dh.config.maxSeqLen, 1024);
-  const t = await LlamaGpu.create(gpu, store, th, {
-    label: "target",
-    maxSeq,
-    maxLogitRows: targetLogitRows(true),
-  });
-  const d = await LlamaGpu.create(gpu, store, dh, { label: "draft", maxSeq });
-  const prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }).slice(0, 64));
+  let t: LlamaGpu, d: LlamaGpu, prompts: number[][];
+  if (targetPath.startsWith("dummy:") || draftPath.startsWith("dummy:")) {
+    // Random f16 weights at a configuration's shapes: per-op costs and losslessness, not
+    // acceptance (a random draft rarely agrees with a random target).
+    const dummy = (path: string, label: string, maxLogitRows?: number) => {
+      const name = path.replace(/^dummy:/, "");
+      const json = DUMMY_CONFIGS[name];
+      if (!json) throw new Error(`${path}: unknown dummy (known: ${Object.keys(DUMMY_CONFIGS)})`);
+      const config = { ...readHfConfig(json, `${name} (dummy)`), eosIds: [] };
+      return LlamaGpu.createRandom(gpu, store, config, "f16", {
+        label,
+        maxSeq: 1024,
+        maxLogitRows,
+      });
+    };
+    t = await dummy(targetPath, "target", targetLogitRows(true));
+    d = await dummy(draftPath, "draft");
+    prompts = PROMPTS.map((_, i) => Array.from({ length: 48 }, (_, j) => 1000 + 37 * j + 5 * i));
+  } else {
+    const th = await loadModel(targetPath, { tokenizer }),
+      dh = await loadModel(draftPath, { tokenizer });
+    const tok = th.tokenizer!;
+    const maxSeq = Math.min(th.config.maxSeqLen, dh.config.maxSeqLen, 1024);
+    t = await LlamaGpu.create(gpu, store, th, {
+      label: "target",
+      maxSeq,
+      maxLogitRows: targetLogitRows(true),
+    });
+    d = await LlamaGpu.create(gpu, store, dh, { label: "draft", maxSeq });
+    prompts = PROMPTS.map((p) => tok.encode(p, { bos: true }).slice(0, 64));
+  }
   const greedy = { temperature: 0, topK: 0, topP: 1, seed: 0 };
   const quiet = { onTokens: () => {}, cancelled: () => false };
   const configs: [string, Speculation, DraftLength, (TreeShape | "auto")?][] = [
@@ -440,11 +462,47 @@ async function benchSpeculative(
     });
     console.log(`  ${name}: ${rate.toFixed(1)} tok/s`);
   }
+  // Where a cycle's GPU time goes: each dispatch of one cycle timed on its own (plain step, the
+  // first chain length, the first fixed tree), after the timed runs (they move the positions).
+  const profiles: CycleProfile[] = [];
+  if (gpu.features.timestamp) {
+    const shape = trees.find((x): x is TreeShape => x !== "auto");
+    type Case = [string, Decoder | undefined, number, TreeShape?];
+    const cases: Case[] = [["plain", decoders.get("none"), 0]];
+    if (ks.length) cases.push([`draft model k=${ks[0]}`, decoders.get("model"), ks[0]]);
+    if (shape) {
+      cases.push([`draft tree ${shape.depth}x${shape.width}`, decoders.get("model"), 0, shape]);
+    }
+    for (const [config, dec, k, tree] of cases) {
+      if (!dec) continue;
+      await dec.generate(prompts[0], 8, greedy, quiet, k || 1, tree); // positions at a real context
+      const c = await dec.cycleDispatches(greedy, k, tree);
+      const draft = await profileDispatches(gpu, c.draft, 5);
+      const verify = await profileDispatches(gpu, c.verify, 5);
+      profiles.push({
+        config,
+        draft_dispatches: c.draft.length,
+        verify_dispatches: c.verify.length,
+        ops: [
+          ...draft.map((r) => ({ ...r, op: `draft: ${r.op}` })),
+          ...verify.map((r) => ({ ...r, op: `verify: ${r.op}` })),
+        ],
+      });
+    }
+  }
   for (const dec of decoders.values()) dec.destroy();
   t.destroy();
   d.destroy();
   store.destroy();
-  return rows;
+  return { rows, profiles };
+}
+
+/** GPU time per op of one decoding cycle (each dispatch timed alone, µs). */
+export interface CycleProfile {
+  config: string;
+  draft_dispatches: number;
+  verify_dispatches: number;
+  ops: ProfileRow[];
 }
 
 function table(rows: (string | number)[][]): string {
@@ -634,7 +692,7 @@ if (import.meta.main) {
   }
   if (values.target && values.draft) {
     console.log(`speculative vs plain: ${values.target} with draft ${values.draft}`);
-    const rows = await benchSpeculative(
+    const { rows, profiles } = await benchSpeculative(
       gpu,
       values.target,
       values.draft,
@@ -647,6 +705,7 @@ if (import.meta.main) {
       values["no-ngram"] !== true,
     );
     report.speculative = rows;
+    report.cycle_profiles = profiles;
     console.log(
       `\ngreedy decoding, ${PROMPTS.length} prompts x ${values.tokens} tokens, one process`,
     );
@@ -672,6 +731,17 @@ if (import.meta.main) {
         r.identical ? "yes" : "NO",
       ]),
     ]));
+    for (const p of profiles) {
+      const total = p.ops.reduce((a, o) => a + o.us, 0);
+      console.log(
+        `\nGPU time of one cycle, ${p.config} (${p.draft_dispatches} draft + ` +
+          `${p.verify_dispatches} verify dispatches, each timed alone): ${total.toFixed(1)} µs`,
+      );
+      console.log(table([
+        ["op", "dispatches", "µs", "%"],
+        ...p.ops.map((o) => [o.op, String(o.dispatches), o.us, (100 * o.us / total).toFixed(1)]),
+      ]));
+    }
   }
   if (values.json) console.log(JSON.stringify(report));
   if (values.out) await Deno.writeTextFile(values.out, JSON.stringify(report, null, 2));

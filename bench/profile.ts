@@ -25,6 +25,7 @@ export async function profileDispatches(
 ): Promise<ProfileRow[]> {
   if (!gpu.features.timestamp) throw new Error("profiling needs the timestamp-query feature");
   const n = dispatches.length;
+  if (n === 0) return [];
   const querySet = gpu.device.createQuerySet({ label: "profile", type: "timestamp", count: 2 * n });
   const resolve = gpu.buffer(
     "profile.resolve",

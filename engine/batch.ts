@@ -4,8 +4,9 @@
  * (engine/paged_kv.ts). Plain decoding: each step is
  *
  *   forward   R rows: row i = the last token of active sequence i at its own position
- *   sample    row i with sequence i's own settings (temperature/top-k/top-p/seed; greedy =
- *             argmax), its token written back as row i's next input (kernels/sample.ts)
+ *   sample    greedy rows: one split argmax over all rows (kernels/argmax.ts); then each
+ *             sampled row with its own settings (temperature/top-k/top-p/seed,
+ *             kernels/sample.ts); the token is written back as row i's next input
  *   advance   every row's position + 1 (kernels/paged_advance.ts)
  *
  * and a chunk of `n` steps is encoded into one submission and read back once (DESIGN.md: a
@@ -176,6 +177,7 @@ export class BatchDecoder {
   readonly #staging: GPUBuffer[]; // [RING] readback copies of out
   readonly #samplers = new Map<string, Promise<Dispatch>>();
   readonly #advance = new Map<number, Promise<Dispatch>>();
+  readonly #argmax = new Map<number, Promise<Dispatch>>();
   #waiting: Seq[] = [];
   #active: Seq[] = [];
   #free: number[];
@@ -502,7 +504,25 @@ export class BatchDecoder {
     const step: Dispatch[] = [
       ...await batch.plan(R, { tokens: { buffer: B.tokens, offset: 0 }, rows: B.rows }, "all"),
     ];
-    for (let i = 0; i < R; i++) step.push(await this.#sampler(act[i].req.sampling, i, i));
+    // Greedy rows: one split argmax over all R rows; sampled rows then overwrite their token.
+    if (act.some((s) => s.req.sampling.temperature <= 0)) {
+      let am = this.#argmax.get(R);
+      if (!am) {
+        am = createArgmax(g, {
+          label: `batch.argmax${R}`,
+          logits: batch.logits,
+          ids: B.tokens,
+          T: R,
+          V: batch.config.vocabSize,
+        });
+        this.#argmax.set(R, am);
+      }
+      step.push(await am);
+    }
+    for (let i = 0; i < R; i++) {
+      const s = act[i].req.sampling;
+      if (s.temperature > 0) step.push(await this.#sampler(s, i, i));
+    }
     let adv = this.#advance.get(R);
     if (!adv) {
       adv = createPagedAdvance(g, { label: `batch.advance${R}`, rows: B.rows, R });

@@ -41,6 +41,7 @@ import type { Dispatch, Gpu } from "./gpu.ts";
 import type { LlamaGpu } from "../models/llama.ts";
 import { createSample } from "../kernels/sample.ts";
 import { createAccept } from "../kernels/accept.ts";
+import { createArgmax } from "../kernels/argmax.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
@@ -295,8 +296,20 @@ export class Decoder {
     return n;
   }
 
-  /** The sampler writing the target's next token into `out[outOffset]`. */
+  /**
+   * The sampler writing the target's next token into `out[0]`; greedy, the split argmax (many
+   * workgroups per row, where the sampler has one).
+   */
   #targetSample(s: SamplingSettings, out: GPUBuffer): Promise<Dispatch> {
+    if (s.temperature <= 0) {
+      return createArgmax(this.#gpu, {
+        label: "decode.target.argmax",
+        logits: this.#target.logits,
+        ids: out,
+        T: 1,
+        V: this.#target.config.vocabSize,
+      });
+    }
     return createSample(this.#gpu, {
       label: "decode.target.sample",
       logits: this.#target.logits,
@@ -334,7 +347,7 @@ export class Decoder {
     const cached = this.#cycles.get(k);
     if (cached) return cached;
     const g = this.#gpu, t = this.#target, B = this.#buf, spec = this.#spec;
-    const V = t.config.vocabSize;
+    const V = t.config.vocabSize, greedy = s.temperature <= 0;
     const draft: Dispatch[] = [], verify: Dispatch[] = [];
     if (k === 0) {
       verify.push(...await t.plan(1, { buffer: B.verifyIn, offset: 0 }, "last"));
@@ -345,23 +358,33 @@ export class Decoder {
         for (let i = 0; i < k; i++) {
           // Draft step i: verifyIn[i] → d_{i+1} into verifyIn[i+1], its q into row i.
           draft.push(...await d.plan(1, { buffer: B.verifyIn, offset: i }, "last"));
+          // Greedy acceptance reads no q: the draft's argmax alone.
           draft.push(
-            await createSample(g, {
-              label: `decode.draft.sample${i}`,
-              logits: d.logits,
-              out: B.verifyIn,
-              outOffset: i + 1,
-              probs: B.q,
-              probsRowOffset: i,
-              state: B.run,
-              counterIndex: RUN.sampleRng,
-              V,
-              rows: 1,
-              temperature: s.temperature,
-              topK: s.topK,
-              topP: s.topP,
-              seed: s.seed,
-            }),
+            greedy
+              ? await createArgmax(g, {
+                label: `decode.draft.argmax${i}`,
+                logits: d.logits,
+                ids: B.verifyIn,
+                idsOffset: i + 1,
+                T: 1,
+                V,
+              })
+              : await createSample(g, {
+                label: `decode.draft.sample${i}`,
+                logits: d.logits,
+                out: B.verifyIn,
+                outOffset: i + 1,
+                probs: B.q,
+                probsRowOffset: i,
+                state: B.run,
+                counterIndex: RUN.sampleRng,
+                V,
+                rows: 1,
+                temperature: s.temperature,
+                topK: s.topK,
+                topP: s.topP,
+                seed: s.seed,
+              }),
           );
         }
         // d_k enters the draft's cache too, so the draft is in step when all k are accepted.
@@ -382,23 +405,32 @@ export class Decoder {
       }
       verify.push(...await t.plan(k + 1, { buffer: B.verifyIn, offset: 0 }, "all"));
       verify.push(
-        await createAccept(g, {
-          label: `decode.accept.k${k}`,
-          targetLogits: t.logits,
-          draftProbs: B.q,
-          draftTokens: B.verifyIn,
-          draftTokensOffset: 1,
-          outTokens: B.outTokens,
-          outCount: B.outCount,
-          state: B.run,
-          counterIndex: RUN.acceptRng,
-          k,
-          V,
-          temperature: s.temperature,
-          topK: s.topK,
-          topP: s.topP,
-          seed: s.seed,
-        }),
+        greedy
+          ? await createArgmax(g, {
+            label: `decode.accept.k${k}`,
+            logits: t.logits,
+            ids: B.outTokens,
+            T: k + 1,
+            V,
+            accept: { draftTokens: B.verifyIn, tokensOffset: 1, outCount: B.outCount },
+          })
+          : await createAccept(g, {
+            label: `decode.accept.k${k}`,
+            targetLogits: t.logits,
+            draftProbs: B.q,
+            draftTokens: B.verifyIn,
+            draftTokensOffset: 1,
+            outTokens: B.outTokens,
+            outCount: B.outCount,
+            state: B.run,
+            counterIndex: RUN.acceptRng,
+            k,
+            V,
+            temperature: s.temperature,
+            topK: s.topK,
+            topP: s.topP,
+            seed: s.seed,
+          }),
         await this.#commit(k),
       );
     }
@@ -600,6 +632,28 @@ export class Decoder {
           `${spec.draft.maxLogitRows}`,
       );
     }
+  }
+
+  /**
+   * The dispatches of one cycle with settings `s`: draft length `k` (0 = a plain step) or a tree
+   * of `tree`'s shape, as {@linkcode Decoder.generate} encodes them (for per-op GPU profiles).
+   * Running them moves the caches' positions like a cycle does; the next generation's prefill
+   * starts over.
+   */
+  async cycleDispatches(
+    s: SamplingSettings,
+    k: number,
+    tree?: TreeShape,
+  ): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
+    if (k > 0 && !tree && this.#spec.kind === "none") {
+      throw new Error(`a draft length of ${k} needs speculation (a draft model or n-gram)`);
+    }
+    await this.#prepare(s);
+    if (tree) {
+      this.#checkTree(tree);
+      return this.#treeCycle(tree, s);
+    }
+    return this.#cycle(k, s);
   }
 
   async #prepare(s: SamplingSettings): Promise<void> {

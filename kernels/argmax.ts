@@ -1,46 +1,97 @@
 /**
  * Greedy pick: `ids[idsOffset + t] = argmax_i logits[t, i]` (ties go to the lowest index, like
- * numpy and torch).
+ * numpy and torch), and optionally the greedy accept of a speculative chain in the same dispatch.
+ *
+ * A row of a 32000-token vocabulary is too much for one workgroup when it is the whole dispatch
+ * (one SM reading 128 KB with a chain of dependent loads: a decode step's sampler and a verify's
+ * accept were single-workgroup passes like that). So each row is cut into up to
+ * {@linkcode ARGMAX_MAX_SLICES} slices, one workgroup each; every workgroup stores its slice's
+ * (value, index) with atomic stores and counts itself in the row's atomic counter, and the
+ * workgroup that arrives last merges the row (as the split-K merge in kernels/fused_attention.ts)
+ * and resets the counter for the next dispatch. In accept mode the rows are a verify's k + 1
+ * target rows: the last row to finish also counts the leading draft tokens equal to the target's
+ * argmax, so `ids` (the cycle's output tokens) holds the accepted tokens then the correction or
+ * bonus token, and `outCount[0]` = accepted + 1 — exactly `acceptDraft` at temperature 0.
  *
  * @module
  */
-import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
+import { type Dispatch, type Gpu, GpuError } from "../engine/gpu.ts";
 
-/** Invocations per workgroup (one workgroup per row). */
+/** Invocations per workgroup (one workgroup per slice of a row). */
 export const ARGMAX_WG = 256;
 
-/** WGSL of the row-wise argmax. */
-export function argmaxWgsl(): string {
-  return /* wgsl */ `
-// Argmax: one workgroup of ${ARGMAX_WG} invocations owns one row (rows may spread over a 2-D
-// grid). Invocation i scans elements i, i + ${ARGMAX_WG}, ... (coalesced; the loop bound masks
-// ragged V) keeping the first maximum, then (value, index) pairs are tree-reduced in workgroup
-// memory preferring the larger value, and the lower index on ties. NaN never wins.
-struct Params {
-  T: u32,         // rows
-  V: u32,         // row length (vocabulary)
-  xOffset: u32,   // element offset of logits[0, 0]
-  idsOffset: u32, // element offset of ids[0]
+/** Most workgroups one row is split over (the merge reads one partial per slice). */
+export const ARGMAX_MAX_SLICES = 32;
+
+/** Fewest elements one invocation scans in its slice (below this a split does not pay). */
+const MIN_PER_INVOCATION = 4;
+
+/**
+ * The split of a row of `V` elements: `slice` elements per workgroup (a multiple of
+ * {@linkcode ARGMAX_WG}) and `slices` workgroups, at most {@linkcode ARGMAX_MAX_SLICES}.
+ *
+ * @example
+ * ```ts
+ * import { argmaxSplit } from "./argmax.ts";
+ * console.log(argmaxSplit(32000)); // { slice: 1024, slices: 32 }
+ * ```
+ */
+export function argmaxSplit(V: number): { slice: number; slices: number } {
+  const perInvocation = Math.max(
+    MIN_PER_INVOCATION,
+    Math.ceil(V / (ARGMAX_MAX_SLICES * ARGMAX_WG)),
+  );
+  const slice = perInvocation * ARGMAX_WG;
+  return { slice, slices: Math.max(1, Math.ceil(V / slice)) };
 }
-@group(0) @binding(0) var<storage, read> logits: array<f32>;  // logits: [T, V] f32 at xOffset
-@group(0) @binding(1) var<storage, read_write> ids: array<u32>; // ids: [T] u32 at idsOffset
-@group(0) @binding(2) var<uniform> p: Params;
+
+/** u32 words of the scratch a dispatch of `T` rows of `V` needs (counters, results, partials). */
+export function argmaxScratchWords(T: number, V: number): number {
+  return 2 * T + 1 + 2 * T * argmaxSplit(V).slices;
+}
+
+/** WGSL of the split argmax; `accept` adds the greedy chain accept (bindings 4 and 5). */
+export function argmaxWgsl(accept: boolean): string {
+  return /* wgsl */ `
+// Split argmax: workgroup (s, t) scans slice s of row t; invocation i reads elements
+// start + i, start + i + ${ARGMAX_WG}, ... (coalesced; ragged ends masked by the loop bound),
+// keeping the first maximum; (value, index) pairs are tree-reduced in workgroup memory,
+// preferring the larger value and the lower index on ties. NaN never wins; a row with no value
+// above -FLT_MAX (all -inf or NaN) gives index 0.
+// Scratch words: [0, T) row counters, T the rows-done counter (accept mode), [T + 1, 2T + 1) row
+// results, then partials (value bits, index) of [T, S] slices. Counters return to 0 after use.
+struct Params {
+  T: u32,            // rows
+  V: u32,            // row length (vocabulary)
+  xOffset: u32,      // element offset of logits[0, 0]
+  idsOffset: u32,    // element offset of ids[0]
+  S: u32,            // slices per row
+  slice: u32,        // elements per slice (a multiple of ${ARGMAX_WG})
+  k: u32,            // accept mode: draft tokens (T = k + 1)
+  tokensOffset: u32, // accept mode: element offset of d1 in draftTokens
+}
+@group(0) @binding(0) var<storage, read> logits: array<f32>;        // [T, V] f32 at xOffset
+@group(0) @binding(1) var<storage, read_write> ids: array<u32>;     // [T] u32 at idsOffset
+@group(0) @binding(2) var<storage, read_write> part: array<atomic<u32>>; // scratch, see above
+@group(0) @binding(3) var<uniform> p: Params;
+${
+    accept
+      ? `@group(0) @binding(4) var<storage, read> draftTokens: array<u32>;  // [k] d1..dk at tokensOffset
+@group(0) @binding(5) var<storage, read_write> outCount: array<u32>; // [1] accepted + 1`
+      : ""
+  }
+
+const NONE: u32 = 0xffffffffu;
+const LOWEST: f32 = -3.4028235e38;
 
 var<workgroup> redV: array<f32, ${ARGMAX_WG}>;
 var<workgroup> redI: array<u32, ${ARGMAX_WG}>;
+var<workgroup> isLast: u32;
 
-@compute @workgroup_size(${ARGMAX_WG})
-fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let t = wg.y * nwg.x + wg.x;
-  if (t >= p.T) { return; }
-  let row = p.xOffset + t * p.V;
-  var best = -3.4028235e38;
-  var bi = 0xffffffffu;
-  for (var i = lid; i < p.V; i += ${ARGMAX_WG}u) {
-    let v = logits[row + i];
-    if (v > best || (bi == 0xffffffffu && v == best)) { best = v; bi = i; }
-  }
+// Workgroup reduction of (value, index); every invocation gets the winner.
+fn reduce(lid: u32, v0: f32, i0: u32) -> vec2u {
+  var best = v0;
+  var bi = i0;
   redV[lid] = best;
   redI[lid] = bi;
   workgroupBarrier();
@@ -52,7 +103,73 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
     }
     workgroupBarrier();
   }
-  if (lid == 0u) { ids[p.idsOffset + t] = select(bi, 0u, bi == 0xffffffffu); }
+  let r = vec2u(bitcast<u32>(workgroupUniformLoad(&redV[0])), workgroupUniformLoad(&redI[0]));
+  return r;
+}
+
+@compute @workgroup_size(${ARGMAX_WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let s = wg.x;
+  let t = wg.y;
+  let row = p.xOffset + t * p.V;
+  let start = s * p.slice;
+  let end = min(start + p.slice, p.V);
+  var best = LOWEST;
+  var bi = NONE;
+  for (var i = start + lid; i < end; i += ${ARGMAX_WG}u) {
+    let v = logits[row + i];
+    if (v > best || (bi == NONE && v == best)) { best = v; bi = i; }
+  }
+  var win = reduce(lid, best, bi);
+  if (p.S > 1u) {
+    let pw = 2u * p.T + 1u + 2u * (t * p.S + s);
+    if (lid == 0u) {
+      atomicStore(&part[pw], win.x);
+      atomicStore(&part[pw + 1u], win.y);
+    }
+    storageBarrier();
+    if (lid == 0u) {
+      let arrived = atomicAdd(&part[t], 1u);
+      isLast = select(0u, 1u, arrived == p.S - 1u);
+      if (arrived == p.S - 1u) { atomicStore(&part[t], 0u); } // ready for the next dispatch
+    }
+    if (workgroupUniformLoad(&isLast) == 0u) { return; }
+    storageBarrier();
+    // The last slice of the row merges the row's partials, one per invocation.
+    var v = LOWEST;
+    var j = NONE;
+    if (lid < p.S) {
+      let q = 2u * p.T + 1u + 2u * (t * p.S + lid);
+      v = bitcast<f32>(atomicLoad(&part[q]));
+      j = atomicLoad(&part[q + 1u]);
+    }
+    win = reduce(lid, v, j);
+  }
+  let id = select(win.y, 0u, win.y == NONE);
+  if (lid == 0u) { ids[p.idsOffset + t] = id; }
+  ${
+    accept
+      ? `// Accept: the last row to finish counts the draft tokens that match the target's argmax.
+  if (lid == 0u) { atomicStore(&part[p.T + 1u + t], id); }
+  storageBarrier();
+  if (lid == 0u) {
+    let done = atomicAdd(&part[p.T], 1u);
+    isLast = select(0u, 1u, done == p.T - 1u);
+    if (done == p.T - 1u) { atomicStore(&part[p.T], 0u); }
+  }
+  if (workgroupUniformLoad(&isLast) == 0u) { return; }
+  storageBarrier();
+  if (lid == 0u) {
+    var n = 0u;
+    loop {
+      if (n >= p.k) { break; }
+      if (draftTokens[p.tokensOffset + n] != atomicLoad(&part[p.T + 1u + n])) { break; }
+      n += 1u;
+    }
+    outCount[0] = n + 1u;
+  }`
+      : ""
+  }
 }
 `;
 }
@@ -73,10 +190,23 @@ export interface ArgmaxArgs {
   T: number;
   /** Row length (vocabulary size). */
   V: number;
+  /**
+   * Greedy accept of a chain of `k = T - 1` draft tokens (the rows are the verify's k + 1 target
+   * rows): `outCount[0]` gets 1 + the number of leading `draftTokens[tokensOffset + i]` equal to
+   * row i's argmax, and `ids` holds the accepted tokens then the correction/bonus token.
+   */
+  accept?: {
+    /** d1..dk, u32. */
+    draftTokens: GPUBuffer;
+    /** Element offset of d1; default 0. */
+    tokensOffset?: number;
+    /** [1] u32: accepted + 1. */
+    outCount: GPUBuffer;
+  };
 }
 
 /**
- * Builds the argmax dispatch.
+ * Builds the argmax dispatch (with its own small scratch buffer of counters and partials).
  *
  * @example
  * ```ts ignore
@@ -84,16 +214,49 @@ export interface ArgmaxArgs {
  * ```
  */
 export async function createArgmax(gpu: Gpu, args: ArgmaxArgs): Promise<Dispatch> {
-  const pipeline = await gpu.pipeline(`argmax.wg${ARGMAX_WG}`, argmaxWgsl);
+  const { label, T, V } = args;
+  if (!Number.isInteger(T) || T < 1 || !Number.isInteger(V) || V < 1) {
+    throw new GpuError(label, `need integer T >= 1 and V >= 1 (got T=${T}, V=${V})`);
+  }
+  if (T > gpu.limits.maxComputeWorkgroupsPerDimension) {
+    throw new GpuError(label, `${T} rows exceed the per-dispatch workgroup limit`);
+  }
+  const accept = args.accept !== undefined;
+  const { slice, slices } = argmaxSplit(V);
+  const pipeline = await gpu.pipeline(
+    `argmax.wg${ARGMAX_WG}.accept${accept ? 1 : 0}`,
+    () => argmaxWgsl(accept),
+  );
   const params = gpu.uniform(
-    `${args.label}.params`,
-    new Uint32Array([args.T, args.V, args.xOffset ?? 0, args.idsOffset ?? 0]),
+    `${label}.params`,
+    new Uint32Array([
+      T,
+      V,
+      args.xOffset ?? 0,
+      args.idsOffset ?? 0,
+      slices,
+      slice,
+      accept ? T - 1 : 0,
+      args.accept?.tokensOffset ?? 0,
+    ]),
+  );
+  const scratch = gpu.buffer(
+    `${label}.scratch`,
+    argmaxScratchWords(T, V) * 4,
+    GPUBufferUsage.STORAGE,
   );
   return {
-    label: args.label,
+    label,
     pipeline,
-    bindGroup: gpu.bindGroup(args.label, pipeline, [args.logits, args.ids, params]),
-    workgroups: grid2d(args.T, gpu.limits.maxComputeWorkgroupsPerDimension),
+    bindGroup: gpu.bindGroup(label, pipeline, [
+      args.logits,
+      args.ids,
+      scratch,
+      params,
+      args.accept?.draftTokens,
+      args.accept?.outCount,
+    ]),
+    workgroups: [slices, T, 1],
   };
 }
 
@@ -114,4 +277,19 @@ export function argmaxRef(logits: Float32Array, T: number, V: number): Uint32Arr
     ids[t] = bi;
   }
   return ids;
+}
+
+/**
+ * CPU reference of the accept mode: the argmax of each of the k + 1 rows, and 1 + the number of
+ * leading draft tokens equal to them.
+ */
+export function argmaxAcceptRef(
+  logits: Float32Array,
+  draft: ArrayLike<number>,
+  V: number,
+): { ids: Uint32Array; count: number } {
+  const ids = argmaxRef(logits, draft.length + 1, V);
+  let n = 0;
+  while (n < draft.length && draft[n] === ids[n]) n++;
+  return { ids, count: n + 1 };
 }
