@@ -49,7 +49,7 @@ import { SequenceBlocks } from "./paged_kv.ts";
 import { pagedRowsImage } from "../kernels/paged_attention.ts";
 import { createPagedAdvance } from "../kernels/paged_advance.ts";
 import { checkSampling, createSample } from "../kernels/sample.ts";
-import { createArgmax } from "../kernels/argmax.ts";
+import { argmaxScratchWords, createArgmax } from "../kernels/argmax.ts";
 import { createSpecCommit, createSpecRows, SPEC_SEQ_WORDS } from "../kernels/batch_spec.ts";
 import type { SamplingSettings } from "./decode.ts";
 import type { StopReason } from "./protocol.ts";
@@ -60,14 +60,16 @@ export const BATCH_MAX_STEPS = 16;
 /**
  * Exact bytes of the buffers a {@linkcode BatchDecoder} over a batch of `layout` allocates
  * ("staging" in the VRAM report): rows, tokens, counters, a prefill chunk, the output ring and
- * its readback copy.
+ * its readback copy, and the greedy argmax's scratch for a vocabulary of `vocab`.
  */
 export function batchDecoderBytes(
   layout: Pick<LlamaBatchLayout, "maxSeqs" | "maxRows">,
+  vocab: number,
   maxSteps = BATCH_MAX_STEPS,
 ): number {
   const R = layout.maxSeqs;
-  return R * 4 + R * 8 + R * 4 + layout.maxRows * 12 + (1 + RING) * (maxSteps + 1) * R * 4;
+  return R * 4 + R * 8 + R * 4 + layout.maxRows * 12 + (1 + RING) * (maxSteps + 1) * R * 4 +
+    argmaxScratchWords(R, vocab) * 4;
 }
 
 /** One generation submitted to a {@linkcode BatchDecoder}. */
@@ -171,7 +173,7 @@ export class BatchDecoder {
   readonly #batch: LlamaBatch;
   readonly #maxSteps: number;
   readonly #buf: Record<
-    "tokens" | "rows" | "counters" | "prompt" | "promptRows" | "out",
+    "tokens" | "rows" | "counters" | "prompt" | "promptRows" | "out" | "argmax",
     GPUBuffer
   >;
   readonly #staging: GPUBuffer[]; // [RING] readback copies of out
@@ -215,6 +217,8 @@ export class BatchDecoder {
       prompt: b("prompt", L.maxRows * 4), // [chunk] u32: a prefill chunk's ids
       promptRows: b("prompt_rows", L.maxRows * 8), // [chunk] (slot, pos) of a prefill chunk
       out: b("out", (maxSteps + 1) * L.maxSeqs * 4), // [n + 1, R] u32: inputs, then each step's
+      // The greedy argmax's scratch, shared by every R (kernels/argmax.ts).
+      argmax: b("argmax", argmaxScratchWords(L.maxSeqs, batch.config.vocabSize) * 4),
     };
     this.#staging = Array.from({ length: RING }, (_, i) =>
       gpu.buffer(
@@ -514,6 +518,7 @@ export class BatchDecoder {
           ids: B.tokens,
           T: R,
           V: batch.config.vocabSize,
+          scratch: { buffer: B.argmax, rows: batch.layout.maxSeqs },
         });
         this.#argmax.set(R, am);
       }
@@ -767,12 +772,19 @@ export function sessionBatchShapes(
 /**
  * Exact bytes of the speculation buffers of a {@linkcode BatchDecoder} over `maxSeqs` slots with
  * k drafts ("staging" in the VRAM report): inputs and drafts, target argmax, sequence state,
- * rows, the emitted ids and their readback copies.
+ * rows, the emitted ids and their readback copies, and the argmaxes' scratch for a vocabulary
+ * of `vocab`.
  */
-export function specStateBytes(maxSeqs: number, k: number, maxSteps = BATCH_MAX_STEPS): number {
+export function specStateBytes(
+  maxSeqs: number,
+  k: number,
+  vocab: number,
+  maxSteps = BATCH_MAX_STEPS,
+): number {
   const R = maxSeqs, cap = maxSteps * (k + 1);
   return 2 * (k + 1) * R * 4 + R * SPEC_SEQ_WORDS * 4 + R * 8 + (k + 1) * R * 8 + R * cap * 4 +
-    R * 4 + RING * R * (1 + SPEC_SEQ_WORDS + cap) * 4;
+    R * 4 + RING * R * (1 + SPEC_SEQ_WORDS + cap) * 4 +
+    argmaxScratchWords(specBatchRows(R, k), vocab) * 4;
 }
 
 /** GPU state and cycle dispatches of batched greedy speculation (kernels/batch_spec.ts). */
@@ -782,7 +794,7 @@ class SpecState {
   /** Ids per sequence row of out: every cycle of a chunk emitting k + 1. */
   readonly cap: number;
   readonly buf: Record<
-    "verifyIn" | "tids" | "seq" | "drows" | "vrows" | "out" | "kRow",
+    "verifyIn" | "tids" | "seq" | "drows" | "vrows" | "out" | "kRow" | "argmax",
     GPUBuffer
   >;
   readonly staging: GPUBuffer[];
@@ -828,6 +840,8 @@ class SpecState {
       vrows: b("vrows", (k + 1) * R * 8), // [(k + 1) R] (slot, pos): the verify rows
       out: b("out", R * this.cap * 4), // [R, cap] u32 emitted ids
       kRow: b("k_row", R * 4), // [R] u32: drafts each row may accept (0: plain)
+      // The argmaxes' scratch, shared by the draft steps and the verify (kernels/argmax.ts).
+      argmax: b("argmax", argmaxScratchWords(rows, target.config.vocabSize) * 4),
     };
     this.staging = Array.from({ length: RING }, (_, i) =>
       gpu.buffer(
@@ -873,6 +887,7 @@ class SpecState {
   ): Promise<Dispatch[]> {
     const g = this.#gpu, B = this.buf, k = this.k, d = this.draft, t = this.#target;
     const V = t.config.vocabSize;
+    const scratch = { buffer: B.argmax, rows: specBatchRows(t.layout.maxSeqs, k) };
     const out: Dispatch[] = [
       await createSpecRows(g, { label: `batch.spec.rows${R}`, ...B, R, k }),
     ];
@@ -893,6 +908,7 @@ class SpecState {
           idsOffset: (i + 1) * R,
           T: R,
           V,
+          scratch,
         }),
         advance,
       );
@@ -906,6 +922,7 @@ class SpecState {
         ids: B.tids,
         T: rows,
         V,
+        scratch,
       }),
     );
     for (let r = 0; r < R; r++) if (sampled[r]) out.push(await sampler(sampled[r]!, r));

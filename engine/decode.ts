@@ -41,7 +41,7 @@ import type { Dispatch, Gpu } from "./gpu.ts";
 import type { LlamaGpu } from "../models/llama.ts";
 import { createSample } from "../kernels/sample.ts";
 import { createAccept } from "../kernels/accept.ts";
-import { createArgmax } from "../kernels/argmax.ts";
+import { argmaxScratchWords, createArgmax } from "../kernels/argmax.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
@@ -151,6 +151,7 @@ export function decoderBytes(
   // Tree buffers: two ancestor tables, path scores, path, argmax, candidates, and the sampled
   // acceptance's residual rows.
   n += TREE_MAX_NODES * 4 * (2 * TREE_WORDS + 1 + 1 + 1 + 2) + (speculative ? 2 * vocab * 4 : 4);
+  n += argmaxScratchWords(MAX_DRAFT + 1, vocab) * 4;
   if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
 }
@@ -189,7 +190,16 @@ export class Decoder {
   readonly #spec: Speculation;
   readonly #maxSeq: number;
   readonly #buf: Record<
-    "prompt" | "verifyIn" | "outTokens" | "outCount" | "one" | "q" | "run" | "out" | "history",
+    | "prompt"
+    | "verifyIn"
+    | "outTokens"
+    | "outCount"
+    | "one"
+    | "q"
+    | "run"
+    | "out"
+    | "history"
+    | "argmax",
     GPUBuffer
   >;
   // Tree speculation: ancestor table [64, 4] u32 (greedy: drafted), the fixed table of sampled
@@ -236,6 +246,8 @@ export class Decoder {
       run: b("run", RUN_SLOTS * 4), // run state, kernels/commit.ts RUN
       out: b("out", (this.#maxSeq + 1) * 4), // [maxSeq + 1] u32 emitted ids
       history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
+      // The greedy argmaxes' shared scratch: up to MAX_DRAFT + 1 rows (kernels/argmax.ts).
+      argmax: b("argmax", argmaxScratchWords(MAX_DRAFT + 1, V) * 4),
     };
     gpu.write(this.#buf.one, new Uint32Array([1]));
     const N = TREE_MAX_NODES;
@@ -308,6 +320,7 @@ export class Decoder {
         ids: out,
         T: 1,
         V: this.#target.config.vocabSize,
+        scratch: this.#argmaxScratch,
       });
     }
     return createSample(this.#gpu, {
@@ -323,6 +336,10 @@ export class Decoder {
       topP: s.topP,
       seed: s.seed,
     });
+  }
+
+  get #argmaxScratch(): { buffer: GPUBuffer; rows: number } {
+    return { buffer: this.#buf.argmax, rows: MAX_DRAFT + 1 };
   }
 
   #commit(k: number): Promise<Dispatch> {
@@ -368,6 +385,7 @@ export class Decoder {
                 idsOffset: i + 1,
                 T: 1,
                 V,
+                scratch: this.#argmaxScratch,
               })
               : await createSample(g, {
                 label: `decode.draft.sample${i}`,
@@ -413,6 +431,7 @@ export class Decoder {
             T: k + 1,
             V,
             accept: { draftTokens: B.verifyIn, tokensOffset: 1, outCount: B.outCount },
+            scratch: this.#argmaxScratch,
           })
           : await createAccept(g, {
             label: `decode.accept.k${k}`,

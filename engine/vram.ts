@@ -196,9 +196,11 @@ export function planBuffers(
       if (s.act.logits > limit) problems.push(`batch logits need ${s.act.logits} bytes > ${limit}`);
       kv += s.kv;
       scratch += s.scratch;
-      if (m === setup.target) staging += batchDecoderBytes(layout);
+      if (m === setup.target) staging += batchDecoderBytes(layout, m.model.config.vocabSize);
     }
-    if (k !== undefined) staging += specStateBytes(setup.parallel!, k);
+    if (k !== undefined) {
+      staging += specStateBytes(setup.parallel!, k, setup.target.model.config.vocabSize);
+    }
   }
   return { kv_cache: kv, scratch, staging, problems };
 }

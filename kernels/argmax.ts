@@ -45,7 +45,10 @@ export function argmaxSplit(V: number): { slice: number; slices: number } {
   return { slice, slices: Math.max(1, Math.ceil(V / slice)) };
 }
 
-/** u32 words of the scratch a dispatch of `T` rows of `V` needs (counters, results, partials). */
+/**
+ * u32 words of a scratch for dispatches of up to `T` rows of `V` (counters, results, partials);
+ * see {@linkcode ArgmaxArgs.scratch}.
+ */
 export function argmaxScratchWords(T: number, V: number): number {
   return 2 * T + 1 + 2 * T * argmaxSplit(V).slices;
 }
@@ -58,8 +61,9 @@ export function argmaxWgsl(accept: boolean): string {
 // keeping the first maximum; (value, index) pairs are tree-reduced in workgroup memory,
 // preferring the larger value and the lower index on ties. NaN never wins; a row with no value
 // above -FLT_MAX (all -inf or NaN) gives index 0.
-// Scratch words: [0, T) row counters, T the rows-done counter (accept mode), [T + 1, 2T + 1) row
-// results, then partials (value bits, index) of [T, S] slices. Counters return to 0 after use.
+// Scratch words, for a scratch of C >= T rows: [0, C) row counters, C the rows-done counter
+// (accept mode), [C + 1, 2C + 1) row results, then partials (value bits, index) of [C, S] slices.
+// Counters return to 0 after use, so dispatches of any T may share one scratch of C rows.
 struct Params {
   T: u32,            // rows
   V: u32,            // row length (vocabulary)
@@ -69,6 +73,7 @@ struct Params {
   slice: u32,        // elements per slice (a multiple of ${ARGMAX_WG})
   k: u32,            // accept mode: draft tokens (T = k + 1)
   tokensOffset: u32, // accept mode: element offset of d1 in draftTokens
+  C: u32,            // rows of the scratch (>= T)
 }
 @group(0) @binding(0) var<storage, read> logits: array<f32>;        // [T, V] f32 at xOffset
 @group(0) @binding(1) var<storage, read_write> ids: array<u32>;     // [T] u32 at idsOffset
@@ -122,7 +127,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   }
   var win = reduce(lid, best, bi);
   if (p.S > 1u) {
-    let pw = 2u * p.T + 1u + 2u * (t * p.S + s);
+    let pw = 2u * p.C + 1u + 2u * (t * p.S + s);
     if (lid == 0u) {
       atomicStore(&part[pw], win.x);
       atomicStore(&part[pw + 1u], win.y);
@@ -139,7 +144,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
     var v = LOWEST;
     var j = NONE;
     if (lid < p.S) {
-      let q = 2u * p.T + 1u + 2u * (t * p.S + lid);
+      let q = 2u * p.C + 1u + 2u * (t * p.S + lid);
       v = bitcast<f32>(atomicLoad(&part[q]));
       j = atomicLoad(&part[q + 1u]);
     }
@@ -150,12 +155,12 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   ${
     accept
       ? `// Accept: the last row to finish counts the draft tokens that match the target's argmax.
-  if (lid == 0u) { atomicStore(&part[p.T + 1u + t], id); }
+  if (lid == 0u) { atomicStore(&part[p.C + 1u + t], id); }
   storageBarrier();
   if (lid == 0u) {
-    let done = atomicAdd(&part[p.T], 1u);
+    let done = atomicAdd(&part[p.C], 1u);
     isLast = select(0u, 1u, done == p.T - 1u);
-    if (done == p.T - 1u) { atomicStore(&part[p.T], 0u); }
+    if (done == p.T - 1u) { atomicStore(&part[p.C], 0u); }
   }
   if (workgroupUniformLoad(&isLast) == 0u) { return; }
   storageBarrier();
@@ -163,7 +168,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
     var n = 0u;
     loop {
       if (n >= p.k) { break; }
-      if (draftTokens[p.tokensOffset + n] != atomicLoad(&part[p.T + 1u + n])) { break; }
+      if (draftTokens[p.tokensOffset + n] != atomicLoad(&part[p.C + 1u + n])) { break; }
       n += 1u;
     }
     outCount[0] = n + 1u;
@@ -191,6 +196,12 @@ export interface ArgmaxArgs {
   /** Row length (vocabulary size). */
   V: number;
   /**
+   * A scratch shared with other argmax dispatches of this `V` (run one after another, never
+   * concurrently): `rows` >= T and `buffer` of at least `argmaxScratchWords(rows, V)` u32 words,
+   * zeroed when created. Without it the dispatch creates its own.
+   */
+  scratch?: { buffer: GPUBuffer; rows: number };
+  /**
    * Greedy accept of a chain of `k = T - 1` draft tokens (the rows are the verify's k + 1 target
    * rows): `outCount[0]` gets 1 + the number of leading `draftTokens[tokensOffset + i]` equal to
    * row i's argmax, and `ids` holds the accepted tokens then the correction/bonus token.
@@ -206,7 +217,7 @@ export interface ArgmaxArgs {
 }
 
 /**
- * Builds the argmax dispatch (with its own small scratch buffer of counters and partials).
+ * Builds the argmax dispatch (with `scratch`, or its own small scratch of counters and partials).
  *
  * @example
  * ```ts ignore
@@ -223,6 +234,17 @@ export async function createArgmax(gpu: Gpu, args: ArgmaxArgs): Promise<Dispatch
   }
   const accept = args.accept !== undefined;
   const { slice, slices } = argmaxSplit(V);
+  const C = args.scratch?.rows ?? T;
+  if (args.scratch) {
+    const need = argmaxScratchWords(C, V) * 4;
+    if (!Number.isInteger(C) || C < T || args.scratch.buffer.size < need) {
+      throw new GpuError(
+        label,
+        `scratch of ${args.scratch.rows} rows, ${args.scratch.buffer.size} bytes cannot hold ` +
+          `${T} rows of ${V} (needs rows >= ${T} and ${need} bytes)`,
+      );
+    }
+  }
   const pipeline = await gpu.pipeline(
     `argmax.wg${ARGMAX_WG}.accept${accept ? 1 : 0}`,
     () => argmaxWgsl(accept),
@@ -238,13 +260,11 @@ export async function createArgmax(gpu: Gpu, args: ArgmaxArgs): Promise<Dispatch
       slice,
       accept ? T - 1 : 0,
       args.accept?.tokensOffset ?? 0,
+      C,
     ]),
   );
-  const scratch = gpu.buffer(
-    `${label}.scratch`,
-    argmaxScratchWords(T, V) * 4,
-    GPUBufferUsage.STORAGE,
-  );
+  const scratch = args.scratch?.buffer ??
+    gpu.buffer(`${label}.scratch`, argmaxScratchWords(T, V) * 4, GPUBufferUsage.STORAGE);
   return {
     label,
     pipeline,

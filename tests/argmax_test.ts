@@ -1,4 +1,10 @@
-import { argmaxAcceptRef, argmaxRef, argmaxSplit, createArgmax } from "../kernels/argmax.ts";
+import {
+  argmaxAcceptRef,
+  argmaxRef,
+  argmaxScratchWords,
+  argmaxSplit,
+  createArgmax,
+} from "../kernels/argmax.ts";
 import { gpuTest, randomArray } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
 import assert from "@specdec/assert";
@@ -134,4 +140,60 @@ gpuTest("argmax accept mode equals the greedy accept of a chain", async (gpu) =>
       }
     }
   }
+});
+
+gpuTest("argmax dispatches of different T share one scratch, in one submission", async (gpu) => {
+  // The decoder's pattern: plain rows, draft rows and accept rows interleaved over one scratch
+  // of C rows; a layout that moved with T would leave stale counters behind.
+  const V = 3001, C = 17;
+  const scratch = {
+    buffer: gpu.buffer("test.scratch", argmaxScratchWords(C, V) * 4, RW),
+    rows: C,
+  };
+  const Ts = [1, 17, 5, 2, 17, 1, 9];
+  const logits = Ts.map((T, i) => randomArray(T * V, 70 + i));
+  const ids = Ts.map((T) => gpu.upload("ids", new Uint32Array(T + 1).fill(999999), RW));
+  const counts = Ts.map(() => gpu.upload("count", new Uint32Array([77]), RW));
+  const miss = (T: number) => Math.min(T >> 1, T - 2); // the first wrong draft token
+  const dispatches = [];
+  for (let i = 0; i < Ts.length; i++) {
+    const T = Ts[i];
+    const accept = i % 2 === 1 && T > 1;
+    const draft = Array.from(argmaxRef(logits[i], T, V).slice(0, T - 1));
+    if (accept) draft[miss(T)] = (draft[miss(T)] + 1) % V;
+    dispatches.push(
+      await createArgmax(gpu, {
+        label: `test.argmax.shared${i}`,
+        logits: gpu.upload("logits", logits[i]),
+        ids: ids[i],
+        T,
+        V,
+        scratch,
+        accept: accept
+          ? { draftTokens: gpu.upload("tokens", new Uint32Array(draft)), outCount: counts[i] }
+          : undefined,
+      }),
+    );
+  }
+  // Twice in one submission.
+  await gpu.run("test", [...dispatches, ...dispatches]);
+  for (let i = 0; i < Ts.length; i++) {
+    const got = new Uint32Array(await gpu.read(ids[i]));
+    assert.deepEqual([...got.slice(0, Ts[i])], [...argmaxRef(logits[i], Ts[i], V)], `T=${Ts[i]}`);
+    assert.equal(got[Ts[i]], 999999, "wrote past T ids");
+    const count = new Uint32Array(await gpu.read(counts[i]))[0];
+    assert.equal(count, i % 2 === 1 && Ts[i] > 1 ? miss(Ts[i]) + 1 : 77, `count, T=${Ts[i]}`);
+  }
+  // A scratch too small for T is refused.
+  await assert.rejects(
+    createArgmax(gpu, {
+      label: "test.argmax.small",
+      logits: gpu.upload("logits", logits[1]),
+      ids: ids[1],
+      T: 17,
+      V,
+      scratch: { buffer: scratch.buffer, rows: 9 },
+    }),
+    /scratch of 9 rows/,
+  );
 });
