@@ -45,7 +45,11 @@ import { argmaxScratchWords, createArgmax } from "../kernels/argmax.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
-import { createTreeDraft, createTreeDraftSampled } from "../kernels/tree_draft.ts";
+import {
+  createTreeDraft,
+  createTreeDraftSampled,
+  treeTopkScratchWords,
+} from "../kernels/tree_draft.ts";
 import { createTreeAccept } from "../kernels/tree_accept.ts";
 import { createTreeSampleAccept } from "../kernels/tree_sample_accept.ts";
 import { createKvCompact } from "../kernels/kv_compact.ts";
@@ -149,9 +153,10 @@ export function decoderBytes(
   n += pad4(speculative ? TREE_MAX_NODES * vocab * 4 : 4) + 16 +
     RING * (RUN_SLOTS + maxSeq + 1) * 4;
   // Tree buffers: two ancestor tables, path scores, path, argmax, candidates, and the sampled
-  // acceptance's residual rows.
+  // acceptance's residual rows; the top-k scratch.
   n += TREE_MAX_NODES * 4 * (2 * TREE_WORDS + 1 + 1 + 1 + 2) + (speculative ? 2 * vocab * 4 : 4);
-  n += argmaxScratchWords(MAX_DRAFT + 1, vocab) * 4;
+  n += speculative ? treeTopkScratchWords(vocab) * 4 : 4; // the tree top-k's scratch
+  n += argmaxScratchWords(TREE_MAX_NODES, vocab) * 4;
   if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
   return n;
 }
@@ -206,7 +211,7 @@ export class Decoder {
   // trees, path scores [64] f32, accepted path [64] u32, the target's argmax per node [64] u32,
   // draft candidates [64] (id, log q), residual rows [2, V] f32 of the sampled acceptance.
   readonly #tree: Record<
-    "table" | "fixed" | "scores" | "path" | "argmax" | "cand" | "res",
+    "table" | "fixed" | "scores" | "path" | "argmax" | "cand" | "res" | "topk",
     GPUBuffer
   >;
   readonly #dummyState: GPUBuffer;
@@ -246,8 +251,9 @@ export class Decoder {
       run: b("run", RUN_SLOTS * 4), // run state, kernels/commit.ts RUN
       out: b("out", (this.#maxSeq + 1) * 4), // [maxSeq + 1] u32 emitted ids
       history: b("history", (this.#maxSeq + 1) * 4), // [maxSeq + 1] prompt + emitted ids
-      // The greedy argmaxes' shared scratch: up to MAX_DRAFT + 1 rows (kernels/argmax.ts).
-      argmax: b("argmax", argmaxScratchWords(MAX_DRAFT + 1, V) * 4),
+      // The greedy argmaxes' shared scratch (kernels/argmax.ts): up to 64 rows, since a deep tree
+      // near the end of the cache falls back to a chain of its depth.
+      argmax: b("argmax", argmaxScratchWords(TREE_MAX_NODES, V) * 4),
     };
     gpu.write(this.#buf.one, new Uint32Array([1]));
     const N = TREE_MAX_NODES;
@@ -257,6 +263,7 @@ export class Decoder {
       path: b("tree.path", N * 4),
       argmax: b("tree.argmax", N * 4),
       cand: b("tree.cand", N * 8),
+      topk: b("tree.topk", speculative ? treeTopkScratchWords(V) * 4 : 4),
       fixed: b("tree.fixed", N * TREE_WORDS * 4),
       res: b("tree.res", speculative ? 2 * V * 4 : 4),
     };
@@ -339,7 +346,7 @@ export class Decoder {
   }
 
   get #argmaxScratch(): { buffer: GPUBuffer; rows: number } {
-    return { buffer: this.#buf.argmax, rows: MAX_DRAFT + 1 };
+    return { buffer: this.#buf.argmax, rows: TREE_MAX_NODES };
   }
 
   #commit(k: number): Promise<Dispatch> {
@@ -499,6 +506,7 @@ export class Decoder {
         label: `decode.tree.level${parentFirst}`,
         logits: d.logits,
         cand: T.cand,
+        scratch: T.topk,
         tokens: B.verifyIn,
         scores: T.scores,
         table,

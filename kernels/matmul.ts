@@ -7,13 +7,21 @@
  * - `swiglu`: the weight rows are (gate, up) pairs interleaved (row 2i = gate_i, row 2i + 1 =
  *   up_i), and the output is `y[t, i] = silu(gate) * up`, width N / 2.
  *
- * Two paths, chosen by {@linkcode matmulPath}:
+ * Three paths, chosen by {@linkcode matmulPath}:
  * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}: decode and verify): a workgroup owns R output columns
  *   (weight rows) and loops over all T activation rows inside, so each weight byte is read once
  *   for the whole batch. This is what makes verifying k+1 draft tokens cost about as much as
  *   decoding one. R and the lanes per row grow with T ({@linkcode matvecShape}).
+ * - "chunked" (T ≤ {@linkcode MATVEC_CHUNKED_MAX_T}: token trees, batched verifies, short
+ *   prompts): matvec dispatches over consecutive chunks of at most 17 rows
+ *   ({@linkcode matvecChunks}), each reading the weights once. Measured on the H200 (pycode
+ *   target, 19 tree rows): the tiled path took 22x a one-row product there, since 64-row tiles of a
+ *   768-wide layer make 12 workgroups for 132 SMs; two chunks take about 3x.
  * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
  *   in workgroup memory.
+ *
+ * {@linkcode createLinear} builds the dispatches of any path; {@linkcode createMatmul} the one
+ * dispatch of a matvec (T ≤ 17) or tiled product.
  *
  * Both paths take weights in every {@linkcode WeightFormat} and dequantize them inside the kernel
  * (`kernels/qformats.ts` holds the layouts and the WGSL decoders); for block formats K must be a
@@ -39,10 +47,12 @@ import { swigluRef } from "./swiglu.ts";
 export type WeightDType = WeightFormat;
 
 /** Which kernel computes a product. */
-export type MatmulPath = "matvec" | "tiled";
+export type MatmulPath = "matvec" | "chunked" | "tiled";
 
-/** Largest T (activation rows) served by the matrix-vector path: a verify of 16 drafts + 1. */
+/** Largest T (activation rows) of one matrix-vector dispatch: a verify of 16 drafts + 1. */
 export const MATVEC_MAX_T = 17;
+/** Largest T served by matrix-vector dispatches in chunks of ≤ 17 rows: a whole token tree. */
+export const MATVEC_CHUNKED_MAX_T = 64;
 /** Output tile of the tiled path: rows of x (T) per workgroup. */
 export const TILE_M = 64;
 /** Output tile of the tiled path: rows of W (N) per workgroup. */
@@ -56,16 +66,32 @@ const TILED_WG_Y = TILE_M / MICRO; // 16
 
 /**
  * The one rule choosing the kernel: the matrix-vector path for T ≤ {@linkcode MATVEC_MAX_T}
- * (decode, draft step, verify), the tiled path above (prefill).
+ * (decode, draft step, verify), matrix-vector chunks up to {@linkcode MATVEC_CHUNKED_MAX_T}
+ * (token trees, batched verifies), the tiled path above (prefill).
  *
  * @example
  * ```ts
  * import { matmulPath } from "./matmul.ts";
- * console.log(matmulPath(1), matmulPath(128)); // "matvec" "tiled"
+ * console.log(matmulPath(1), matmulPath(19), matmulPath(128)); // "matvec" "chunked" "tiled"
  * ```
  */
 export function matmulPath(T: number): MatmulPath {
-  return T <= MATVEC_MAX_T ? "matvec" : "tiled";
+  return T <= MATVEC_MAX_T ? "matvec" : T <= MATVEC_CHUNKED_MAX_T ? "chunked" : "tiled";
+}
+
+/**
+ * Rows of each chunk of a chunked product of `T` rows: ceil(T / 17) chunks, as equal as
+ * possible, the larger first (19 → [10, 9]: two shorter matvecs cost less than 17 + 2 rows).
+ *
+ * @example
+ * ```ts
+ * import { matvecChunks } from "./matmul.ts";
+ * console.log(matvecChunks(19), matvecChunks(64)); // [10, 9] [16, 16, 16, 16]
+ * ```
+ */
+export function matvecChunks(T: number): number[] {
+  const n = Math.ceil(T / MATVEC_MAX_T), base = Math.floor(T / n);
+  return Array.from({ length: n }, (_, i) => base + (i < T % n ? 1 : 0));
 }
 
 /**
@@ -655,9 +681,49 @@ export interface MatmulArgs {
 }
 
 /**
- * Builds the dispatch for `y = x · W^T (+ bias) (+ y)` (with the optional RMSNorm and SwiGLU
- * fusions): pipeline, params and bind group are made once; encode the returned
- * {@linkcode Dispatch} as often as needed.
+ * Builds the dispatches for `y = x · W^T (+ bias) (+ y)` (with the optional RMSNorm and SwiGLU
+ * fusions) on the path of {@linkcode matmulPath}: one dispatch, or one per chunk of rows on the
+ * chunked path. Pipelines, params and bind groups are made once; encode the returned
+ * {@linkcode Dispatch}es, in order, as often as needed.
+ *
+ * @example
+ * ```ts ignore
+ * const d = await createLinear(gpu, { label: "L0.q", x, w, dtype: "f16", y, T: 19, K: 576, N: 576 });
+ * await gpu.run("step", d);
+ * ```
+ */
+export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch[]> {
+  const { T, K } = args;
+  const path = args.path ?? matmulPath(T);
+  if (path !== "chunked") return [await createMatmul(gpu, { ...args, path })];
+  if (!Number.isInteger(T) || T < 1 || T > MATVEC_CHUNKED_MAX_T) {
+    throw new RangeError(
+      `${args.label}: chunked path serves T <= ${MATVEC_CHUNKED_MAX_T}, got ${T}`,
+    );
+  }
+  const outN = args.swiglu ? args.N / 2 : args.N;
+  const yStride = args.yStride ?? outN;
+  const out: Dispatch[] = [];
+  let t0 = 0;
+  for (const n of matvecChunks(T)) {
+    out.push(
+      await createMatmul(gpu, {
+        ...args,
+        path: "matvec",
+        T: n,
+        xOffset: (args.xOffset ?? 0) + t0 * K,
+        yOffset: (args.yOffset ?? 0) + t0 * yStride,
+        yStride,
+      }),
+    );
+    t0 += n;
+  }
+  return out;
+}
+
+/**
+ * Builds the one dispatch of a matvec (T ≤ {@linkcode MATVEC_MAX_T}) or tiled product; the
+ * default path is matvec up to 17 rows, tiled above. {@linkcode createLinear} also chunks.
  *
  * @example
  * ```ts ignore
@@ -686,7 +752,10 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   if (args.swiglu && (N % 2 !== 0 || args.accumulate)) {
     throw new RangeError(`${args.label}: swiglu needs an even N and no accumulate (N=${N})`);
   }
-  const path = args.path ?? matmulPath(T);
+  const path = args.path ?? (T <= MATVEC_MAX_T ? "matvec" : "tiled");
+  if (path === "chunked") {
+    throw new RangeError(`${args.label}: the chunked path is several dispatches (createLinear)`);
+  }
   const spec: MatmulSpec = {
     dtype,
     bias: !!args.bias,

@@ -13,83 +13,179 @@ import { TREE_MAX_NODES, TREE_MAX_WIDTH } from "../engine/token_tree.ts";
 import { processLogits, rngUniform, type SamplingParams } from "../engine/speculative_math.ts";
 import { drawCandidates } from "../engine/tree_sampling.ts";
 import { checkSampling, packParams, samplingLibWgsl } from "./sample.ts";
+import { argmaxSplit } from "./argmax.ts";
 
-/** Invocations per workgroup of the top-k pass (one workgroup per logits row). */
+/** Invocations per workgroup of the top-k pass. */
 export const TREE_DRAFT_WG = 256;
 
-/** WGSL of the per-row top-k pass. */
+/**
+ * u32 words of the top-k scratch (row counters, then each slice's max, sum of exp and top
+ * `width`) for any level of a tree of at most {@linkcode TREE_MAX_NODES} candidates over a
+ * vocabulary of `V`; the decoder holds one.
+ */
+export function treeTopkScratchWords(V: number): number {
+  // R rows x S slices x (2 + 2 width) words, R * width <= 64: at most 4 * 64 * S.
+  return TREE_MAX_NODES + 4 * TREE_MAX_NODES * argmaxSplit(V).slices;
+}
+
+/** WGSL of the split per-row top-k pass. */
 export function treeTopkWgsl(): string {
   const WG = TREE_DRAFT_WG;
   return /* wgsl */ `
-// Tree top-k: workgroup r owns logits row r (V values). ${WG} invocations reduce the row's max
-// and sum of exp (log-softmax normalizer), then run width argmax passes, each over the ids that
-// rank below the previous pick in (value desc, id asc) order: a strided scan, a tree reduction
-// preferring the larger value and the lower id. Writes cand[r * width + i] = (id, log q).
-struct Params { V: u32, width: u32, pad0: u32, pad1: u32 }
+// Tree top-k, split like kernels/argmax.ts: workgroup (s, r) scans slice s of logits row r. It
+// reduces the slice's max m_s and sum of exp z_s = Σ exp(x - m_s), then width argmax passes,
+// each over the ids that rank below the previous pick in (value desc, id asc) order (a strided
+// scan, a tree reduction preferring the larger value and the lower id). With one slice it writes
+// cand[r * width + i] = (id, log q) itself; else it leaves (m_s, z_s, picks) in the scratch and
+// the last slice of the row to arrive merges: log Z = M + log Σ z_s exp(m_s - M), and width passes
+// over the S x width picks (at most 256, one per invocation). The row's top width is among the
+// slices' top widths, so the result is the one-pass result.
+// Scratch words: [0, ${TREE_MAX_NODES}) row counters (back to 0 after use), then per (r, s) at
+// ${TREE_MAX_NODES} + (r S + s)(2 + 2 width): m_s, z_s, width (value bits, id) pairs.
+struct Params { V: u32, width: u32, S: u32, slice: u32 }
 @group(0) @binding(0) var<storage, read> logits: array<f32>;         // [R, V] f32
 @group(0) @binding(1) var<storage, read_write> cand: array<vec2<u32>>; // [R * width]: (id, bitcast log q)
-@group(0) @binding(2) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read_write> part: array<atomic<u32>>; // scratch, see above
+@group(0) @binding(3) var<uniform> p: Params;
 
 const NONE = 0xffffffffu;
+const LOWEST = -3.4028235e38;
 var<workgroup> redV: array<f32, ${WG}>;
 var<workgroup> redI: array<u32, ${WG}>;
+var<workgroup> pickV: array<f32, ${TREE_MAX_WIDTH}>;
+var<workgroup> pickI: array<u32, ${TREE_MAX_WIDTH}>;
+var<workgroup> isLast: u32;
 
+// (w, j) ranks before (v, i): a real id, and a larger value or the same value and a lower id.
 fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
   return j != NONE && (i == NONE || w > v || (w == v && j < i));
 }
 
-@compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
-  let r = wg.x;
-  let base = r * p.V;
-  var m = -3.4028235e38;
-  for (var j = lid; j < p.V; j += ${WG}u) { m = max(m, logits[base + j]); }
-  redV[lid] = m;
+// (v, i) ranks after the previous pick (k = 0: no pick yet; an exhausted pass: nothing does).
+fn below(k: u32, pv: f32, pi: u32, v: f32, i: u32) -> bool {
+  return i != NONE && (k == 0u || (pi != NONE && (v < pv || (v == pv && i > pi))));
+}
+
+fn reduceMax(lid: u32, v: f32) -> f32 {
+  redV[lid] = v;
   workgroupBarrier();
   for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) { redV[lid] = max(redV[lid], redV[lid + s]); }
     workgroupBarrier();
   }
-  m = redV[0];
-  workgroupBarrier();
-  var z = 0.0;
-  for (var j = lid; j < p.V; j += ${WG}u) { z += exp(logits[base + j] - m); }
-  redV[lid] = z;
+  let r = workgroupUniformLoad(&redV[0]);
+  return r;
+}
+
+fn reduceSum(lid: u32, v: f32) -> f32 {
+  redV[lid] = v;
   workgroupBarrier();
   for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) { redV[lid] = redV[lid] + redV[lid + s]; }
     workgroupBarrier();
   }
-  let logZ = m + log(redV[0]);
+  let r = workgroupUniformLoad(&redV[0]);
+  return r;
+}
+
+// The best (value, id) over the workgroup; every invocation gets it.
+fn reduceBest(lid: u32, v: f32, i: u32) -> vec2u {
+  redV[lid] = v;
+  redI[lid] = i;
   workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s && better(redV[lid], redI[lid], redV[lid + s], redI[lid + s])) {
+      redV[lid] = redV[lid + s];
+      redI[lid] = redI[lid + s];
+    }
+    workgroupBarrier();
+  }
+  let r = vec2u(bitcast<u32>(workgroupUniformLoad(&redV[0])), workgroupUniformLoad(&redI[0]));
+  return r;
+}
+
+fn writeCand(r: u32, k: u32, v: f32, i: u32, logZ: f32) {
+  // Fewer than width ids (V < width): an impossible candidate that is never kept first.
+  let lq = select(v - logZ, -3.0e38, i == NONE);
+  cand[r * p.width + k] = vec2<u32>(select(i, 0u, i == NONE), bitcast<u32>(lq));
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let s = wg.x;
+  let r = wg.y;
+  let base = r * p.V;
+  let start = s * p.slice;
+  let end = min(start + p.slice, p.V);
+  var m = LOWEST;
+  for (var j = start + lid; j < end; j += ${WG}u) { m = max(m, logits[base + j]); }
+  m = reduceMax(lid, m);
+  var z = 0.0;
+  for (var j = start + lid; j < end; j += ${WG}u) { z += exp(logits[base + j] - m); }
+  z = reduceSum(lid, z);
   var prevV = 0.0;
   var prevI = NONE;
   for (var k = 0u; k < p.width; k++) {
     var bv = 0.0;
     var bi = NONE;
-    for (var j = lid; j < p.V; j += ${WG}u) {
+    for (var j = start + lid; j < end; j += ${WG}u) {
       let v = logits[base + j];
-      let below = prevI == NONE || v < prevV || (v == prevV && j > prevI);
-      if (below && better(bv, bi, v, j)) { bv = v; bi = j; }
+      if (below(k, prevV, prevI, v, j) && better(bv, bi, v, j)) { bv = v; bi = j; }
     }
-    redV[lid] = bv;
-    redI[lid] = bi;
-    workgroupBarrier();
-    for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-      if (lid < s && better(redV[lid], redI[lid], redV[lid + s], redI[lid + s])) {
-        redV[lid] = redV[lid + s];
-        redI[lid] = redI[lid + s];
-      }
-      workgroupBarrier();
-    }
-    prevV = redV[0];
-    prevI = redI[0];
-    if (lid == 0u) {
-      // Fewer than width ids (V < width): an impossible candidate that is never kept first.
-      let lq = select(prevV - logZ, -3.0e38, prevI == NONE);
-      cand[r * p.width + k] = vec2<u32>(select(prevI, 0u, prevI == NONE), bitcast<u32>(lq));
-    }
-    workgroupBarrier();
+    let w = reduceBest(lid, bv, bi);
+    prevV = bitcast<f32>(w.x);
+    prevI = w.y;
+    if (lid == 0u) { pickV[k] = prevV; pickI[k] = prevI; }
+  }
+  workgroupBarrier();
+  if (p.S == 1u) {
+    if (lid < p.width) { writeCand(r, lid, pickV[lid], pickI[lid], m + log(z)); }
+    return;
+  }
+  let pw = 2u + 2u * p.width;
+  let at = ${TREE_MAX_NODES}u + (r * p.S + s) * pw;
+  if (lid == 0u) {
+    atomicStore(&part[at], bitcast<u32>(m));
+    atomicStore(&part[at + 1u], bitcast<u32>(z));
+  }
+  if (lid < p.width) {
+    atomicStore(&part[at + 2u + 2u * lid], bitcast<u32>(pickV[lid]));
+    atomicStore(&part[at + 3u + 2u * lid], pickI[lid]);
+  }
+  storageBarrier();
+  if (lid == 0u) {
+    let arrived = atomicAdd(&part[r], 1u);
+    isLast = select(0u, 1u, arrived == p.S - 1u);
+    if (arrived == p.S - 1u) { atomicStore(&part[r], 0u); } // ready for the next dispatch
+  }
+  if (workgroupUniformLoad(&isLast) == 0u) { return; }
+  storageBarrier();
+  // The last slice merges: the normalizer over the slices' (m_s, z_s), then the top width of
+  // their picks, candidate c = (slice c / width, pick c % width) held by invocation c.
+  let row0 = ${TREE_MAX_NODES}u + r * p.S * pw;
+  var ms = LOWEST;
+  if (lid < p.S) { ms = bitcast<f32>(atomicLoad(&part[row0 + lid * pw])); }
+  let M = reduceMax(lid, ms);
+  var zs = 0.0;
+  if (lid < p.S) { zs = bitcast<f32>(atomicLoad(&part[row0 + lid * pw + 1u])) * exp(ms - M); }
+  let logZ = M + log(reduceSum(lid, zs));
+  var cv = 0.0;
+  var ci = NONE;
+  if (lid < p.S * p.width) {
+    let q = row0 + (lid / p.width) * pw + 2u + 2u * (lid % p.width);
+    cv = bitcast<f32>(atomicLoad(&part[q]));
+    ci = atomicLoad(&part[q + 1u]);
+  }
+  prevV = 0.0;
+  prevI = NONE;
+  for (var k = 0u; k < p.width; k++) {
+    var bv = 0.0;
+    var bi = NONE;
+    if (below(k, prevV, prevI, cv, ci)) { bv = cv; bi = ci; }
+    let w = reduceBest(lid, bv, bi);
+    prevV = bitcast<f32>(w.x);
+    prevI = w.y;
+    if (lid == 0u) { writeCand(r, k, prevV, prevI, logZ); }
   }
 }
 `;
@@ -143,6 +239,11 @@ export interface TreeDraftArgs {
   logits: GPUBuffer;
   /** Scratch: [R * width] (u32 id, f32 log q) pairs. */
   cand: GPUBuffer;
+  /**
+   * The top-k scratch, at least {@linkcode treeTopkScratchWords}(V) u32 words, zeroed when
+   * created; levels run one after another may share it.
+   */
+  scratch: GPUBuffer;
   /** Node tokens: u32 from element `tokensOffset`. */
   tokens: GPUBuffer;
   /** Element offset of node 0's token; default 0. */
@@ -163,7 +264,7 @@ export interface TreeDraftArgs {
   V: number;
 }
 
-/** Builds the two dispatches of one tree level: top-k per row, then the selection. */
+/** Builds the two dispatches of one tree level: the split top-k per row, then the selection. */
 export async function createTreeDraft(gpu: Gpu, args: TreeDraftArgs): Promise<Dispatch[]> {
   const { label, R, width, newFirst, parentFirst } = args;
   if (!Number.isInteger(width) || width < 1 || width > TREE_MAX_WIDTH) {
@@ -178,7 +279,12 @@ export async function createTreeDraft(gpu: Gpu, args: TreeDraftArgs): Promise<Di
         `${parentFirst}..${parentFirst + R - 1} within ${TREE_MAX_NODES} nodes`,
     );
   }
-  const topk = await gpu.pipeline(`tree_draft.topk.wg${TREE_DRAFT_WG}`, treeTopkWgsl);
+  const need = treeTopkScratchWords(args.V) * 4;
+  if (args.scratch.size < need) {
+    throw new RangeError(`${label}: top-k scratch of ${args.scratch.size} bytes < ${need}`);
+  }
+  const { slice, slices } = argmaxSplit(args.V);
+  const topk = await gpu.pipeline(`tree_draft.topk.split.wg${TREE_DRAFT_WG}`, treeTopkWgsl);
   const select = await gpu.pipeline(`tree_draft.select.n${TREE_MAX_NODES}`, treeSelectWgsl);
   return [
     {
@@ -187,9 +293,10 @@ export async function createTreeDraft(gpu: Gpu, args: TreeDraftArgs): Promise<Di
       bindGroup: gpu.bindGroup(`${label}.topk`, topk, [
         args.logits,
         args.cand,
-        gpu.uniform(`${label}.topk.params`, new Uint32Array([args.V, width, 0, 0])),
+        args.scratch,
+        gpu.uniform(`${label}.topk.params`, new Uint32Array([args.V, width, slices, slice])),
       ]),
-      workgroups: [R, 1, 1],
+      workgroups: [slices, R, 1],
     },
     {
       label: `${label}.select`,

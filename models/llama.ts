@@ -16,7 +16,7 @@ import type { Dispatch, Gpu } from "../engine/gpu.ts";
 import type { StoredTensor, WeightStore } from "../engine/weights.ts";
 import type { HostTensor, LoadedModel, ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
-import { createMatmul } from "../kernels/matmul.ts";
+import { createLinear } from "../kernels/matmul.ts";
 import { ropeInvFreq } from "../kernels/rope.ts";
 import { kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
 import {
@@ -400,9 +400,9 @@ export class LlamaGpu {
     );
     for (let l = 0; l < c.nLayers; l++) {
       const w = this.#layers[l], P = `${L}.L${l}`;
-      // y = x·W^T over the T rows, with the options of createMatmul (norm, swiglu, bias, ...).
+      // y = x·W^T over the T rows, with the options of createLinear (norm, swiglu, bias, ...).
       const mm = (name: string, x: GPUBuffer, t: StoredTensor, y: GPUBuffer, K: number, o = {}) =>
-        createMatmul(g, {
+        createLinear(g, {
           label: `${P}.${name}`,
           x,
           w: t.buffer,
@@ -416,7 +416,7 @@ export class LlamaGpu {
       // 1. qkv = rmsnorm(x)·[Wq; Wk; Wv]^T (+ bias): one product (one per format if they differ).
       for (const part of w.qkv) {
         d.push(
-          await mm(`attn.qkv${w.qkv.length > 1 ? part.col : ""}`, a.x, part.w, a.qkv, c.dim, {
+          ...await mm(`attn.qkv${w.qkv.length > 1 ? part.col : ""}`, a.x, part.w, a.qkv, c.dim, {
             norm: { weight: w.attnNorm.buffer, eps },
             bias: part.bias?.buffer,
             yOffset: part.col,
@@ -450,22 +450,22 @@ export class LlamaGpu {
         }),
       );
       // 3. x += att·Wo (residual fused into the product).
-      d.push(await mm("attn.o", a.att, w.o, a.x, qDim, { accumulate: true }));
+      d.push(...await mm("attn.o", a.att, w.o, a.x, qDim, { accumulate: true }));
       // 4. h = silu(xn·Wgate) * (xn·Wup) with xn = rmsnorm(x): SwiGLU in the product's epilogue.
       d.push(
-        await mm("ffn.gate_up", a.x, w.gateUp, a.h, c.dim, {
+        ...await mm("ffn.gate_up", a.x, w.gateUp, a.h, c.dim, {
           norm: { weight: w.ffnNorm.buffer, eps },
           swiglu: true,
         }),
       );
       // 5. x += h·Wdown.
-      d.push(await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, { accumulate: true }));
+      d.push(...await mm("ffn.down", a.h, w.down, a.x, c.ffnDim, { accumulate: true }));
     }
     // logits = rmsnorm(x)·Wcls for the last row (prefill, decode) or every row (verify).
     if (rows !== "none") {
       const first = rows === "last" ? T - 1 : 0, n = rows === "last" ? 1 : T;
       d.push(
-        await createMatmul(g, {
+        ...await createLinear(g, {
           label: `${L}.classifier`,
           x: a.x,
           xOffset: first * c.dim,

@@ -24,7 +24,7 @@ import type { StoredTensor } from "../engine/weights.ts";
 import type { LlamaGpu, LogitRows, TokenSource } from "./llama.ts";
 import type { ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
-import { createMatmul } from "../kernels/matmul.ts";
+import { createLinear } from "../kernels/matmul.ts";
 import { ropeInvFreq } from "../kernels/rope.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import {
@@ -325,7 +325,7 @@ export class LlamaBatch {
     for (let l = 0; l < c.nLayers; l++) {
       const lw = w.layers[l], P = `${L}.L${l}`;
       const mm = (name: string, x: GPUBuffer, t: StoredTensor, y: GPUBuffer, K: number, o = {}) =>
-        createMatmul(g, {
+        createLinear(g, {
           label: `${P}.${name}`,
           x,
           w: t.buffer,
@@ -339,7 +339,7 @@ export class LlamaBatch {
       // 1. qkv = rmsnorm(x)·[Wq; Wk; Wv]^T (+ bias), as in models/llama.ts.
       for (const part of lw.qkv) {
         d.push(
-          await mm(`attn.qkv${lw.qkv.length > 1 ? part.col : ""}`, a.x, part.w, a.qkv, c.dim, {
+          ...await mm(`attn.qkv${lw.qkv.length > 1 ? part.col : ""}`, a.x, part.w, a.qkv, c.dim, {
             norm: { weight: lw.attnNorm.buffer, eps },
             bias: part.bias?.buffer,
             yOffset: part.col,
@@ -389,20 +389,20 @@ export class LlamaBatch {
         }),
       );
       // 5. x += att·Wo; 6. h = silu(xn·Wgate) * (xn·Wup), xn = rmsnorm(x); 7. x += h·Wdown.
-      d.push(await mm("attn.o", a.att, lw.o, a.x, qDim, { accumulate: true }));
+      d.push(...await mm("attn.o", a.att, lw.o, a.x, qDim, { accumulate: true }));
       d.push(
-        await mm("ffn.gate_up", a.x, lw.gateUp, a.h, c.dim, {
+        ...await mm("ffn.gate_up", a.x, lw.gateUp, a.h, c.dim, {
           norm: { weight: lw.ffnNorm.buffer, eps },
           swiglu: true,
         }),
       );
-      d.push(await mm("ffn.down", a.h, lw.down, a.x, c.ffnDim, { accumulate: true }));
+      d.push(...await mm("ffn.down", a.h, lw.down, a.x, c.ffnDim, { accumulate: true }));
     }
     // logits = rmsnorm(x)·Wcls for every row (decode step) or the last (prefill chunk).
     if (rows !== "none") {
       const first = rows === "last" ? R - 1 : 0, n = rows === "last" ? 1 : R;
       d.push(
-        await createMatmul(g, {
+        ...await createLinear(g, {
           label: `${L}.classifier`,
           x: a.x,
           xOffset: first * c.dim,

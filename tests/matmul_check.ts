@@ -4,7 +4,7 @@
  * reference values.
  */
 import {
-  createMatmul,
+  createLinear,
   fusedMatmulRef,
   type MatmulPath,
   type MatvecShape,
@@ -65,7 +65,7 @@ export async function checkProduct(
   const yInit = new Float32Array(yOff + T * stride + 3).fill(-7);
   if (yOld) yInit.set(yOld, yOff);
   const y = gpu.upload("y", yInit, RW);
-  const d = await createMatmul(gpu, {
+  const d = await createLinear(gpu, {
     label: "test.matmul",
     x: gpu.upload("x", xBuf),
     xOffset: xOff,
@@ -84,7 +84,7 @@ export async function checkProduct(
     N,
     path: c.path,
   });
-  await gpu.run("test", [d]);
+  await gpu.run("test", d);
   const got = new Float32Array(await gpu.read(y));
   const want = yInit.slice();
   const ref = fusedMatmulRef(x, w.ref, T, K, N, { bias, yOld, norm, swiglu: c.swiglu });

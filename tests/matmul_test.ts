@@ -3,9 +3,11 @@ import {
   type MatmulPath,
   matmulPath,
   matmulRef,
+  MATVEC_CHUNKED_MAX_T,
   MATVEC_FILL,
   MATVEC_MAX_T,
   MATVEC_WIDEN_MIN_K,
+  matvecChunks,
   type MatvecShape,
   matvecShape,
   matvecUnitValues,
@@ -50,11 +52,24 @@ async function check(gpu: Gpu, c: Case): Promise<void> {
   await checkProduct(gpu, c, { dtype: c.dtype, buf, ref: w }, seed, TOL);
 }
 
-Deno.test("matmulPath() picks matvec up to MATVEC_MAX_T rows and tiled above", () => {
+Deno.test("matmulPath() picks matvec up to 17 rows, matvec chunks up to 64 and tiled above", () => {
   assert.equal(matmulPath(1), "matvec");
   assert.equal(matmulPath(MATVEC_MAX_T), "matvec");
-  assert.equal(matmulPath(MATVEC_MAX_T + 1), "tiled");
+  assert.equal(matmulPath(MATVEC_MAX_T + 1), "chunked");
+  assert.equal(matmulPath(MATVEC_CHUNKED_MAX_T), "chunked");
+  assert.equal(matmulPath(MATVEC_CHUNKED_MAX_T + 1), "tiled");
   assert.equal(matmulPath(512), "tiled");
+});
+
+Deno.test("matvecChunks() cuts T rows into the fewest chunks of <= 17, nearly equal", () => {
+  for (let T = 1; T <= MATVEC_CHUNKED_MAX_T; T++) {
+    const c = matvecChunks(T);
+    assert.equal(c.reduce((a, b) => a + b, 0), T, `T=${T}`);
+    assert.equal(c.length, Math.ceil(T / MATVEC_MAX_T), `T=${T}`);
+    assert.ok(Math.max(...c) - Math.min(...c) <= 1 && c[0] === Math.max(...c), `T=${T}: ${c}`);
+  }
+  assert.deepEqual(matvecChunks(19), [10, 9]);
+  assert.deepEqual(matvecChunks(35), [12, 12, 11]);
 });
 
 Deno.test("matvecShape() keeps rows even and lanes a power of 2, narrow on software adapters", () => {
@@ -146,6 +161,14 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
     }
   }, { features });
 
+  gpuTest(`matmul chunked ${dtype} matches the reference on ragged T, K, N`, async (gpu) => {
+    for (const T of [18, 19, 35, 64]) {
+      for (const [K, N] of [[3, 65], [129, 7], [576, 257]]) {
+        await check(gpu, { T, K, N, dtype, path: "chunked" });
+      }
+    }
+  }, { features });
+
   gpuTest(`matmul tiled ${dtype} matches the reference on ragged T, K, N`, async (gpu) => {
     for (const T of [17, 33]) {
       for (const K of KS) {
@@ -164,8 +187,8 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
   gpuTest(
     `matmul ${dtype} fuses bias and residual accumulate and honours x/y offsets on both paths`,
     async (gpu) => {
-      for (const path of ["matvec", "tiled"] as MatmulPath[]) {
-        for (const T of [1, 3, 16]) {
+      for (const path of ["matvec", "chunked", "tiled"] as MatmulPath[]) {
+        for (const T of path === "chunked" ? [18, 37] : [1, 3, 16]) {
           await check(gpu, { T, K: 129, N: 65, dtype, path, bias: true });
           await check(gpu, { T, K: 64, N: 7, dtype, path, accumulate: true, yOffset: 5 });
           await check(gpu, { T, K: 64, N: 33, dtype, path, bias: true, accumulate: true });
@@ -183,8 +206,8 @@ for (const dtype of ["f32", "f16"] as WeightDType[]) {
   gpuTest(
     `matmul ${dtype} folds RMSNorm into the product and SwiGLU into its epilogue on both paths`,
     async (gpu) => {
-      for (const path of ["matvec", "tiled"] as MatmulPath[]) {
-        for (const T of [1, 2, 5, 17, 40]) {
+      for (const path of ["matvec", "chunked", "tiled"] as MatmulPath[]) {
+        for (const T of path === "chunked" ? [19, 40] : [1, 2, 5, 17, 40]) {
           if (path === "matvec" && T > MATVEC_MAX_T) continue;
           await check(gpu, { T, K: 129, N: 66, dtype, path, norm: true });
           await check(gpu, { T, K: 64, N: 130, dtype, path, norm: true, swiglu: true });

@@ -104,8 +104,8 @@ for (const f of ["q4_0", "q6_k"] as WeightFormat[]) {
 gpuTest("matmul fuses RMSNorm and SwiGLU for every block format on both paths", async (gpu) => {
   for (const f of BLOCK_FORMATS) {
     const K = ks(f)[0];
-    for (const path of ["matvec", "tiled"] as MatmulPath[]) {
-      for (const T of [1, 3, 17]) {
+    for (const path of ["matvec", "chunked", "tiled"] as MatmulPath[]) {
+      for (const T of path === "chunked" ? [19] : [1, 3, 17]) {
         await check(gpu, { f, path, T, K, N: 66, norm: true, swiglu: true });
         await check(gpu, { f, path, T, K, N: 7, norm: true, accumulate: true, xOffset: 3 });
         if (path === "matvec") {

@@ -18,7 +18,7 @@ import {
 } from "../engine/token_tree.ts";
 import { createKvCompact, kvCompactRef, kvRowWords } from "../kernels/kv_compact.ts";
 import { createTreeAccept } from "../kernels/tree_accept.ts";
-import { createTreeDraft } from "../kernels/tree_draft.ts";
+import { createTreeDraft, treeTopkScratchWords } from "../kernels/tree_draft.ts";
 import { kvCacheBytes, type KvDType } from "../kernels/kv_write.ts";
 import { assertClose, gpuTest, rng } from "./harness.ts";
 import { fixture } from "./fixtures.ts";
@@ -298,7 +298,10 @@ gpuTest(
 );
 
 gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included", async (gpu) => {
-  for (const [V, width, seed] of [[7, 1, 1], [37, 3, 2], [300, 8, 3], [512, 2, 4]]) {
+  // One slice (V <= 1024), several (ragged last slices of 1 and 7 ids: fewer than width), 32.
+  const cases = [[7, 1, 1], [37, 3, 2], [300, 8, 3], [512, 2, 4], [4097, 8, 5], [3074, 3, 6]];
+  const scratch = gpu.buffer("scratch", treeTopkScratchWords(32000) * 4, RW);
+  for (const [V, width, seed] of [...cases, [32000, 4, 7]]) {
     const r = rng(seed);
     // Values on a coarse grid, so rows hold ties that the order must break by id.
     const rand = (n: number) => Float32Array.from({ length: n }, () => Math.round(r() * 12) / 2);
@@ -316,6 +319,7 @@ gpuTest("tree draft kernels match treeExpandRef() over two levels, ties included
         label: "test.tree_draft",
         logits: gpu.upload("logits", logits),
         cand,
+        scratch,
         tokens,
         tokensOffset: 3,
         scores,
