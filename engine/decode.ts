@@ -768,8 +768,10 @@ export class Decoder {
     // Decode: chunks of cycles, up to RING in flight. Cycles per chunk grow so the first tokens
     // stream quickly. A chunk is issued only when it fits in the context even if every chunk in
     // flight emits all its k + 1 tokens per cycle; near the end the loop runs one at a time.
-    // Every cycle emits at least one token, so no chunk holds more cycles than tokens remain
-    // after those in flight: a cycle past the stop is a no-op but still costs a full forward.
+    // A cycle past the stop is a no-op but still costs a full forward, so chunks hold only the
+    // cycles the tokens left need at the expected tokens per cycle (measured, else a guess),
+    // counting those in flight at theirs: sized by the one-token minimum instead, a k = 4 chain
+    // ran ~3x the cycles it needed (H200, pycode pair). Falling short costs one more chunk.
     let cycles = 2, kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
@@ -781,9 +783,11 @@ export class Decoder {
       n: number;
       per: number;
       shape?: TreeShape;
+      expected: number;
     }[] = [];
     let worst = 0; // tokens the chunks in flight may still add
-    let least = 0; // tokens they add at least (one per cycle)
+    let expected = 0; // tokens they are expected to add
+    let tpc = 0; // tokens per cycle, measured and smoothed (0: none read yet)
     while (true) {
       const stop = state.done || events.cancelled();
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
@@ -793,12 +797,15 @@ export class Decoder {
       const useTree = tree !== undefined && room >= N;
       const kc = useTree ? tree!.depth : Math.min(tree?.depth ?? kNow, room - 1);
       const per = kc + 1;
-      const left = maxTokens - tokens.length - least;
+      // Expected tokens per cycle: measured; a first guess of 70% acceptance per draft token;
+      // sized 10% low so a chunk rather overshoots than needs one more round trip.
+      const perCycle = Math.max(1, 0.9 * (tpc > 0 ? tpc : 1 + 0.7 * kc));
+      const left = maxTokens - tokens.length - expected;
       const n = Math.min(
         cycles,
         MAX_CYCLES,
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
-        left,
+        Math.ceil(left / perCycle),
       );
       if (!stop && inflight.length < RING && room > 0 && n > 0) {
         if (useTree) {
@@ -822,10 +829,11 @@ export class Decoder {
         }
         const timed = q ? { cycles: n, per: qPer } : undefined;
         const read = this.#submit(e, tokens.length, timed, issued % RING);
-        inflight.push({ read, kc, n, per, shape: useTree ? tree : undefined });
+        const exp = Math.min(left, n * perCycle);
+        inflight.push({ read, kc, n, per, shape: useTree ? tree : undefined, expected: exp });
         issued++;
         worst += n * per;
-        least += n;
+        expected += exp;
         cycles *= 2;
         continue; // issue the next chunk before waiting on this one
       }
@@ -834,13 +842,14 @@ export class Decoder {
       const before = state;
       state = await chunk.read;
       worst -= chunk.n * chunk.per;
-      least -= chunk.n;
+      expected -= chunk.expected;
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
       events.onTokens(fresh);
       gpuMs.draft += state.draftMs;
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
+      if (dCycles > 0) tpc = tpc > 0 ? 0.5 * tpc + 0.5 * (dAcc / dCycles + 1) : dAcc / dCycles + 1;
       // Chunks big enough to hide a readback, from the GPU time of the cycles just read.
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
       if (cycleMs > 0) cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
