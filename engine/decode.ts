@@ -760,7 +760,7 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#submit(enc, 0, undefined, 0);
+    let state = await this.#finish(enc, 0, undefined, 0)();
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
@@ -777,14 +777,20 @@ export class Decoder {
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
     // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
-    const inflight: {
-      read: Promise<ReadState>;
+    // A chunk, encoded; `read` once submitted. With RING in flight the next chunk is encoded
+    // before the wait (`pending`) and submitted as soon as the wait returns: every wait drains the
+    // queue (DESIGN.md), so encoding only then would leave the GPU idle for the encode.
+    interface Chunk {
+      start: () => Promise<ReadState>;
+      read?: Promise<ReadState>;
       kc: number;
       n: number;
       per: number;
       shape?: TreeShape;
       expected: number;
-    }[] = [];
+    }
+    const inflight: Chunk[] = [];
+    let pending: Chunk | undefined;
     let worst = 0; // tokens the chunks in flight may still add
     let expected = 0; // tokens they are expected to add
     let tpc = 0; // tokens per cycle, measured and smoothed (0: none read yet)
@@ -807,7 +813,7 @@ export class Decoder {
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
         Math.ceil(left / perCycle),
       );
-      if (!stop && inflight.length < RING && room > 0 && n > 0) {
+      if (!stop && !pending && inflight.length <= RING && room > 0 && n > 0) {
         if (useTree) {
           useShape(tree!);
           const name = `${tree!.depth}x${tree!.width}`;
@@ -828,9 +834,13 @@ export class Decoder {
           g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
         }
         const timed = q ? { cycles: n, per: qPer } : undefined;
-        const read = this.#submit(e, tokens.length, timed, issued % RING);
+        const start = this.#finish(e, tokens.length, timed, issued % RING);
         const exp = Math.min(left, n * perCycle);
-        inflight.push({ read, kc, n, per, shape: useTree ? tree : undefined, expected: exp });
+        const c: Chunk = { start, kc, n, per, shape: useTree ? tree : undefined, expected: exp };
+        if (inflight.length < RING) {
+          c.read = start();
+          inflight.push(c);
+        } else pending = c; // its staging slot is the one the next wait frees
         issued++;
         worst += n * per;
         expected += exp;
@@ -840,7 +850,22 @@ export class Decoder {
       const chunk = inflight.shift();
       if (!chunk) break;
       const before = state;
-      state = await chunk.read;
+      state = await chunk.read!;
+      if (pending) {
+        if (!state.done && !events.cancelled()) {
+          pending.read = pending.start();
+          inflight.push(pending);
+        } else {
+          // Never submitted: undo its accounting.
+          worst -= pending.n * pending.per;
+          expected -= pending.expected;
+          issued--;
+          if (pending.shape) {
+            treeCycles[`${pending.shape.depth}x${pending.shape.width}`] -= pending.n;
+          }
+        }
+        pending = undefined;
+      }
       worst -= chunk.n * chunk.per;
       expected -= chunk.expected;
       const fresh = state.ids.slice(tokens.length - state.from);
@@ -895,16 +920,16 @@ export class Decoder {
 
   /**
    * Copies the run state and out[from..) to staging buffer `slot` (and resolves the timestamps of
-   * `timed.cycles` cycles, `timed.per` per cycle, from the set's slice `slot`), submits, and
-   * starts the readback: the promise resolves with the run state once the GPU is done with this
-   * submission.
+   * `timed.cycles` cycles, `timed.per` per cycle, from the set's slice `slot`) and finishes the
+   * encoder. The returned function submits and starts the readback (call it once, when `slot`
+   * is unmapped): its promise resolves with the run state once the GPU is done with it.
    */
-  #submit(
+  #finish(
     enc: GPUCommandEncoder,
     from: number,
     timed: { cycles: number; per: number } | undefined,
     slot: number,
-  ): Promise<ReadState> {
+  ): () => Promise<ReadState> {
     const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
     enc.copyBufferToBuffer(B.run, 0, staging, 0, RUN_SLOTS * 4);
@@ -915,9 +940,10 @@ export class Decoder {
       enc.resolveQuerySet(q.set, qBase, nq, q.resolve, qBase * 8);
       enc.copyBufferToBuffer(q.resolve, qBase * 8, q.staging[slot], 0, nq * 8);
     }
-    g.device.queue.submit([enc.finish()]);
+    const commands = enc.finish();
     const bytes = (RUN_SLOTS + cap) * 4;
-    return (async (): Promise<ReadState> => {
+    return async (): Promise<ReadState> => {
+      g.device.queue.submit([commands]);
       await Promise.all([
         staging.mapAsync(GPUMapMode.READ, 0, bytes),
         q && nq ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, nq * 8) : undefined,
@@ -946,7 +972,7 @@ export class Decoder {
         q.staging[slot].unmap();
       }
       return r;
-    })();
+    };
   }
 
   /** Frees the decoder's buffers. */
