@@ -123,17 +123,15 @@ export interface DecodeResult {
 /** Cycles per submission at most (bounded by the timestamp query set too). */
 const MAX_CYCLES = 128;
 /**
- * Submissions in flight at once. A readback costs >= ~11 ms on Deno (DESIGN.md), so while the CPU
- * waits for one chunk the GPU needs that much queued work behind it: with the first chunks small
- * (2, 4, 8 cycles, for a quick first token) two in flight left the GPU idle through most of each
- * early wait on a small model (the pycode target on the H200: 54% busy over 64 tokens).
+ * Chunks submitted between two readbacks (and staging buffers). The first chunks are small (2,
+ * 4, 8 cycles) so the first tokens come soon; behind them the GPU has more queued.
  */
 export const RING = 4;
 /**
  * GPU time a chunk of cycles aims at once a cycle's cost is known (ms). Deno's readback drains
- * the queue (a `mapAsync` of finished work returns only when every later submission is done too;
- * measured on lavapipe, as DESIGN.md says for the H100), so each readback costs an idle gap;
- * chunks of ~40 ms keep that gap a small share while text still streams ~25 times a second.
+ * the queue (a `mapAsync` of finished work returns only when every later submission is done too)
+ * and returns ~10 ms after that, so each readback costs an idle gap; with RING chunks of ~40 ms
+ * per readback the gap stays a small share while text streams several times a second.
  */
 const CHUNK_MS = 40;
 
@@ -157,7 +155,8 @@ export function decoderBytes(
   n += TREE_MAX_NODES * 4 * (2 * TREE_WORDS + 1 + 1 + 1 + 2) + (speculative ? 2 * vocab * 4 : 4);
   n += speculative ? treeTopkScratchWords(vocab) * 4 : 4; // the tree top-k's scratch
   n += argmaxScratchWords(TREE_MAX_NODES, vocab) * 4;
-  if (timestamps) n += 2 * RING * 4 * MAX_CYCLES * 8;
+  // With timestamps: the resolve buffer, and a copy of it in each staging buffer.
+  if (timestamps) n += (1 + RING) * RING * 4 * MAX_CYCLES * 8;
   return n;
 }
 
@@ -171,6 +170,18 @@ export function targetLogitRows(draftModel: boolean): number {
 }
 
 /** What one submission's readback says. */
+/** Where a chunk's timestamps are (its query slot) and how many it wrote. */
+interface ChunkTiming {
+  slot: number;
+  timed?: { cycles: number; per: number };
+}
+
+/** A finished chunk's submission and readback (`Decoder.#finish`). */
+interface ChunkIo {
+  submit: () => void;
+  read: (rounds: ChunkTiming[]) => Promise<ReadState>;
+}
+
 interface ReadState {
   /** out index the ids start at (tokens known when the submission was encoded). */
   from: number;
@@ -215,9 +226,9 @@ export class Decoder {
     GPUBuffer
   >;
   readonly #dummyState: GPUBuffer;
-  readonly #staging: GPUBuffer[]; // [RING] run state + out ids, read back per submission
+  readonly #staging: GPUBuffer[]; // [RING] timestamps + run state + out ids, one read per round
   // Timestamps: 4 per cycle (draft begin/end, verify begin/end), RING slices of the set.
-  readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer; staging: GPUBuffer[] };
+  readonly #query?: { set: GPUQuerySet; resolve: GPUBuffer };
   #samplingKey = "";
   #cycles = new Map<number | string, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
@@ -272,26 +283,23 @@ export class Decoder {
     gpu.write(this.#tree.scores, new Float32Array(N));
     this.#dummyState = b("dummy_state", 16);
     const read = GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ;
+    // Staging: [the resolved timestamps of every slot (with timestamps) | run state | out ids].
+    const ts = gpu.features.timestamp ? RING * 4 * MAX_CYCLES * 8 : 0;
     this.#staging = Array.from(
       { length: RING },
-      (_, i) => gpu.buffer(`decode.staging${i}`, (RUN_SLOTS + this.#maxSeq + 1) * 4, read),
+      (_, i) => gpu.buffer(`decode.staging${i}`, ts + (RUN_SLOTS + this.#maxSeq + 1) * 4, read),
     );
     if (gpu.features.timestamp) {
-      const n = 4 * MAX_CYCLES;
       this.#query = {
         set: gpu.device.createQuerySet({
           label: "decode.timestamps",
           type: "timestamp",
-          count: RING * n,
+          count: RING * 4 * MAX_CYCLES,
         }),
         resolve: gpu.buffer(
           "decode.timestamps.resolve",
-          RING * n * 8,
+          ts,
           GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
-        ),
-        staging: Array.from(
-          { length: RING },
-          (_, i) => gpu.buffer(`decode.timestamps.staging${i}`, n * 8, read),
         ),
       };
     }
@@ -308,10 +316,7 @@ export class Decoder {
     for (const b of [...Object.values(this.#buf), ...Object.values(this.#tree), ...this.#staging]) {
       n += b.size;
     }
-    if (this.#query) {
-      n += this.#query.resolve.size;
-      for (const b of this.#query.staging) n += b.size;
-    }
+    if (this.#query) n += this.#query.resolve.size;
     return n;
   }
 
@@ -760,7 +765,9 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    let state = await this.#finish(enc, 0, undefined, 0)();
+    const first = this.#finish(enc, 0, undefined, 0);
+    first.submit();
+    let state = await first.read([]);
     const tokens = [...state.ids];
     events.onTokens(state.ids);
     const t1 = performance.now();
@@ -777,19 +784,20 @@ export class Decoder {
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 0;
     // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
-    // A chunk, encoded; `read` once submitted. With RING in flight the next chunk is encoded
-    // before the wait (`pending`) and submitted as soon as the wait returns: every wait drains the
-    // queue (DESIGN.md), so encoding only then would leave the GPU idle for the encode.
-    interface Chunk {
-      start: () => Promise<ReadState>;
-      read?: Promise<ReadState>;
+    // Up to RING chunks go in flight between two readbacks, and only the newest is read back:
+    // its copy holds the run state, every id since the oldest, and every chunk's timestamps. A
+    // readback returns only when the queue has drained and costs ~10 ms beyond that (DESIGN.md;
+    // H200: 9-11 ms whatever the queued work), so one per round instead of one per chunk. The
+    // next chunk is encoded before the wait (`pending`) and submitted as soon as it returns.
+    interface Chunk extends ChunkTiming {
+      io: ChunkIo;
       kc: number;
       n: number;
       per: number;
       shape?: TreeShape;
       expected: number;
     }
-    const inflight: Chunk[] = [];
+    let inflight: Chunk[] = [];
     let pending: Chunk | undefined;
     let worst = 0; // tokens the chunks in flight may still add
     let expected = 0; // tokens they are expected to add
@@ -834,26 +842,37 @@ export class Decoder {
           g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
         }
         const timed = q ? { cycles: n, per: qPer } : undefined;
-        const start = this.#finish(e, tokens.length, timed, issued % RING);
+        const slot = issued % RING;
         const exp = Math.min(left, n * perCycle);
-        const c: Chunk = { start, kc, n, per, shape: useTree ? tree : undefined, expected: exp };
+        const c: Chunk = {
+          io: this.#finish(e, tokens.length, timed, slot),
+          slot,
+          timed,
+          kc,
+          n,
+          per,
+          shape: useTree ? tree : undefined,
+          expected: exp,
+        };
+        // A pending chunk takes the slot of the round's oldest chunk, which is never mapped.
         if (inflight.length < RING) {
-          c.read = start();
+          c.io.submit();
           inflight.push(c);
-        } else pending = c; // its staging slot is the one the next wait frees
+        } else pending = c;
         issued++;
         worst += n * per;
         expected += exp;
         cycles *= 2;
         continue; // issue the next chunk before waiting on this one
       }
-      const chunk = inflight.shift();
-      if (!chunk) break;
+      if (inflight.length === 0) break;
+      const round = inflight, newest = round[round.length - 1];
+      inflight = [];
       const before = state;
-      state = await chunk.read!;
+      state = await newest.io.read(round);
       if (pending) {
         if (!state.done && !events.cancelled()) {
-          pending.read = pending.start();
+          pending.io.submit();
           inflight.push(pending);
         } else {
           // Never submitted: undo its accounting.
@@ -866,8 +885,10 @@ export class Decoder {
         }
         pending = undefined;
       }
-      worst -= chunk.n * chunk.per;
-      expected -= chunk.expected;
+      for (const c of round) {
+        worst -= c.n * c.per;
+        expected -= c.expected;
+      }
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
       events.onTokens(fresh);
@@ -878,15 +899,21 @@ export class Decoder {
       // Chunks big enough to hide a readback, from the GPU time of the cycles just read.
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
       if (cycleMs > 0) cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
-      proposed += dCycles * chunk.kc;
-      if (auto && chunk.shape && dCycles > 0) {
-        // The top-1 acceptance that explains this chunk's mean accepted length, smoothed.
-        const fit = fitAcceptance(chunk.shape, dAcc / dCycles);
+      // The committed cycles are the first of the round's (the rest ran past the stop).
+      let real = dCycles;
+      for (const c of round) {
+        const used = Math.min(c.n, real);
+        proposed += used * c.kc;
+        real -= used;
+      }
+      if (auto && newest.shape && dCycles > 0) {
+        // The top-1 acceptance that explains this round's mean accepted length, smoothed.
+        const fit = fitAcceptance(newest.shape, dAcc / dCycles);
         alphaTree = 0.5 * alphaTree + 0.5 * fit;
         tree = chooseTreeShape(cost!, alphaTree, limits);
       }
-      if (k === "auto" && !tree && chunk.kc > 0 && dCycles > 0) {
-        alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * chunk.kc));
+      if (k === "auto" && !tree && newest.kc > 0 && dCycles > 0) {
+        alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * newest.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
       }
     }
@@ -919,59 +946,63 @@ export class Decoder {
   }
 
   /**
-   * Copies the run state and out[from..) to staging buffer `slot` (and resolves the timestamps of
-   * `timed.cycles` cycles, `timed.per` per cycle, from the set's slice `slot`) and finishes the
-   * encoder. The returned function submits and starts the readback (call it once, when `slot`
-   * is unmapped): its promise resolves with the run state once the GPU is done with it.
+   * Finishes `enc` with the copies a readback needs: the run state and out[from..) to staging
+   * buffer `slot`, after this chunk's timestamps (`timed.cycles` cycles, `timed.per` per cycle,
+   * resolved into the set's slice `slot`) and the resolved timestamps of every slot. `submit`
+   * submits; `read` (after `submit`, when `slot` is unmapped) maps the staging buffer and resolves
+   * once the GPU is done with this submission and every one before it, with the run state and
+   * the GPU ms of the chunks `rounds` (slot and timing of each chunk submitted since the last
+   * read, this one included: their timestamps were resolved before this copy).
    */
   #finish(
     enc: GPUCommandEncoder,
     from: number,
     timed: { cycles: number; per: number } | undefined,
     slot: number,
-  ): () => Promise<ReadState> {
+  ): ChunkIo {
     const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
-    enc.copyBufferToBuffer(B.run, 0, staging, 0, RUN_SLOTS * 4);
-    enc.copyBufferToBuffer(B.out, from * 4, staging, (RUN_SLOTS + from) * 4, (cap - from) * 4);
     const q = this.#query, qBase = 4 * MAX_CYCLES * slot;
+    const ts = q ? q.resolve.size : 0; // the staging buffer: [timestamps | run state | out]
     const nq = timed ? timed.cycles * timed.per : 0;
-    if (q && nq) {
-      enc.resolveQuerySet(q.set, qBase, nq, q.resolve, qBase * 8);
-      enc.copyBufferToBuffer(q.resolve, qBase * 8, q.staging[slot], 0, nq * 8);
-    }
+    if (q && nq) enc.resolveQuerySet(q.set, qBase, nq, q.resolve, qBase * 8);
+    if (q) enc.copyBufferToBuffer(q.resolve, 0, staging, 0, ts);
+    enc.copyBufferToBuffer(B.run, 0, staging, ts, RUN_SLOTS * 4);
+    enc.copyBufferToBuffer(B.out, from * 4, staging, ts + (RUN_SLOTS + from) * 4, (cap - from) * 4);
     const commands = enc.finish();
-    const bytes = (RUN_SLOTS + cap) * 4;
-    return async (): Promise<ReadState> => {
-      g.device.queue.submit([commands]);
-      await Promise.all([
-        staging.mapAsync(GPUMapMode.READ, 0, bytes),
-        q && nq ? q.staging[slot].mapAsync(GPUMapMode.READ, 0, nq * 8) : undefined,
-      ]);
-      g.throwIfFailed();
-      const view = new Uint32Array(staging.getMappedRange(0, bytes));
-      const count = view[RUN.count];
-      const r: ReadState = {
-        from,
-        ids: Array.from(view.subarray(RUN_SLOTS + from, RUN_SLOTS + Math.max(from, count))),
-        done: view[RUN.done] !== 0,
-        cycles: view[RUN.cycles],
-        accepted: view[RUN.accepted],
-        draftMs: 0,
-        verifyMs: 0,
-      };
-      staging.unmap();
-      if (q && timed && nq) {
-        const ts = new BigUint64Array(q.staging[slot].getMappedRange(0, nq * 8));
-        const ms = (at: number) => Number(ts[at + 1] - ts[at]) / 1e6;
-        for (let i = 0; i < timed.cycles; i++) {
-          const at = timed.per * i;
-          if (timed.per === 4) r.draftMs += ms(at);
-          r.verifyMs += ms(at + timed.per - 2);
+    const bytes = ts + (RUN_SLOTS + cap) * 4;
+    return {
+      submit: () => g.device.queue.submit([commands]),
+      read: async (rounds: ChunkTiming[]): Promise<ReadState> => {
+        await staging.mapAsync(GPUMapMode.READ, 0, bytes);
+        g.throwIfFailed();
+        const view = new Uint32Array(staging.getMappedRange(ts, bytes - ts));
+        const count = view[RUN.count];
+        const r: ReadState = {
+          from,
+          ids: Array.from(view.subarray(RUN_SLOTS + from, RUN_SLOTS + Math.max(from, count))),
+          done: view[RUN.done] !== 0,
+          cycles: view[RUN.cycles],
+          accepted: view[RUN.accepted],
+          draftMs: 0,
+          verifyMs: 0,
+        };
+        if (q) {
+          const stamps = new BigUint64Array(staging.getMappedRange(0, ts));
+          const ms = (at: number) => Number(stamps[at + 1] - stamps[at]) / 1e6;
+          for (const c of rounds) {
+            if (!c.timed) continue;
+            const base = 4 * MAX_CYCLES * c.slot;
+            for (let i = 0; i < c.timed.cycles; i++) {
+              const at = base + c.timed.per * i;
+              if (c.timed.per === 4) r.draftMs += ms(at);
+              r.verifyMs += ms(at + c.timed.per - 2);
+            }
+          }
         }
-        q.staging[slot].unmap();
-      }
-      return r;
+        staging.unmap();
+        return r;
+      },
     };
   }
 
@@ -984,7 +1015,6 @@ export class Decoder {
     if (this.#query) {
       this.#query.set.destroy();
       this.#query.resolve.destroy();
-      for (const b of this.#query.staging) b.destroy();
     }
   }
 }
