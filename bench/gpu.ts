@@ -6,6 +6,7 @@
  *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
  *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
+ *                            [--filter A,B]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
@@ -14,7 +15,8 @@
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
  * at T = 1..17 per format, `--shapes` per row/lane split, `--sweep` per rows per invocation
- * (norm folded in, factored block decoding or not). `--unroll 1,2` runs each dummy model once per
+ * (norm folded in, factored block decoding or not); `--filter A,B` keeps the cases of those
+ * three whose "name dtype" contains A or B. `--unroll 1,2` runs each dummy model once per
  * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
  * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
@@ -535,6 +537,7 @@ if (import.meta.main) {
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
+      filter: { type: "string" },
       out: { type: "string" },
       json: { type: "boolean" },
     },
@@ -563,7 +566,11 @@ if (import.meta.main) {
       ...(values.shapes ? SHAPE_CASES : []),
       ...(values.sweep ? SWEEP_CASES : []),
     ];
-    const rows = await benchMatmul(gpu, list, 50, values.sweep ? 300 : 500);
+    const only = values.filter?.split(",");
+    const picked = only
+      ? list.filter((c) => only.some((o) => `${c.name} ${c.dtype}`.includes(o)))
+      : list;
+    const rows = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.verify = rows;
   }

@@ -132,15 +132,20 @@ const SPLITS: readonly MatvecShape[] = [
   { rows: 8, lanes: 32 },
   { rows: 4, lanes: 64 },
   { rows: 2, lanes: 128 },
+  // Narrow lanes, more rows: for block formats, whose units hold 16-32 values (few per lane).
+  { rows: 16, lanes: 16, perThread: 4 },
+  { rows: 32, lanes: 8, perThread: 4 },
+  { rows: 16, lanes: 8, perThread: 4 },
+  { rows: 16, lanes: 8 },
 ];
 
 /**
  * Matrix-vector splits compared at decode and verify widths: each product of `[name, K, N,
  * dtype]` at T = 1, 8 and 17 with every split of {@linkcode SPLITS} that has lanes to spare
  * (at least 2 units of K per lane, `matvecUnitValues`) and with the default (`matvecShape`, no forced split), so the
- * rule can be read against the best split. The products: 8B-class ffn.up, a 1B model's down,
- * qkv and o (N = 2048 and 3072: too few rows to fill the GPU with 8-row workgroups), and the
- * pycode target's qkv, down and gate/up.
+ * rule can be read against the best split. The products: 8B-class ffn.up (f16 and the vec4 block
+ * formats) and down (q4_0), a 1B model's down, qkv and o (N = 2048 and 3072: too few rows to fill
+ * the GPU with 8-row workgroups), and the pycode target's qkv, down and gate/up.
  */
 export const SHAPE_CASES: readonly MatmulCase[] = (
   [
@@ -149,6 +154,10 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
     ["1b.qkv 2048→3072", 2048, 3072, "f16"],
     ["1b.o 2048→2048", 2048, 2048, "f16"],
     ["1b.down 8192→2048", 8192, 2048, "q4_0"],
+    ["4096→14336", 4096, 14336, "q4_0"],
+    ["4096→14336", 4096, 14336, "q8_0"],
+    ["4096→14336", 4096, 14336, "q4_k"],
+    ["14336→4096", 14336, 4096, "q4_0"],
     ["pycode.qkv 576→960", 576, 960, "f16"],
     ["pycode.down 1536→576", 1536, 576, "f16"],
     ["pycode.gate_up 576→3072", 576, 3072, "f16"],
