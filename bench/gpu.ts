@@ -566,9 +566,9 @@ if (import.meta.main) {
       ...(values.shapes ? SHAPE_CASES : []),
       ...(values.sweep ? SWEEP_CASES : []),
     ];
-    const only = values.filter?.split(",");
+    const only = values.filter?.split(",") as string[] | undefined;
     const picked = only
-      ? list.filter((c) => only.some((o) => `${c.name} ${c.dtype}`.includes(o)))
+      ? list.filter((c) => only.some((o: string) => `${c.name} ${c.dtype}`.includes(o)))
       : list;
     const rows = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
