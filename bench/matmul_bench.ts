@@ -11,7 +11,7 @@
  * @module
  */
 import { requestGpu } from "../engine/gpu.ts";
-import { createMatmul } from "../kernels/matmul.ts";
+import { createLinear } from "../kernels/matmul.ts";
 import { weightBytes } from "../kernels/qformats.ts";
 import { benchMatmul, formatMatmulRows, PYCODE_CASES, QUANT_CASES } from "./matmul_cases.ts";
 
@@ -26,7 +26,7 @@ const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...quant], PER_SUBMIT, 500
 for (const r of rows) {
   const label = `bench.${r.name}.T${r.T}.${r.dtype}`;
   const perSubmit = Math.max(1, Math.min(PER_SUBMIT, Math.floor(200_000 / r.us)));
-  const d = await createMatmul(gpu, {
+  const d = await createLinear(gpu, {
     label,
     x: gpu.buffer(`${label}.x`, r.T * r.K * 4, rw),
     w: gpu.buffer(`${label}.w`, weightBytes(r.dtype, r.N, r.K), rw),
@@ -37,7 +37,7 @@ for (const r of rows) {
     N: r.N,
     path: r.path,
   });
-  const batch = new Array(perSubmit).fill(d);
+  const batch = Array.from({ length: perSubmit }, () => d).flat();
   Deno.bench({
     name: `matmul ${r.path} ${r.name} T=${r.T} ${r.dtype} x${perSubmit}/submit`,
     group: `T=${r.T}`,

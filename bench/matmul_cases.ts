@@ -8,7 +8,7 @@
  */
 import type { Gpu } from "../engine/gpu.ts";
 import {
-  createMatmul,
+  createLinear,
   type MatmulPath,
   matmulPath,
   type MatvecShape,
@@ -30,7 +30,7 @@ export interface MatmulCase {
   N: number;
   /** Weight format (any `WeightFormat`; block formats need K % block == 0). */
   dtype: WeightDType;
-  /** Force a path; default matmulPath(T). */
+  /** Force a path; default matmulPath(T, dtype). */
   path?: MatmulPath;
   /** Force a matrix-vector split; default matvecShape(T, software, { K, N, unitValues }). */
   shape?: MatvecShape;
@@ -46,7 +46,7 @@ export interface MatmulRow extends MatmulCase {
   path: MatmulPath;
   /** Dispatches timed. */
   reps: number;
-  /** Microseconds per dispatch. */
+  /** Microseconds per product (all its dispatches on the chunked path). */
   us: number;
   /** Weight bytes read per second / 1e9 (each weight byte counted once per dispatch). */
   gbps: number;
@@ -237,7 +237,7 @@ export async function benchMatmul(
   const rw = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
   for (const c of list) {
     if (c.dtype === "f16" && !gpu.features.f16) continue;
-    const path = c.path ?? matmulPath(c.T);
+    const path = c.path ?? matmulPath(c.T, c.dtype);
     const label = `bench.matmul.${c.name}.T${c.T}.${c.dtype}`;
     const shape = path === "matvec"
       ? (c.shape ??
@@ -249,7 +249,7 @@ export async function benchMatmul(
     const w = gpu.buffer(`${label}.w`, wBytes, rw);
     const y = gpu.buffer(`${label}.y`, c.T * c.N * 4, rw);
     const g = c.norm ? gpu.buffer(`${label}.g`, c.K * 4, rw) : undefined;
-    const d = await createMatmul(gpu, {
+    const d = await createLinear(gpu, {
       norm: g && { weight: g, eps: 1e-5 },
       label,
       x,
@@ -264,10 +264,10 @@ export async function benchMatmul(
       factor: c.factor,
     });
     const t0 = performance.now();
-    await gpu.run(`${label}.warmup`, [d]);
+    await gpu.run(`${label}.warmup`, d);
     const est = performance.now() - t0;
     const n = Math.max(1, Math.min(reps, Math.floor(budgetMs / Math.max(est, 1e-3))));
-    const batch = new Array(n).fill(d);
+    const batch = Array.from({ length: n }, () => d).flat(); // the chunks of a chunked product
     let seconds: number;
     let clock: MatmulRow["clock"];
     if (gpu.features.timestamp) {

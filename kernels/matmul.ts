@@ -8,13 +8,13 @@
  *   up_i), and the output is `y[t, i] = silu(gate) * up`, width N / 2.
  *
  * Three paths, chosen by {@linkcode matmulPath}:
- * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}: decode and verify): a workgroup owns R output columns
+ * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}, 8 for block formats: decode and verify): a workgroup owns R output columns
  *   (weight rows) and loops over all T activation rows inside, so each weight byte is read once
  *   for the whole batch. This is what makes verifying k+1 draft tokens cost about as much as
  *   decoding one. R and the lanes per row grow with T ({@linkcode matvecShape}).
  * - "chunked" (T ≤ {@linkcode MATVEC_CHUNKED_MAX_T}: token trees, batched verifies, short
- *   prompts): matvec dispatches over consecutive chunks of at most 17 rows
- *   ({@linkcode matvecChunks}), each reading the weights once. Measured on the H200 (pycode
+ *   prompts): matvec dispatches over consecutive chunks of at most 17 rows, 8 for block formats
+ *   ({@linkcode matvecChunks}, {@linkcode matvecMaxT}), each reading the weights once. Measured on the H200 (pycode
  *   target, 19 tree rows): the tiled path took 22x a one-row product there, since 64-row tiles of a
  *   768-wide layer make 12 workgroups for 132 SMs; two chunks take about 3x.
  * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
@@ -51,7 +51,15 @@ export type MatmulPath = "matvec" | "chunked" | "tiled";
 
 /** Largest T (activation rows) of one matrix-vector dispatch: a verify of 16 drafts + 1. */
 export const MATVEC_MAX_T = 17;
-/** Largest T served by matrix-vector dispatches in chunks of ≤ 17 rows: a whole token tree. */
+/**
+ * Largest T of one matrix-vector dispatch over a block format (q8_0, q4_0, q4_k, ...): past 8
+ * rows the accumulators of every row and the decoded weights spill. Measured on the H200
+ * (`bench/gpu.ts --shapes`, 4096→14336): q4_0 T = 8 181 µs, T = 17 4287 µs in one dispatch (1001
+ * with the best split), so 17 rows as 9 + 8 cost about 2 x 181; q8_0 110 and 2101 µs, q4_k 250 and
+ * 3281 µs.
+ */
+export const MATVEC_BLOCK_MAX_T = 8;
+/** Largest T served by matrix-vector dispatches in chunks of ≤ 17 (8) rows: a whole token tree. */
 export const MATVEC_CHUNKED_MAX_T = 64;
 /** Output tile of the tiled path: rows of x (T) per workgroup. */
 export const TILE_M = 64;
@@ -65,32 +73,44 @@ const TILED_WG_X = TILE_N / MICRO; // 16
 const TILED_WG_Y = TILE_M / MICRO; // 16
 
 /**
- * The one rule choosing the kernel: the matrix-vector path for T ≤ {@linkcode MATVEC_MAX_T}
- * (decode, draft step, verify), matrix-vector chunks up to {@linkcode MATVEC_CHUNKED_MAX_T}
- * (token trees, batched verifies), the tiled path above (prefill).
+ * The widest matrix-vector dispatch for weights in `dtype`: {@linkcode MATVEC_MAX_T} rows for
+ * f32 and f16, {@linkcode MATVEC_BLOCK_MAX_T} for block formats.
+ */
+export function matvecMaxT(dtype: WeightFormat): number {
+  return isBlockFormat(dtype) ? MATVEC_BLOCK_MAX_T : MATVEC_MAX_T;
+}
+
+/**
+ * The one rule choosing the kernel for T rows of weights in `dtype` (default f16): the
+ * matrix-vector path up to {@linkcode matvecMaxT} rows (decode, draft step, verify),
+ * matrix-vector chunks of at most that many rows up to {@linkcode MATVEC_CHUNKED_MAX_T} (token
+ * trees, batched and quantized verifies), the tiled path above (prefill).
  *
  * @example
  * ```ts
  * import { matmulPath } from "./matmul.ts";
  * console.log(matmulPath(1), matmulPath(19), matmulPath(128)); // "matvec" "chunked" "tiled"
+ * console.log(matmulPath(12, "q4_0")); // "chunked"
  * ```
  */
-export function matmulPath(T: number): MatmulPath {
-  return T <= MATVEC_MAX_T ? "matvec" : T <= MATVEC_CHUNKED_MAX_T ? "chunked" : "tiled";
+export function matmulPath(T: number, dtype: WeightFormat = "f16"): MatmulPath {
+  return T <= matvecMaxT(dtype) ? "matvec" : T <= MATVEC_CHUNKED_MAX_T ? "chunked" : "tiled";
 }
 
 /**
- * Rows of each chunk of a chunked product of `T` rows: ceil(T / 17) chunks, as equal as
- * possible, the larger first (19 → [10, 9]: two shorter matvecs cost less than 17 + 2 rows).
+ * Rows of each chunk of a chunked product of `T` rows, at most `maxRows` each (default 17):
+ * ceil(T / maxRows) chunks, as equal as possible, the larger first (19 → [10, 9]: two shorter
+ * matvecs cost less than 17 + 2 rows).
  *
  * @example
  * ```ts
  * import { matvecChunks } from "./matmul.ts";
  * console.log(matvecChunks(19), matvecChunks(64)); // [10, 9] [16, 16, 16, 16]
+ * console.log(matvecChunks(17, 8)); // [6, 6, 5]
  * ```
  */
-export function matvecChunks(T: number): number[] {
-  const n = Math.ceil(T / MATVEC_MAX_T), base = Math.floor(T / n);
+export function matvecChunks(T: number, maxRows: number = MATVEC_MAX_T): number[] {
+  const n = Math.ceil(T / maxRows), base = Math.floor(T / n);
   return Array.from({ length: n }, (_, i) => base + (i < T % n ? 1 : 0));
 }
 
@@ -694,7 +714,7 @@ export interface MatmulArgs {
  */
 export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch[]> {
   const { T, K } = args;
-  const path = args.path ?? matmulPath(T);
+  const path = args.path ?? matmulPath(T, args.dtype);
   if (path !== "chunked") return [await createMatmul(gpu, { ...args, path })];
   if (!Number.isInteger(T) || T < 1 || T > MATVEC_CHUNKED_MAX_T) {
     throw new RangeError(
@@ -705,7 +725,7 @@ export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   const yStride = args.yStride ?? outN;
   const out: Dispatch[] = [];
   let t0 = 0;
-  for (const n of matvecChunks(T)) {
+  for (const n of matvecChunks(T, matvecMaxT(args.dtype))) {
     out.push(
       await createMatmul(gpu, {
         ...args,

@@ -3,11 +3,13 @@ import {
   type MatmulPath,
   matmulPath,
   matmulRef,
+  MATVEC_BLOCK_MAX_T,
   MATVEC_CHUNKED_MAX_T,
   MATVEC_FILL,
   MATVEC_MAX_T,
   MATVEC_WIDEN_MIN_K,
   matvecChunks,
+  matvecMaxT,
   type MatvecShape,
   matvecShape,
   matvecUnitValues,
@@ -59,6 +61,14 @@ Deno.test("matmulPath() picks matvec up to 17 rows, matvec chunks up to 64 and t
   assert.equal(matmulPath(MATVEC_CHUNKED_MAX_T), "chunked");
   assert.equal(matmulPath(MATVEC_CHUNKED_MAX_T + 1), "tiled");
   assert.equal(matmulPath(512), "tiled");
+  // Block formats: one dispatch up to 8 rows, chunks of <= 8 above.
+  assert.equal(matvecMaxT("q4_0"), MATVEC_BLOCK_MAX_T);
+  assert.equal(matvecMaxT("f32"), MATVEC_MAX_T);
+  assert.equal(matmulPath(MATVEC_BLOCK_MAX_T, "q4_k"), "matvec");
+  assert.equal(matmulPath(MATVEC_BLOCK_MAX_T + 1, "nf4"), "chunked");
+  assert.equal(matmulPath(MATVEC_MAX_T, "q8_0"), "chunked");
+  assert.equal(matmulPath(MATVEC_CHUNKED_MAX_T + 1, "q8_0"), "tiled");
+  assert.deepEqual(matvecChunks(17, MATVEC_BLOCK_MAX_T), [6, 6, 5]);
 });
 
 Deno.test("matvecChunks() cuts T rows into the fewest chunks of <= 17, nearly equal", () => {
