@@ -1,9 +1,8 @@
 /**
  * GPU-resident generation, plain or speculative. Every cycle runs entirely on the GPU and the CPU
- * enqueues many cycles per submission, reading the output back once per chunk (DESIGN.md: each
- * readback costs >= ~11 ms on Deno). Submissions overlap: the next chunk is encoded and submitted
- * before the previous chunk's readback is awaited (a ring of {@linkcode RING} staging buffers), so
- * the GPU has queued work while the CPU waits; cycles past a stop are no-ops on the GPU.
+ * enqueues many cycles per submission (a chunk), submitting up to {@linkcode RING} chunks between
+ * two readbacks and reading back only the newest (DESIGN.md: each readback costs >= ~11 ms on
+ * Deno, and it waits for the queue to drain); cycles past a stop are no-ops on the GPU.
  *
  * One cycle, with `verifyIn = [last emitted token, d1..dk]`:
  *   draft   k proposals d1..dk with their distributions q (a draft model: k decode steps, plus
@@ -179,7 +178,7 @@ interface ChunkTiming {
 /** A finished chunk's submission and readback (`Decoder.#finish`). */
 interface ChunkIo {
   submit: () => void;
-  read: (rounds: ChunkTiming[]) => Promise<ReadState>;
+  read: (chunks: ChunkTiming[]) => Promise<ReadState>;
 }
 
 interface ReadState {
@@ -951,8 +950,8 @@ export class Decoder {
    * resolved into the set's slice `slot`) and the resolved timestamps of every slot. `submit`
    * submits; `read` (after `submit`, when `slot` is unmapped) maps the staging buffer and resolves
    * once the GPU is done with this submission and every one before it, with the run state and
-   * the GPU ms of the chunks `rounds` (slot and timing of each chunk submitted since the last
-   * read, this one included: their timestamps were resolved before this copy).
+   * the GPU ms of `chunks` (slot and timing of each chunk submitted since the last read, this one
+   * included: their timestamps were resolved before this copy).
    */
   #finish(
     enc: GPUCommandEncoder,
@@ -973,7 +972,7 @@ export class Decoder {
     const bytes = ts + (RUN_SLOTS + cap) * 4;
     return {
       submit: () => g.device.queue.submit([commands]),
-      read: async (rounds: ChunkTiming[]): Promise<ReadState> => {
+      read: async (chunks: ChunkTiming[]): Promise<ReadState> => {
         await staging.mapAsync(GPUMapMode.READ, 0, bytes);
         g.throwIfFailed();
         const view = new Uint32Array(staging.getMappedRange(ts, bytes - ts));
@@ -990,7 +989,7 @@ export class Decoder {
         if (q) {
           const stamps = new BigUint64Array(staging.getMappedRange(0, ts));
           const ms = (at: number) => Number(stamps[at + 1] - stamps[at]) / 1e6;
-          for (const c of rounds) {
+          for (const c of chunks) {
             if (!c.timed) continue;
             const base = 4 * MAX_CYCLES * c.slot;
             for (let i = 0; i < c.timed.cycles; i++) {
