@@ -40,7 +40,7 @@ import type { Dispatch, Gpu } from "./gpu.ts";
 import type { LlamaGpu } from "../models/llama.ts";
 import { createSample } from "../kernels/sample.ts";
 import { createAccept } from "../kernels/accept.ts";
-import { argmaxScratchWords, createArgmax } from "../kernels/argmax.ts";
+import { type ArgmaxArgs, argmaxScratchWords, createArgmax } from "../kernels/argmax.ts";
 import { createCommit, RUN, RUN_SLOTS } from "../kernels/commit.ts";
 import { createNgram } from "../kernels/ngram.ts";
 import type { StopReason } from "./protocol.ts";
@@ -325,13 +325,11 @@ export class Decoder {
    */
   #targetSample(s: SamplingSettings, out: GPUBuffer): Promise<Dispatch> {
     if (s.temperature <= 0) {
-      return createArgmax(this.#gpu, {
+      return this.#argmax({
         label: "decode.target.argmax",
         logits: this.#target.logits,
         ids: out,
         T: 1,
-        V: this.#target.config.vocabSize,
-        scratch: this.#argmaxScratch,
       });
     }
     return createSample(this.#gpu, {
@@ -349,8 +347,13 @@ export class Decoder {
     });
   }
 
-  get #argmaxScratch(): { buffer: GPUBuffer; rows: number } {
-    return { buffer: this.#buf.argmax, rows: TREE_MAX_NODES };
+  /** A split argmax over the vocabulary (kernels/argmax.ts) on the decoder's shared scratch. */
+  #argmax(args: Omit<ArgmaxArgs, "V" | "scratch">): Promise<Dispatch> {
+    return createArgmax(this.#gpu, {
+      ...args,
+      V: this.#target.config.vocabSize,
+      scratch: { buffer: this.#buf.argmax, rows: TREE_MAX_NODES },
+    });
   }
 
   #commit(k: number): Promise<Dispatch> {
@@ -389,14 +392,12 @@ export class Decoder {
           // Greedy acceptance reads no q: the draft's argmax alone.
           draft.push(
             greedy
-              ? await createArgmax(g, {
+              ? await this.#argmax({
                 label: `decode.draft.argmax${i}`,
                 logits: d.logits,
                 ids: B.verifyIn,
                 idsOffset: i + 1,
                 T: 1,
-                V,
-                scratch: this.#argmaxScratch,
               })
               : await createSample(g, {
                 label: `decode.draft.sample${i}`,
@@ -435,14 +436,12 @@ export class Decoder {
       verify.push(...await t.plan(k + 1, { buffer: B.verifyIn, offset: 0 }, "all"));
       verify.push(
         greedy
-          ? await createArgmax(g, {
+          ? await this.#argmax({
             label: `decode.accept.k${k}`,
             logits: t.logits,
             ids: B.outTokens,
             T: k + 1,
-            V,
             accept: { draftTokens: B.verifyIn, tokensOffset: 1, outCount: B.outCount },
-            scratch: this.#argmaxScratch,
           })
           : await createAccept(g, {
             label: `decode.accept.k${k}`,
