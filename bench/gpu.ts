@@ -6,7 +6,7 @@
  *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
  *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
- *                            [--filter A,B]
+ *                            [--filter A,B] [--attn-splits 32,8] [--block-rows 8,17]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
@@ -16,7 +16,8 @@
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
  * at T = 1..17 per format, `--shapes` per row/lane split, `--sweep` per rows per invocation
  * (norm folded in, factored block decoding or not); `--filter A,B` keeps the cases of those
- * three whose "name dtype" contains A or B. `--unroll 1,2` runs each dummy model once per
+ * three whose "name dtype" contains A or B. `--attn-splits 32,8` once per cap on attention's key chunks
+ * (`attentionTuning`), `--block-rows 8,17` once per widest one-dispatch block-format product. `--unroll 1,2` runs each dummy model once per
  * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
  * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
@@ -25,7 +26,8 @@
  * `--target dummy:NAME --draft dummy:NAME` runs that with random weights at a `--dummy`
  * configuration's shapes (per-op costs without staging weights; acceptance is meaningless).
  */
-import { matvecTuning } from "../kernels/matmul.ts";
+import { MATVEC_BLOCK_MAX_T, matvecTuning } from "../kernels/matmul.ts";
+import { attentionTuning, ATTN_MAX_SPLITS } from "../kernels/attention.ts";
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
 import { WeightStore } from "../engine/weights.ts";
@@ -258,6 +260,10 @@ export interface DummyBench {
   profile: ProfileRow[];
   /** Matrix-vector units in flight per lane (`matvecTuning.unroll`) this row ran with. */
   unroll?: number;
+  /** The split-K cap (`attentionTuning.maxSplits`) this row ran with. */
+  attn_splits?: number;
+  /** The widest one-dispatch block-format product (`matvecTuning.blockMaxT`) it ran with. */
+  block_rows?: number;
 }
 
 /** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
@@ -306,6 +312,9 @@ async function benchDummy(
     for (const T of VERIFY_TS) {
       const plan = await m.plan(T, { buffer: ids, offset: 0 }, T === 1 ? "last" : "all");
       if (T === 1) dispatches = plan.length;
+      // One untimed pass first: a model's first passes at a new T ran up to 2x slow (H200).
+      m.setPosition(prompt.length);
+      await timePass(gpu, plan, 1);
       m.setPosition(prompt.length);
       const us = await timePass(gpu, plan, 7);
       verify.push({ T, us, ratio: us / (verify[0]?.us ?? us) });
@@ -533,6 +542,8 @@ if (import.meta.main) {
       shapes: { type: "boolean" },
       sweep: { type: "boolean" },
       unroll: { type: "string", default: "1" },
+      "attn-splits": { type: "string" },
+      "block-rows": { type: "string" },
       "widen-small-k": { type: "string" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
@@ -577,12 +588,24 @@ if (import.meta.main) {
   const peak = values["peak-gbs"] ? Number(values["peak-gbs"]) : peakBandwidth(gpu.adapterName);
   const dummies: DummyBench[] = [];
   const unrolls = String(values.unroll).split(",").map(Number);
+  const blockRows: number[] = values["block-rows"]?.split(",").map(Number) ?? [MATVEC_BLOCK_MAX_T];
+  const splits: number[] = values["attn-splits"]?.split(",").map(Number) ?? [
+    attentionTuning.maxSplits,
+  ];
   if (values["widen-small-k"]) matvecTuning.widenSmallK = Number(values["widen-small-k"]);
   for (const name of values.dummy ?? []) {
     for (const q of values.quant ?? ["f16"]) {
-      for (const unroll of unrolls) {
+      const combos = unrolls.flatMap((u) =>
+        splits.flatMap((m: number) => blockRows.map((b: number) => [u, m, b]))
+      );
+      for (const [unroll, maxSplits, blockMaxT] of combos) {
         matvecTuning.unroll = unroll;
-        console.log(`dummy ${name} ${q} (matvec unroll ${unroll}) ...`);
+        matvecTuning.blockMaxT = blockMaxT;
+        attentionTuning.maxSplits = maxSplits;
+        console.log(
+          `dummy ${name} ${q} (matvec unroll ${unroll}, attention splits <= ${maxSplits}, ` +
+            `block-format dispatches <= ${blockMaxT} rows) ...`,
+        );
         try {
           dummies.push({
             ...(await benchDummy(
@@ -594,6 +617,8 @@ if (import.meta.main) {
               peak,
             )),
             unroll,
+            attn_splits: maxSplits,
+            block_rows: blockMaxT,
           });
         } catch (e) {
           // A format whose block does not divide the model's widths (q4_k at 576): say so, go on.
@@ -604,6 +629,8 @@ if (import.meta.main) {
     }
   }
   matvecTuning.unroll = 1;
+  matvecTuning.blockMaxT = MATVEC_BLOCK_MAX_T;
+  attentionTuning.maxSplits = ATTN_MAX_SPLITS;
   report.dummy = dummies;
   if (dummies.length) {
     console.log(
@@ -616,6 +643,8 @@ if (import.meta.main) {
         "model",
         "quant",
         "unroll",
+        "attn splits",
+        "block rows",
         "weights GiB",
         "tok/s",
         "limit tok/s",
@@ -630,6 +659,8 @@ if (import.meta.main) {
         d.model,
         d.quant,
         String(d.unroll ?? 1),
+        String(d.attn_splits ?? ATTN_MAX_SPLITS),
+        String(d.block_rows ?? MATVEC_BLOCK_MAX_T),
         (d.weight_bytes / 2 ** 30).toFixed(2),
         d.decode_tok_s,
         d.limit_tok_s ?? "-",
@@ -644,7 +675,7 @@ if (import.meta.main) {
     for (const d of dummies.filter((d) => d.profile.length)) {
       console.log(
         `\nGPU time of one decode forward, ${d.model} ${d.quant} unroll ${d.unroll ?? 1} ` +
-          "(timestamps, mean of 5)",
+          `attention splits <= ${d.attn_splits ?? ATTN_MAX_SPLITS} (timestamps, mean of 5)`,
       );
       console.log(table([
         ["op", "dispatches", "µs", "share %"],

@@ -33,6 +33,12 @@ export const ATTN_MIN_WORKGROUPS = 64;
 export const ATTN_TARGET_WORKGROUPS = 128;
 /** Most key chunks of split-K. */
 export const ATTN_MAX_SPLITS = 32;
+/**
+ * Benchmark knob (`bench/gpu.ts --attn-splits`): the most key chunks {@linkcode attentionPlan}
+ * gives split-K, default {@linkcode ATTN_MAX_SPLITS}. Set it before creating a model (its scratch
+ * is sized by the plan).
+ */
+export const attentionTuning: { maxSplits: number } = { maxSplits: ATTN_MAX_SPLITS };
 /** Invocations per workgroup of the naive and merge kernels. */
 export const ATTN_SIMPLE_WG = 64;
 
@@ -120,7 +126,7 @@ export function attentionPlan(
     Math.min(
       Math.ceil(ATTN_TARGET_WORKGROUPS / blocks),
       Math.ceil(shape.maxSeq / kt),
-      ATTN_MAX_SPLITS,
+      attentionTuning.maxSplits,
     ),
   );
   return { variant: v, bq, kt, nSplits };

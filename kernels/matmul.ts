@@ -77,7 +77,7 @@ const TILED_WG_Y = TILE_M / MICRO; // 16
  * f32 and f16, {@linkcode MATVEC_BLOCK_MAX_T} for block formats.
  */
 export function matvecMaxT(dtype: WeightFormat): number {
-  return isBlockFormat(dtype) ? MATVEC_BLOCK_MAX_T : MATVEC_MAX_T;
+  return isBlockFormat(dtype) ? matvecTuning.blockMaxT : MATVEC_MAX_T;
 }
 
 /**
@@ -134,14 +134,16 @@ export interface MatvecShape {
 }
 
 /**
- * Benchmark knobs of {@linkcode matvecShape}, which benchmarks set to compare (`bench/gpu.ts
- * --unroll`, `--widen-small-k`); engine code never changes them. `unroll`: the units in flight
- * per lane of every split (1). `widenSmallK`: the shortest K that widens at T ≤ 2 (decode, a
- * one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K} like every T.
+ * Benchmark knobs of {@linkcode matvecShape} and {@linkcode matvecMaxT}, which benchmarks set to
+ * compare (`bench/gpu.ts --unroll`, `--widen-small-k`, `--block-rows`); engine code never changes
+ * them. `unroll`: the units in flight per lane of every split (1). `widenSmallK`: the shortest K
+ * that widens at T ≤ 2 (decode, a one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K}
+ * like every T. `blockMaxT`: the widest one-dispatch product of a block format (8).
  */
-export const matvecTuning: { unroll: number; widenSmallK: number } = {
+export const matvecTuning: { unroll: number; widenSmallK: number; blockMaxT: number } = {
   unroll: 1,
   widenSmallK: 2048,
+  blockMaxT: 8,
 };
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
