@@ -21,6 +21,7 @@ import { LlamaRef } from "../models/llama_ref.ts";
 import { loadHfFolder } from "../models/hf.ts";
 import { planQuant } from "../engine/quant_plan.ts";
 import { decodeWeights, encodeWeights, type WeightFormat } from "../kernels/qformats.ts";
+import { matvecChunks, matvecMaxT } from "../kernels/matmul.ts";
 
 interface Reference {
   prompt_tokens: number[];
@@ -136,7 +137,10 @@ gpuTest(
     });
     const ids = gpu.upload("mixed.ids", new Uint32Array(PROMPT.map((t) => t % c.vocabSize)));
     const plan = await m.plan(PROMPT.length, { buffer: ids, offset: 0 }, "all");
-    assert.equal(plan.length, 7 * c.nLayers + 3, "qkv as three products per layer");
+    // q and k one dispatch each, v one per chunk of its rows (a block format: at most 8 rows).
+    const vChunks = matvecChunks(PROMPT.length, matvecMaxT("q8_0")).length;
+    assert.equal(vChunks, 2);
+    assert.equal(plan.length, (6 + vChunks) * c.nLayers + 3, "qkv as three products per layer");
     m.setPosition(0);
     await gpu.run("mixed", plan);
     const got = await readLogits(gpu, m, PROMPT.length);
