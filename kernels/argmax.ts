@@ -53,6 +53,23 @@ export function argmaxScratchWords(T: number, V: number): number {
   return 2 * T + 1 + 2 * T * argmaxSplit(V).slices;
 }
 
+/**
+ * WGSL: the workgroup counts itself in the atomic counter `part[counter]` of `n` workgroups;
+ * all but the last to arrive return, and the last resets the counter for the next dispatch and
+ * sees every other's stores. Needs `part: array<atomic<u32>>`, `var<workgroup> isLast: u32` and
+ * `lid` (the local invocation index); use it in uniform control flow.
+ */
+export function lastArrivalWgsl(counter: string, n: string): string {
+  return `storageBarrier();
+  if (lid == 0u) {
+    let arrived = atomicAdd(&part[${counter}], 1u);
+    isLast = select(0u, 1u, arrived == ${n} - 1u);
+    if (arrived == ${n} - 1u) { atomicStore(&part[${counter}], 0u); } // ready for the next dispatch
+  }
+  if (workgroupUniformLoad(&isLast) == 0u) { return; }
+  storageBarrier();`;
+}
+
 /** WGSL of the split argmax; `accept` adds the greedy chain accept (bindings 4 and 5). */
 export function argmaxWgsl(accept: boolean): string {
   return /* wgsl */ `
@@ -132,14 +149,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
       atomicStore(&part[pw], win.x);
       atomicStore(&part[pw + 1u], win.y);
     }
-    storageBarrier();
-    if (lid == 0u) {
-      let arrived = atomicAdd(&part[t], 1u);
-      isLast = select(0u, 1u, arrived == p.S - 1u);
-      if (arrived == p.S - 1u) { atomicStore(&part[t], 0u); } // ready for the next dispatch
-    }
-    if (workgroupUniformLoad(&isLast) == 0u) { return; }
-    storageBarrier();
+    ${lastArrivalWgsl("t", "p.S")}
     // The last slice of the row merges the row's partials, one per invocation.
     var v = LOWEST;
     var j = NONE;
@@ -156,14 +166,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
     accept
       ? `// Accept: the last row to finish counts the draft tokens that match the target's argmax.
   if (lid == 0u) { atomicStore(&part[p.C + 1u + t], id); }
-  storageBarrier();
-  if (lid == 0u) {
-    let done = atomicAdd(&part[p.C], 1u);
-    isLast = select(0u, 1u, done == p.T - 1u);
-    if (done == p.T - 1u) { atomicStore(&part[p.C], 0u); }
-  }
-  if (workgroupUniformLoad(&isLast) == 0u) { return; }
-  storageBarrier();
+  ${lastArrivalWgsl("p.C", "p.T")}
   if (lid == 0u) {
     var n = 0u;
     loop {

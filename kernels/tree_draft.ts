@@ -13,7 +13,7 @@ import { TREE_MAX_NODES, TREE_MAX_WIDTH } from "../engine/token_tree.ts";
 import { processLogits, rngUniform, type SamplingParams } from "../engine/speculative_math.ts";
 import { drawCandidates } from "../engine/tree_sampling.ts";
 import { checkSampling, packParams, samplingLibWgsl } from "./sample.ts";
-import { argmaxSplit } from "./argmax.ts";
+import { argmaxSplit, lastArrivalWgsl } from "./argmax.ts";
 
 /** Invocations per workgroup of the top-k pass. */
 export const TREE_DRAFT_WG = 256;
@@ -152,14 +152,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
     atomicStore(&part[at + 2u + 2u * lid], bitcast<u32>(pickV[lid]));
     atomicStore(&part[at + 3u + 2u * lid], pickI[lid]);
   }
-  storageBarrier();
-  if (lid == 0u) {
-    let arrived = atomicAdd(&part[r], 1u);
-    isLast = select(0u, 1u, arrived == p.S - 1u);
-    if (arrived == p.S - 1u) { atomicStore(&part[r], 0u); } // ready for the next dispatch
-  }
-  if (workgroupUniformLoad(&isLast) == 0u) { return; }
-  storageBarrier();
+  ${lastArrivalWgsl("r", "p.S")}
   // The last slice merges: the normalizer over the slices' (m_s, z_s), then the top width of
   // their picks, candidate c = (slice c / width, pick c % width) held by invocation c.
   let row0 = ${TREE_MAX_NODES}u + r * p.S * pw;
