@@ -168,7 +168,6 @@ export function targetLogitRows(draftModel: boolean): number {
   return draftModel ? TREE_MAX_NODES : MAX_DRAFT + 1;
 }
 
-/** What one submission's readback says. */
 /** Where a chunk's timestamps are (its query slot) and how many it wrote. */
 interface ChunkTiming {
   slot: number;
@@ -181,6 +180,7 @@ interface ChunkIo {
   read: (chunks: ChunkTiming[]) => Promise<ReadState>;
 }
 
+/** What one readback says. */
 interface ReadState {
   /** out index the ids start at (tokens known when the submission was encoded). */
   from: number;
