@@ -122,8 +122,9 @@ export interface DecodeResult {
 /** Cycles per submission at most (bounded by the timestamp query set too). */
 const MAX_CYCLES = 128;
 /**
- * Chunks submitted between two readbacks (and staging buffers). The first chunks are small (2,
- * 4, 8 cycles) so the first tokens come soon; behind them the GPU has more queued.
+ * Chunks submitted between two readbacks (and staging buffers). Chunk sizes start at 2 cycles
+ * and double, so the first round (2 + 4 + 8 + 16 cycles) is read back soon; later chunks grow to
+ * {@linkcode CHUNK_MS} of GPU time.
  */
 export const RING = 4;
 /**

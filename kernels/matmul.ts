@@ -8,15 +8,17 @@
  *   up_i), and the output is `y[t, i] = silu(gate) * up`, width N / 2.
  *
  * Three paths, chosen by {@linkcode matmulPath}:
- * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}, 8 for block formats: decode and verify): a workgroup owns R output columns
- *   (weight rows) and loops over all T activation rows inside, so each weight byte is read once
+ * - "matvec" (T ≤ {@linkcode MATVEC_MAX_T}, 8 for block formats: decode and verify): a workgroup
+ *   owns R output columns (weight rows) and loops over all T activation rows inside, so each weight
+ *   byte is read once
  *   for the whole batch. This is what makes verifying k+1 draft tokens cost about as much as
  *   decoding one. R and the lanes per row grow with T ({@linkcode matvecShape}).
  * - "chunked" (T ≤ {@linkcode MATVEC_CHUNKED_MAX_T}: token trees, batched verifies, short
  *   prompts): matvec dispatches over consecutive chunks of at most 17 rows, 8 for block formats
- *   ({@linkcode matvecChunks}, {@linkcode matvecMaxT}), each reading the weights once. Measured on the H200 (pycode
- *   target, 19 tree rows): the tiled path took 22x a one-row product there, since 64-row tiles of a
- *   768-wide layer make 12 workgroups for 132 SMs; two chunks take about 3x.
+ *   ({@linkcode matvecChunks}, {@linkcode matvecMaxT}), each reading the weights once. Measured
+ *   on the H200 (pycode target's down projection, 19 tree rows): the tiled path took 22x a one-row
+ *   product, since 64-column tiles of its 576 outputs make 9 workgroups for 132 SMs; two chunks
+ *   (10 + 9 rows) take 2.4x.
  * - "tiled" (prefill): a workgroup owns a 64x64 output tile and stages x and W tiles of depth 16
  *   in workgroup memory.
  *
@@ -143,7 +145,7 @@ export interface MatvecShape {
 export const matvecTuning: { unroll: number; widenSmallK: number; blockMaxT: number } = {
   unroll: 1,
   widenSmallK: 2048,
-  blockMaxT: 8,
+  blockMaxT: MATVEC_BLOCK_MAX_T,
 };
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
