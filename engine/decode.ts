@@ -122,18 +122,23 @@ export interface DecodeResult {
 /** Cycles per submission at most (bounded by the timestamp query set too). */
 const MAX_CYCLES = 128;
 /**
- * Chunks submitted between two readbacks (and staging buffers). Chunk sizes start at 2 cycles
- * and double, so the first round (2 + 4 + 8 + 16 cycles) is read back soon; later chunks grow to
- * {@linkcode CHUNK_MS} of GPU time.
+ * Chunks submitted between two readbacks (and staging buffers). Chunk sizes start small (the
+ * first sized to outlast a readback's sleep, {@linkcode READ_MS}) and double; later chunks grow
+ * to {@linkcode CHUNK_MS} of GPU time.
  */
 export const RING = 4;
 /**
- * GPU time a chunk of cycles aims at once a cycle's cost is known (ms). Deno's readback drains
- * the queue (a `mapAsync` of finished work returns only when every later submission is done too)
- * and returns ~10 ms after that, so each readback costs an idle gap; with RING chunks of ~40 ms
- * per readback the gap stays a small share while text streams several times a second.
+ * GPU time a chunk of cycles aims at once a cycle's cost is known (ms). A readback costs no idle
+ * GPU time while a chunk submitted during it runs (see {@linkcode READ_MS}), so the size only
+ * trades host work per round against how often text streams: RING chunks of 25 ms stream every
+ * ~0.1 s.
  */
-const CHUNK_MS = 40;
+const CHUNK_MS = 25;
+/**
+ * GPU time the chunk submitted during a readback should outlast (ms): Deno's `mapAsync` returns
+ * once the queue drains and resolves after a 10 ms sleep, which that chunk fills.
+ */
+const READ_MS = 12;
 
 /**
  * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
@@ -178,7 +183,12 @@ interface ChunkTiming {
 /** A finished chunk's submission and readback (`Decoder.#finish`). */
 interface ChunkIo {
   submit: () => void;
-  read: (chunks: ChunkTiming[]) => Promise<ReadState>;
+  /**
+   * Maps the staging copy and resolves with what it says; `during` runs once the map call has
+   * returned (the queue has drained) and before the map resolves: a submission made there runs
+   * while the host waits.
+   */
+  read: (chunks: ChunkTiming[], during?: () => void) => Promise<ReadState>;
 }
 
 /** What one readback says. */
@@ -232,6 +242,8 @@ export class Decoder {
   #samplingKey = "";
   #cycles = new Map<number | string, { draft: Dispatch[]; verify: Dispatch[] }>();
   #first: Dispatch[] = [];
+  /** GPU ms of one cycle, per draft length or tree shape, as last measured (sizes first chunks). */
+  #cycleMs = new Map<number | string, number>();
   #cost?: TreeCostModel;
 
   /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
@@ -766,28 +778,29 @@ export class Decoder {
     g.encode(enc, "decode.first", this.#first);
     const first = this.#finish(enc, 0, undefined, 0);
     first.submit();
-    let state = await first.read([]);
-    const tokens = [...state.ids];
-    events.onTokens(state.ids);
-    const t1 = performance.now();
 
-    // Decode: chunks of cycles, up to RING in flight. Cycles per chunk grow so the first tokens
-    // stream quickly. A chunk is issued only when it fits in the context even if every chunk in
-    // flight emits all its k + 1 tokens per cycle; near the end the loop runs one at a time.
-    // A cycle past the stop is a no-op but still costs a full forward, so chunks hold only the
-    // cycles the tokens left need at the expected tokens per cycle (measured, else a guess),
-    // counting those in flight at theirs: sized by the one-token minimum instead, a k = 4 chain
-    // ran ~3x the cycles it needed (H200, pycode pair). Falling short costs one more chunk.
-    let cycles = 2, kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
+    // Decode: chunks of cycles, up to RING in flight. A chunk is issued only when it fits in the
+    // context even if every chunk in flight emits all its k + 1 tokens per cycle; near the end
+    // the loop runs one at a time. A cycle past the stop is a no-op but still costs a full
+    // forward, so chunks hold only the cycles the tokens left need at the expected tokens per
+    // cycle (measured, else a guess), counting those in flight at theirs: sized by the one-token
+    // minimum instead, a k = 4 chain ran ~3x the cycles it needed (H200, pycode pair). Falling
+    // short costs one more round.
+    //
+    // Up to RING chunks go in flight between two readbacks, and only the newest is read back:
+    // its copy holds the run state, every id since the oldest, and every chunk's timestamps.
+    // Deno's `mapAsync` blocks until the queue drains and resolves ~10 ms later (it polls the
+    // device with a wait, then sleeps 10 ms: DESIGN.md), so the next chunk is encoded before the
+    // readback (`pending`) and submitted between the two: the GPU runs it through the sleep.
+    // The first readback is the prefill's (the first token): a pending chunk of cycles sized to
+    // outlast that sleep (from the last generation's cycle cost) runs behind it.
+    let kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
+    const known = this.#cycleMs.get(tree ? `${tree.depth}x${tree.width}` : kNow);
+    let cycles = known ? Math.max(2, Math.ceil(READ_MS / known)) : 2;
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
-    let proposed = 0, issued = 0;
+    let proposed = 0, issued = 1; // staging slot 0 holds the prefill's readback
     // kc: draft tokens proposed per cycle (a tree: its depth); per: most tokens a cycle emits.
-    // Up to RING chunks go in flight between two readbacks, and only the newest is read back:
-    // its copy holds the run state, every id since the oldest, and every chunk's timestamps. A
-    // readback returns only when the queue has drained and costs ~10 ms beyond that (DESIGN.md;
-    // H200: 9-11 ms whatever the queued work), so one per round instead of one per chunk. The
-    // next chunk is encoded before the wait (`pending`) and submitted as soon as it returns.
     interface Chunk extends ChunkTiming {
       io: ChunkIo;
       kc: number;
@@ -796,13 +809,17 @@ export class Decoder {
       shape?: TreeShape;
       expected: number;
     }
-    let inflight: Chunk[] = [];
+    // The prefill, as a chunk in flight: one token, no cycles.
+    let inflight: Chunk[] = [{ io: first, slot: 0, kc: 0, n: 1, per: 1, expected: 1 }];
     let pending: Chunk | undefined;
-    let worst = 0; // tokens the chunks in flight may still add
-    let expected = 0; // tokens they are expected to add
+    let worst = 1; // tokens the chunks in flight may still add
+    let expected = 1; // tokens they are expected to add
     let tpc = 0; // tokens per cycle, measured and smoothed (0: none read yet)
+    const tokens: number[] = [];
+    let state: ReadState | undefined; // the last readback (none before the prefill's)
+    let t1 = 0;
     while (true) {
-      const stop = state.done || events.cancelled();
+      const stop = state?.done || events.cancelled();
       const pos = P + tokens.length - 1 + worst; // target cache rows in use, at worst
       const room = this.#maxSeq - pos;
       // A tree cycle writes N cache rows before compaction: near the end of the cache, chains.
@@ -844,7 +861,7 @@ export class Decoder {
         const slot = issued % RING;
         const exp = Math.min(left, n * perCycle);
         const c: Chunk = {
-          io: this.#finish(e, tokens.length, timed, slot),
+          io: this.#finish(e, tokens.length + (state ? 0 : 1), timed, slot),
           slot,
           timed,
           kc,
@@ -853,8 +870,9 @@ export class Decoder {
           shape: useTree ? tree : undefined,
           expected: exp,
         };
-        // A pending chunk takes the slot of the round's oldest chunk, which is never mapped.
-        if (inflight.length < RING) {
+        // Before the first token is read, only the pending chunk (the first token streams at
+        // once). A pending chunk takes the slot of the round's oldest chunk, never mapped.
+        if (state && inflight.length < RING) {
           c.io.submit();
           inflight.push(c);
         } else pending = c;
@@ -865,24 +883,25 @@ export class Decoder {
         continue; // issue the next chunk before waiting on this one
       }
       if (inflight.length === 0) break;
-      const round = inflight, newest = round[round.length - 1];
+      const round = inflight, newest = round[round.length - 1], next = pending;
       inflight = [];
+      pending = undefined;
       const before = state;
-      state = await newest.io.read(round);
-      if (pending) {
-        if (!state.done && !events.cancelled()) {
-          pending.io.submit();
-          inflight.push(pending);
-        } else {
-          // Never submitted: undo its accounting.
-          worst -= pending.n * pending.per;
-          expected -= pending.expected;
-          issued--;
-          if (pending.shape) {
-            treeCycles[`${pending.shape.depth}x${pending.shape.width}`] -= pending.n;
-          }
-        }
-        pending = undefined;
+      // The pending chunk goes in while the readback sleeps (see above); it continues from the
+      // GPU's state, so it needs nothing from this readback. Cancelled: it is never submitted.
+      let submitted = false;
+      state = await newest.io.read(round, () => {
+        if (!next || events.cancelled()) return;
+        next.io.submit();
+        submitted = true;
+      });
+      if (next && submitted) inflight.push(next);
+      else if (next) {
+        // Never submitted: undo its accounting.
+        worst -= next.n * next.per;
+        expected -= next.expected;
+        issued--;
+        if (next.shape) treeCycles[`${next.shape.depth}x${next.shape.width}`] -= next.n;
       }
       for (const c of round) {
         worst -= c.n * c.per;
@@ -891,13 +910,23 @@ export class Decoder {
       const fresh = state.ids.slice(tokens.length - state.from);
       tokens.push(...fresh);
       events.onTokens(fresh);
+      if (!before) {
+        t1 = performance.now(); // the first token is out: decoding starts
+        if (state.done) break;
+        continue;
+      }
       gpuMs.draft += state.draftMs;
       gpuMs.verify += state.verifyMs;
       const dCycles = state.cycles - before.cycles, dAcc = state.accepted - before.accepted;
       if (dCycles > 0) tpc = tpc > 0 ? 0.5 * tpc + 0.5 * (dAcc / dCycles + 1) : dAcc / dCycles + 1;
-      // Chunks big enough to hide a readback, from the GPU time of the cycles just read.
+      // Chunks big enough that a round's readback is a small share, from the GPU time of the
+      // cycles just read; remembered per shape to size the next generation's first chunk.
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
-      if (cycleMs > 0) cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
+      if (cycleMs > 0) {
+        cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
+        const sh = newest.shape;
+        this.#cycleMs.set(sh ? `${sh.depth}x${sh.width}` : newest.kc, cycleMs);
+      }
       // The committed cycles are the first of the round's (the rest ran past the stop).
       let real = dCycles;
       for (const c of round) {
@@ -915,7 +944,10 @@ export class Decoder {
         alpha = 0.5 * alpha + 0.5 * Math.min(0.99, dAcc / (dCycles * newest.kc));
         kNow = autoDraftLength(alpha, this.#costRatio());
       }
+      // Over: a chunk submitted behind this readback runs no-op cycles; nothing waits on it.
+      if (state.done) break;
     }
+    if (!state) throw new Error("decode: the prefill was never read back (bookkeeping bug)");
     const t2 = performance.now();
     const last = tokens[tokens.length - 1];
     let stop: StopReason;
@@ -972,8 +1004,10 @@ export class Decoder {
     const bytes = ts + (RUN_SLOTS + cap) * 4;
     return {
       submit: () => g.device.queue.submit([commands]),
-      read: async (chunks: ChunkTiming[]): Promise<ReadState> => {
-        await staging.mapAsync(GPUMapMode.READ, 0, bytes);
+      read: async (chunks: ChunkTiming[], during?: () => void): Promise<ReadState> => {
+        const mapped = staging.mapAsync(GPUMapMode.READ, 0, bytes);
+        during?.();
+        await mapped;
         g.throwIfFailed();
         const view = new Uint32Array(staging.getMappedRange(ts, bytes - ts));
         const count = view[RUN.count];
