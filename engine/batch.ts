@@ -54,8 +54,12 @@ import { createSpecCommit, createSpecRows, SPEC_SEQ_WORDS } from "../kernels/bat
 import type { SamplingSettings } from "./decode.ts";
 import type { StopReason } from "./protocol.ts";
 
-/** Most decode steps one chunk (one submission, one readback) runs; default 16. */
-export const BATCH_MAX_STEPS = 16;
+/**
+ * Most decode steps one chunk (one submission, one readback) runs. A chunk in flight must outlast
+ * the readback of the one before it (a 10 ms sleep) plus the host encoding the next (~3 µs a
+ * dispatch): 32 steps of an 8-row pycode batch are ~25 ms of GPU time and ~10 ms of encoding.
+ */
+export const BATCH_MAX_STEPS = 32;
 
 /**
  * Exact bytes of the buffers a {@linkcode BatchDecoder} over a batch of `layout` allocates
@@ -164,7 +168,14 @@ interface Chunk {
   /** Per row: it joined in this chunk (its first token is out[0]). */
   first: boolean[];
   n: number;
-  read: Promise<Uint32Array>;
+  /** Submits its commands (once). */
+  submit: () => void;
+  /**
+   * Maps its readback (after `submit`) and resolves with it; `during` runs once the map call
+   * has returned (the queue has drained: Deno's poll waits) and before the map resolves (after a
+   * 10 ms sleep), so a chunk submitted there runs through the wait.
+   */
+  read: (during?: () => void) => Promise<Uint32Array>;
 }
 
 /** Drives a {@linkcode LlamaBatch}: admission, chunks of batched steps, leaving. */
@@ -347,7 +358,8 @@ export class BatchDecoder {
       while (this.#active.length || this.#waiting.length || inflight.length) {
         // With nothing in flight the host knows every row: admit, rewrite the rows, issue.
         // With one chunk in flight and nothing changed (no joiner, no leaver), the next chunk
-        // continues from the GPU's state, so the GPU never idles through a readback.
+        // continues from the GPU's state: it is encoded while the one in flight runs and
+        // submitted while that one's readback waits, so the GPU never idles through a readback.
         if (inflight.length === 0) {
           // Requests cancelled while waiting leave the line without running.
           this.#waiting = this.#waiting.filter((s) => {
@@ -366,22 +378,27 @@ export class BatchDecoder {
           // Everything settled: what each sequence holds is known (speculation counted every
           // draft as accepted while its chunks were in flight).
           for (const s of this.#active) if (s.tokens.length) s.issued = s.tokens.length;
-          inflight.push(await this.#issue(joined, true));
+          const c = await this.#issue(joined, true);
+          c.submit();
+          inflight.push(c);
           continue;
         }
+        let next: Chunk | undefined;
         if (
           inflight.length < RING && !this.#changed && this.#waiting.length === 0 &&
           this.#steps(false) > 0
         ) {
-          inflight.push(await this.#issue([], false));
+          next = await this.#issue([], false);
           this.#continued++;
-          continue;
         }
-        this.#settle(await inflight[0].read, inflight.shift()!);
+        const c = inflight.shift()!;
+        const out = await c.read(() => next?.submit());
+        if (next) inflight.push(next);
+        this.#settle(out, c);
       }
     } catch (e) {
       // A GPU failure ends every sequence: each caller gets the error, every block returns.
-      await Promise.allSettled(inflight.map((c) => c.read));
+      await Promise.allSettled(inflight.map((c) => c.read()));
       for (const s of [...this.#active, ...this.#waiting]) {
         if (s.blocks.blocks.length) s.blocks.release();
         if (s.slot >= 0) this.#free.push(s.slot);
@@ -542,21 +559,39 @@ export class BatchDecoder {
     }
     const bytes = (n + 1) * R * 4, staging = this.#staging[this.#issued++ % RING];
     enc.copyBufferToBuffer(B.out, 0, staging, 0, bytes);
-    g.device.queue.submit([enc.finish()]);
     const first = act.map((s) => s.issued === 0); // joiners: their first token is out[0]
     for (const s of act) {
       s.issued = Math.max(1, s.issued) + n;
       s.chunks++;
     }
-    const read = (async () => {
-      await staging.mapAsync(GPUMapMode.READ, 0, bytes);
-      g.throwIfFailed();
-      const out = new Uint32Array(staging.getMappedRange(0, bytes).slice(0));
-      staging.unmap();
-      return out;
-    })();
-    read.catch(() => {}); // awaited by the loop; a failure must not go unhandled meanwhile
-    return { rows: act, spec: false, first, n, read };
+    return { rows: act, spec: false, first, n, ...this.#io(enc.finish(), staging, bytes) };
+  }
+
+  /** Submission and readback of a chunk's `commands`, whose last copy fills `staging`. */
+  #io(
+    commands: GPUCommandBuffer,
+    staging: GPUBuffer,
+    bytes: number,
+  ): Pick<Chunk, "submit" | "read"> {
+    const g = this.#gpu;
+    let submitted = false;
+    return {
+      submit: () => {
+        if (submitted) return;
+        submitted = true;
+        g.device.queue.submit([commands]);
+      },
+      read: async (during?: () => void) => {
+        if (!submitted) throw new Error("batch: a chunk read back before it was submitted");
+        const mapped = staging.mapAsync(GPUMapMode.READ, 0, bytes);
+        during?.();
+        await mapped;
+        g.throwIfFailed();
+        const out = new Uint32Array(staging.getMappedRange(0, bytes).slice(0));
+        staging.unmap();
+        return out;
+      },
+    };
   }
 
   /** {@linkcode BatchDecoder.#issue} when speculating: n cycles of draft, verify, commit. */
@@ -596,22 +631,13 @@ export class BatchDecoder {
     for (let i = 0; i < n; i++) g.encode(enc, "batch.spec_cycle", cycle);
     enc.copyBufferToBuffer(B.seq, 0, staging, R * 4, R * SPEC_SEQ_WORDS * 4);
     enc.copyBufferToBuffer(B.out, 0, staging, R * (1 + SPEC_SEQ_WORDS) * 4, R * sp.cap * 4);
-    g.device.queue.submit([enc.finish()]);
     const bytes = R * (1 + SPEC_SEQ_WORDS + sp.cap) * 4;
     const first = act.map((s) => s.issued === 0);
     for (const s of act) {
       s.issued = Math.max(1, s.issued) + n * this.#per(s);
       s.chunks++;
     }
-    const read = (async () => {
-      await staging.mapAsync(GPUMapMode.READ, 0, bytes);
-      g.throwIfFailed();
-      const out = new Uint32Array(staging.getMappedRange(0, bytes).slice(0));
-      staging.unmap();
-      return out;
-    })();
-    read.catch(() => {});
-    return { rows: act, spec: true, first, n, read };
+    return { rows: act, spec: true, first, n, ...this.#io(enc.finish(), staging, bytes) };
   }
 
   /** {@linkcode BatchDecoder.#settle} when speculating: each row's emitted ids and counts. */
