@@ -42,6 +42,13 @@ import {
   type WeightFormat,
   weightWgsl,
 } from "./qformats.ts";
+import {
+  createQuantizeX,
+  int8xMetaOffset,
+  int8xScratchBytes,
+  type QuantizedX,
+  QX_BLOCK,
+} from "./quantize_x.ts";
 import { rmsnormRef } from "./rmsnorm.ts";
 import { swigluRef } from "./swiglu.ts";
 
@@ -136,16 +143,25 @@ export interface MatvecShape {
 }
 
 /**
- * Benchmark knobs of {@linkcode matvecShape} and {@linkcode matvecMaxT}, which benchmarks set to
- * compare (`bench/gpu.ts --unroll`, `--widen-small-k`, `--block-rows`); engine code never changes
- * them. `unroll`: the units in flight per lane of every split (1). `widenSmallK`: the shortest K
- * that widens at T ≤ 2 (decode, a one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K}
- * like every T. `blockMaxT`: the widest one-dispatch product of a block format (8).
+ * Benchmark knobs of {@linkcode matvecShape}, {@linkcode matvecMaxT} and
+ * {@linkcode createLinear}, which benchmarks set to compare (`bench/gpu.ts --unroll`,
+ * `--widen-small-k`, `--block-rows`, `--int8x`); engine code never changes them. `unroll`: the
+ * units in flight per lane of every split (1). `widenSmallK`: the shortest K that widens at
+ * T ≤ 2 (decode, a one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K} like every T.
+ * `blockMaxT`: the widest one-dispatch product of a block format (8). `int8x` (false): q8_0 and
+ * q4_0 products on the matrix-vector path quantize x to int8 first and multiply with packed
+ * integer dot products ({@linkcode matvecInt8Wgsl}); set it before building the dispatches.
  */
-export const matvecTuning: { unroll: number; widenSmallK: number; blockMaxT: number } = {
+export const matvecTuning: {
+  unroll: number;
+  widenSmallK: number;
+  blockMaxT: number;
+  int8x: boolean;
+} = {
   unroll: 1,
   widenSmallK: 2048,
   blockMaxT: MATVEC_BLOCK_MAX_T,
+  int8x: false,
 };
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
@@ -546,6 +562,179 @@ ${store}
 `;
 }
 
+/** The weight formats of the int8 matrix-vector path (`matvecTuning.int8x`). */
+const INT8X_FORMATS: ReadonlySet<WeightFormat> = new Set(["q8_0", "q4_0"]);
+
+/**
+ * Whether this runtime's WGSL has `dot4I8Packed` and `pack4xI8` (the language feature
+ * `packed_4x8_integer_dot_product`), which the int8 matrix-vector path needs.
+ *
+ * @example
+ * ```ts
+ * import { int8xAvailable } from "./matmul.ts";
+ * console.log(typeof int8xAvailable()); // "boolean"
+ * ```
+ */
+export function int8xAvailable(): boolean {
+  const gpu = (globalThis.navigator as { gpu?: { wgslLanguageFeatures?: ReadonlySet<string> } })
+    ?.gpu;
+  return gpu?.wgslLanguageFeatures?.has("packed_4x8_integer_dot_product") ?? false;
+}
+
+/**
+ * WGSL of the int8 matrix-vector path (q8_0 and q4_0 weights) for `T` rows with the split
+ * `shape`: x was quantized by `kernels/quantize_x.ts` (int8 blocks of 32, scale d_x and sum
+ * Σq_x per block, the row's rinv), and each unit of weights is multiplied into every x row with
+ * `dot4I8Packed`, four int8 products per instruction: a q4_0 block is
+ * `d_w d_x (Σ n q_x − 8 Σ q_x)` (nibbles n = 0..15 are valid signed bytes: `w & 0x0F0F0F0F` holds
+ * values 4g..4g+3 of the block, `(w >> 4) & 0x0F0F0F0F` values 16+4g..), a q8_0 half block
+ * `d_w d_x Σ q_w q_x`. The work split, the reduction and the epilogues (bias, accumulate,
+ * SwiGLU) are those of {@linkcode matvecWgsl}; a folded RMSNorm multiplies each sum by the
+ * row's rinv (the gain was applied before quantizing).
+ */
+export function matvecInt8Wgsl(s: MatmulSpec & { T: number; shape: MatvecShape }): string {
+  if (!INT8X_FORMATS.has(s.dtype)) throw new RangeError(`int8 matvec: no ${s.dtype} weights`);
+  const { T, shape } = s;
+  const R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1, U = shape.unroll ?? 1;
+  const G2 = R / RT, WG = G2 * L, slots = R * T;
+  const q4 = s.dtype === "q4_0";
+  const units = q4 ? "nbk" : "2u * nbk"; // units per row: q4_0 a block, q8_0 half a block
+  const rows = (line: (r: number) => string) => unrolled(RT, line);
+  // The loads of unit `ui` into names with suffix _n: the RT weight units (quants and scale).
+  const load = (n: number, ui: string) =>
+    `    let kb_${n} = ${q4 ? ui : `${ui} / 2u`}; // block of the row
+    let j_${n} = ${q4 ? "0u" : `${ui} % 2u`}; // unit of the block
+${rows((r) => `    let w${r}_${n} = wUnit(rowBlock${r} + kb_${n}, j_${n}, p.nb);`)}`;
+  // Unit _n times every x row: its x quants (a vec4<u32> per 16 values) and (d_x, Σq_x).
+  const compute = (n: number) =>
+    `    {
+${
+      q4
+        ? rows((r) =>
+          `      let lo${r} = w${r}_${n}.q & vec4<u32>(0x0F0F0F0Fu);
+      let hi${r} = (w${r}_${n}.q >> vec4<u32>(4u)) & vec4<u32>(0x0F0F0F0Fu);`
+        )
+        : ""
+    }
+${
+      unrolled(T, (t) =>
+        `      {
+        let xb = (xr0 + ${t}u) * nbk + kb_${n};
+        let m = xm[(xr0 + ${t}u) * ms + kb_${n}];
+        let dx = bitcast<f32>(m.x);
+${
+          q4
+            ? `        let a = xq[2u * xb];
+        let c = xq[2u * xb + 1u];
+        let o = 8 * bitcast<i32>(m.y);
+${
+              rows((r) =>
+                `        acc${t}_${r} += (w${r}_${n}.d * dx) * f32(dot4(lo${r}, a) + dot4(hi${r}, c) - o);`
+              )
+            }`
+            : `        let a = xq[2u * xb + j_${n}];
+${rows((r) => `        acc${t}_${r} += (w${r}_${n}.d * dx) * f32(dot4(w${r}_${n}.q, a));`)}`
+        }
+      }`)
+    }
+    }`;
+  const r = (t: string) => s.norm ? ` * rinvX(${t})` : "";
+  const store = s.swiglu
+    ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
+    let i = e / ${T}u;
+    let t = e % ${T}u;
+    let n = n0 + 2u * i;
+    if (n < p.N) {
+      storePair(t, n, red[(2u * i * ${T}u + t) * ${L}u]${
+      r("t")
+    }, red[((2u * i + 1u) * ${T}u + t) * ${L}u]${r("t")});
+    }
+  }`
+    : `  for (var e = lid; e < ${slots}u; e += ${WG}u) {
+    let t = e % ${T}u;
+    let n = n0 + e / ${T}u;
+    if (n < p.N) { store(t, n, red[e * ${L}u]${r("t")}); }
+  }`;
+  return /* wgsl */ `${header({ ...s, norm: false }, false)}${weightWgsl(s.dtype)}
+// Int8 matrix-vector path, ${s.dtype}, T = ${T}: a workgroup of ${WG} invocations owns ${R} weight
+// rows n0 .. n0+${
+    R - 1
+  } as ${G2} groups of ${RT} rows, ${L} lanes per group: lane l of group i loads
+// units l, l + ${L}, ... (one vec4<u32> of quants and its f16 scale: ${
+    q4 ? "a whole q4_0 block" : "half a q8_0 block"
+  }) of its
+// ${RT} weight row(s) n0 + ${RT}i .. (consecutive lanes load consecutive 16-byte words, coalesced)
+// and multiplies them into all ${T} quantized x rows with dot4I8Packed (each x load serving ${RT}
+// row(s)), keeping ${T * RT} partial sums in registers. The ${slots} partial sums per lane go to
+// workgroup memory [${slots}, ${L}] and are tree-reduced over the lanes; then ${
+    s.swiglu ? "pairs (gate, up) of rows are combined by silu(gate) * up" : "each sum is stored"
+  }${
+    s.norm ? ",\n// times the x row's rinv" : ""
+  }. The loop bound masks ragged K; weight rows past N are clamped when loaded and
+// not stored; workgroups past N (2-D grid rounding) return. p.xOffset is the element offset of
+// x[0, 0] in the quantized x (a whole number of rows: p.xOffset / K is the first row).
+@group(0) @binding(0) var<storage, read> xq: array<vec4<u32>>; // xq: i8[rows, K], 16 per vec4
+@group(0) @binding(6) var<storage, read> xm: array<vec2<u32>>; // xm: [rows, K / 32 + 1] (d, Σq) per block, then (rinv, 0)
+
+var<workgroup> red: array<f32, ${slots * L}>; // red: [${slots}, ${L}] partial sums
+
+// Σ of the 16 int8 products of a and b.
+fn dot4(a: vec4<u32>, b: vec4<u32>) -> i32 {
+  return dot4I8Packed(a.x, b.x) + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z) + dot4I8Packed(a.w, b.w);
+}
+// 1 / rms of x row t (written by the quantize pass).
+fn rinvX(t: u32) -> f32 {
+  let ms = p.K / 32u + 1u;
+  return bitcast<f32>(xm[(p.xOffset / p.K + t) * ms + ms - 1u].x);
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let n0 = (wg.y * nwg.x + wg.x) * ${R}u;
+  if (n0 >= p.N) { return; } // uniform per workgroup: safe before the barriers
+  let gi = lid / ${L}u; // row group
+  let lane = lid % ${L}u;
+  let nbk = p.K / 32u; // blocks per row
+  let ms = nbk + 1u; // xm entries per x row
+  let xr0 = p.xOffset / p.K; // first x row
+${rows((r) => `  let rowBlock${r} = min(n0 + gi * ${RT}u + ${r}u, p.N - 1u) * nbk;`)}
+${
+    unrolled(T, (t) =>
+      `  ${Array.from({ length: RT }, (_, r) => `var acc${t}_${r} = 0.0;`).join(" ")}`)
+  }
+  for (var u = lane; u < ${units}; u += ${U * L}u) {
+${load(0, "u")}
+${
+    unrolled(U - 1, (i) =>
+      `    let u_${i + 1} = u + ${(i + 1) * L}u; // unit ${
+        i + 1
+      } of this step (clamped when loaded, skipped past the end)
+${load(i + 1, `min(u_${i + 1}, ${units} - 1u)`)}`)
+  }
+${compute(0)}
+${unrolled(U - 1, (i) => `    if (u_${i + 1} < ${units}) {\n${compute(i + 1)}\n    }`)}
+  }
+${
+    unrolled(T * RT, (e) => {
+      const t = e % T, r = Math.floor(e / T);
+      return `  red[((gi * ${RT}u + ${r}u) * ${T}u + ${t}u) * ${L}u + lane] = acc${t}_${r};`;
+    })
+  }
+  workgroupBarrier();
+  for (var h = ${L >> 1}u; h > 0u; h >>= 1u) {
+    if (lane < h) {
+      for (var e = gi; e < ${slots}u; e += ${G2}u) {
+        red[e * ${L}u + lane] += red[e * ${L}u + lane + h];
+      }
+    }
+    workgroupBarrier();
+  }
+${store}
+}
+`;
+}
+
 /**
  * WGSL of the tiled path (any T, K, N; edges masked when staging tiles and when storing). Block
  * formats dequantize while staging the W tile: each invocation decodes 4 consecutive k of one
@@ -702,6 +891,12 @@ export interface MatmulArgs {
    * (benchmarks compare the two).
    */
   factor?: boolean;
+  /**
+   * With `matvecTuning.int8x`: the scratch the quantized x is written to, shared by products run
+   * one after another (at least `int8xScratchBytes(T, K)` bytes of `kernels/quantize_x.ts`, STORAGE
+   * usage); default a scratch of its own per {@linkcode createLinear} call.
+   */
+  int8Scratch?: GPUBuffer;
 }
 
 /**
@@ -709,6 +904,11 @@ export interface MatmulArgs {
  * fusions) on the path of {@linkcode matmulPath}: one dispatch, or one per chunk of rows on the
  * chunked path. Pipelines, params and bind groups are made once; encode the returned
  * {@linkcode Dispatch}es, in order, as often as needed.
+ *
+ * With `matvecTuning.int8x`, q8_0 and q4_0 products on the matrix-vector and chunked paths are
+ * the quantize pass of all T rows (`kernels/quantize_x.ts`) followed by the int8 matrix-vector
+ * dispatch of each chunk ({@linkcode matvecInt8Wgsl}); their scratch is `args.int8Scratch` or a
+ * buffer of this call's own, `int8xScratchBytes(T, K)` ≈ 1.25 T K bytes.
  *
  * @example
  * ```ts ignore
@@ -719,6 +919,9 @@ export interface MatmulArgs {
 export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch[]> {
   const { T, K } = args;
   const path = args.path ?? matmulPath(T, args.dtype);
+  if (matvecTuning.int8x && INT8X_FORMATS.has(args.dtype) && path !== "tiled") {
+    return await createInt8Linear(gpu, args, path);
+  }
   if (path !== "chunked") return [await createMatmul(gpu, { ...args, path })];
   if (!Number.isInteger(T) || T < 1 || T > MATVEC_CHUNKED_MAX_T) {
     throw new RangeError(
@@ -746,18 +949,11 @@ export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
 }
 
 /**
- * Builds the one dispatch of a matvec (T ≤ {@linkcode MATVEC_MAX_T}) or tiled product; the
- * default path is matvec up to 17 rows, tiled above. {@linkcode createLinear} also chunks.
- *
- * @example
- * ```ts ignore
- * const d = await createMatmul(gpu, { label: "L0.q", x, w, dtype: "f16", y, T: 1, K: 576, N: 576 });
- * await gpu.run("step", [d]);
- * ```
+ * Checks what every product needs (positive sizes, f16 support, K a multiple of the block, the
+ * flat weight index within u32, SwiGLU's even N) and returns the format's block.
  */
-export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch> {
+function checkArgs(gpu: Gpu, args: MatmulArgs): number {
   const { T, K, N, dtype } = args;
-  const xOffset = args.xOffset ?? 0, yOffset = args.yOffset ?? 0;
   for (const [name, v] of [["T", T], ["K", K], ["N", N]] as const) {
     if (!Number.isInteger(v) || v < 1) throw new RangeError(`${args.label}: ${name}=${v} < 1`);
   }
@@ -776,6 +972,127 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
   if (args.swiglu && (N % 2 !== 0 || args.accumulate)) {
     throw new RangeError(`${args.label}: swiglu needs an even N and no accumulate (N=${N})`);
   }
+  return block;
+}
+
+/** Checks a matrix-vector split: even rows, lanes a power of 2, perThread dividing rows. */
+function checkShape(label: string, shape: MatvecShape): void {
+  const rt = shape.perThread ?? 1;
+  if (shape.rows % 2 || shape.lanes & (shape.lanes - 1) || shape.rows % rt) {
+    throw new RangeError(
+      `${label}: matvec rows must be even, lanes a power of 2 and perThread divide rows`,
+    );
+  }
+}
+
+/** The rows of y's stride (default the output width), checked. */
+function checkYStride(args: MatmulArgs): number {
+  const outN = args.swiglu ? args.N / 2 : args.N;
+  const yStride = args.yStride ?? outN;
+  if (!Number.isInteger(yStride) || yStride < outN) {
+    throw new RangeError(`${args.label}: yStride=${yStride} is less than the output width ${outN}`);
+  }
+  return yStride;
+}
+
+/** The uniform `Params` of a matmul shader (see `header`); `eps` only where x is normalized. */
+function matmulParams(
+  gpu: Gpu,
+  label: string,
+  [T, K, N, xOffset, yOffset, yStride]: number[],
+  block: number,
+  eps: number,
+): GPUBuffer {
+  const raw = new Uint32Array(12); // 9 fields, padded to 16 bytes
+  raw.set([T, K, N, xOffset, yOffset, K >>> 2, block > 1 ? (N * K) / block : 0, 0, yStride]);
+  new Float32Array(raw.buffer)[7] = eps;
+  return gpu.uniform(`${label}.params`, raw);
+}
+
+/** {@linkcode createLinear} with `matvecTuning.int8x` for q8_0 / q4_0 weights on `path`. */
+async function createInt8Linear(
+  gpu: Gpu,
+  args: MatmulArgs,
+  path: MatmulPath,
+): Promise<Dispatch[]> {
+  const { T, K, N, label } = args;
+  if (!int8xAvailable()) {
+    throw new RangeError(
+      `${label}: matvecTuning.int8x needs WGSL's packed_4x8_integer_dot_product, which this ` +
+        "runtime lacks (leave int8x off)",
+    );
+  }
+  const block = checkArgs(gpu, args);
+  const max = path === "matvec" ? MATVEC_MAX_T : MATVEC_CHUNKED_MAX_T;
+  if (T > max) throw new RangeError(`${label}: ${path} path serves T <= ${max}, got ${T}`);
+  const yStride = checkYStride(args);
+  const scratch = args.int8Scratch ??
+    gpu.buffer(`${label}.int8x`, int8xScratchBytes(T, K), GPUBufferUsage.STORAGE);
+  const out = [
+    await createQuantizeX(gpu, {
+      label: `${label}.quantize_x`,
+      x: args.x,
+      xOffset: args.xOffset,
+      T,
+      K,
+      norm: args.norm,
+      out: scratch,
+    }),
+  ];
+  const spec: MatmulSpec = {
+    dtype: args.dtype,
+    bias: !!args.bias,
+    accumulate: !!args.accumulate,
+    norm: !!args.norm,
+    swiglu: !!args.swiglu,
+  };
+  const meta = int8xMetaOffset(T, K), bytes = int8xScratchBytes(T, K);
+  const xq = { buffer: scratch, offset: 0, size: T * K };
+  const xm = { buffer: scratch, offset: meta, size: bytes - meta };
+  let t0 = 0;
+  for (const n of path === "matvec" ? [T] : matvecChunks(T, matvecMaxT(args.dtype))) {
+    const shape = args.shape ??
+      matvecShape(n, gpu.software, { K, N, unitValues: matvecUnitValues(args.dtype) });
+    checkShape(label, shape);
+    const pipeline = await gpu.pipeline(
+      `matmul.matvec_int8.${specKey(spec)}.T${n}.r${shape.rows}.l${shape.lanes}` +
+        `.pt${shape.perThread ?? 1}.u${shape.unroll ?? 1}`,
+      () => matvecInt8Wgsl({ ...spec, T: n, shape }),
+    );
+    const yOffset = (args.yOffset ?? 0) + t0 * yStride;
+    out.push({
+      label,
+      pipeline,
+      bindGroup: gpu.bindGroup(label, pipeline, [
+        xq,
+        args.w,
+        args.y,
+        matmulParams(gpu, label, [n, K, N, t0 * K, yOffset, yStride], block, 0), // eps: unused
+        args.bias,
+        undefined,
+        xm,
+      ]),
+      workgroups: grid2d(Math.ceil(N / shape.rows), gpu.limits.maxComputeWorkgroupsPerDimension),
+    });
+    t0 += n;
+  }
+  return out;
+}
+
+/**
+ * Builds the one dispatch of a matvec (T ≤ {@linkcode MATVEC_MAX_T}) or tiled product; the
+ * default path is matvec up to 17 rows, tiled above. {@linkcode createLinear} also chunks.
+ *
+ * @example
+ * ```ts ignore
+ * const d = await createMatmul(gpu, { label: "L0.q", x, w, dtype: "f16", y, T: 1, K: 576, N: 576 });
+ * await gpu.run("step", [d]);
+ * ```
+ */
+export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch> {
+  const { T, K, N, dtype } = args;
+  const xOffset = args.xOffset ?? 0, yOffset = args.yOffset ?? 0;
+  const block = checkArgs(gpu, args);
   const path = args.path ?? (T <= MATVEC_MAX_T ? "matvec" : "tiled");
   if (path === "chunked") {
     throw new RangeError(`${args.label}: the chunked path is several dispatches (createLinear)`);
@@ -798,11 +1115,7 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
     const shape = args.shape ??
       matvecShape(T, gpu.software, { K, N, unitValues: matvecUnitValues(dtype) });
     const rt = shape.perThread ?? 1;
-    if (shape.rows % 2 || shape.lanes & (shape.lanes - 1) || shape.rows % rt) {
-      throw new RangeError(
-        `${args.label}: matvec rows must be even, lanes a power of 2 and perThread divide rows`,
-      );
-    }
+    checkShape(args.label, shape);
     const vec4 = K % 4 === 0 && xOffset % 4 === 0;
     pipeline = await gpu.pipeline(
       `matmul.matvec.${specKey(spec)}.T${T}.r${shape.rows}.l${shape.lanes}.pt${rt}` +
@@ -822,15 +1135,14 @@ export async function createMatmul(gpu: Gpu, args: MatmulArgs): Promise<Dispatch
       throw new RangeError(`${args.label}: tiled grid ${workgroups} exceeds ${max} per dimension`);
     }
   }
-  const outN = args.swiglu ? N / 2 : N;
-  const yStride = args.yStride ?? outN;
-  if (!Number.isInteger(yStride) || yStride < outN) {
-    throw new RangeError(`${args.label}: yStride=${yStride} is less than the output width ${outN}`);
-  }
-  const raw = new Uint32Array(12); // 9 fields, padded to 16 bytes
-  raw.set([T, K, N, xOffset, yOffset, K >>> 2, block > 1 ? (N * K) / block : 0, 0, yStride]);
-  new Float32Array(raw.buffer)[7] = args.norm?.eps ?? 0;
-  const params = gpu.uniform(`${args.label}.params`, raw);
+  const yStride = checkYStride(args);
+  const params = matmulParams(
+    gpu,
+    args.label,
+    [T, K, N, xOffset, yOffset, yStride],
+    block,
+    args.norm?.eps ?? 0,
+  );
   return {
     label: args.label,
     pipeline,
@@ -916,7 +1228,11 @@ export function fusedMatmulRef(
 ): Float32Array {
   const xn = o.norm ? rmsnormRef(x, o.norm.weight, T, K, o.norm.eps) : x;
   const y = matmulRef(xn, w, T, K, N, o.bias, o.yOld);
-  if (!o.swiglu) return y;
+  return o.swiglu ? swigluPairs(y, T, N) : y;
+}
+
+/** silu(gate) * up of the (gate, up) column pairs of y: [T, N] → [T, N / 2]. */
+function swigluPairs(y: Float32Array, T: number, N: number): Float32Array {
   const F = N / 2, gate = new Float32Array(T * F), up = new Float32Array(T * F);
   for (let t = 0; t < T; t++) {
     for (let i = 0; i < F; i++) {
@@ -925,4 +1241,44 @@ export function fusedMatmulRef(
     }
   }
   return swigluRef(gate, up);
+}
+
+/**
+ * CPU reference of the int8 matrix-vector path: what {@linkcode matvecInt8Wgsl} computes from x
+ * quantized as `qx` (`quantizeXRef` of `kernels/quantize_x.ts`; with a folded RMSNorm the gain
+ * was applied there and `qx.rinv` holds each row's 1 / rms) and the weights' decoded values `w`
+ * ([N, K], `decodeWeights`): `y[t, n] = rinv_t Σ_k (d_x q_x)[t, k] w[n, k] (+ bias) (+ yOld)`,
+ * in f64, then SwiGLU over (gate, up) pairs. Per block that sum is the kernel's
+ * `d_w d_x Σ q_w q_x` exactly (q4_0: `Σ (n − 8) q_x`), so the kernel differs only by its f32
+ * rounding of `d_w d_x` and of the accumulation. `o.norm` is ignored (it is in `qx`).
+ *
+ * @example
+ * ```ts
+ * import { int8MatmulRef } from "./matmul.ts";
+ * import { quantizeXRef } from "./quantize_x.ts";
+ * const qx = quantizeXRef(new Float32Array(32).fill(0.5), 1, 32); // q = 127, d = 0.5 / 127
+ * console.log(int8MatmulRef(qx, new Float32Array(32).fill(2), 1)[0].toFixed(3)); // "32.000"
+ * ```
+ */
+export function int8MatmulRef(
+  qx: QuantizedX,
+  w: Float32Array,
+  N: number,
+  o: FusedRefOptions = {},
+): Float32Array {
+  const { T, K } = qx;
+  const y = new Float32Array(T * N);
+  for (let t = 0; t < T; t++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) {
+        s += qx.d[Math.floor((t * K + k) / QX_BLOCK)] * qx.q[t * K + k] * w[n * K + k];
+      }
+      s *= qx.rinv[t];
+      if (o.bias) s += o.bias[n];
+      if (o.yOld) s += o.yOld[t * N + n];
+      y[t * N + n] = s;
+    }
+  }
+  return o.swiglu ? swigluPairs(y, T, N) : y;
 }
