@@ -7,6 +7,7 @@
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
  *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
  *                            [--filter A,B] [--attn-splits 32,8] [--block-rows 8,17]
+ *                            [--int8x 0,1]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
@@ -20,6 +21,9 @@
  * (`attentionTuning`), `--block-rows 8,17` once per widest one-dispatch block-format product. `--unroll 1,2` runs each dummy model once per
  * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
  * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
+ * `--int8x 0,1` runs the dummy models and the `--verify` / `--shapes` / `--sweep` products once
+ * per value of `matvecTuning.int8x` (q8_0 and q4_0 matrix-vector products on int8 x with packed
+ * integer dot products, the quantize pass timed with them), side by side.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
  * plain), then the GPU time of one cycle per op (plain, the first `--ks`, the first fixed tree).
@@ -264,6 +268,8 @@ export interface DummyBench {
   attn_splits?: number;
   /** The widest one-dispatch block-format product (`matvecTuning.blockMaxT`) it ran with. */
   block_rows?: number;
+  /** Whether q8_0 / q4_0 products ran on int8 x (`matvecTuning.int8x`). */
+  int8x?: boolean;
 }
 
 /** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
@@ -545,6 +551,7 @@ if (import.meta.main) {
       "attn-splits": { type: "string" },
       "block-rows": { type: "string" },
       "widen-small-k": { type: "string" },
+      int8x: { type: "string", default: "0" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -566,6 +573,7 @@ if (import.meta.main) {
     }`,
   );
   const report: Record<string, unknown> = { device: gpu.adapterName };
+  const int8xs = String(values.int8x).split(",").map((v: string) => v === "1");
   if (values.matmul) {
     const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
@@ -581,7 +589,13 @@ if (import.meta.main) {
     const picked = only
       ? list.filter((c) => only.some((o: string) => `${c.name} ${c.dtype}`.includes(o)))
       : list;
-    const rows = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
+    const rows = [];
+    for (const int8x of int8xs) {
+      matvecTuning.int8x = int8x;
+      const got = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
+      rows.push(...got.map((r) => int8x ? { ...r, name: `${r.name} int8x` } : r));
+    }
+    matvecTuning.int8x = false;
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.verify = rows;
   }
@@ -596,15 +610,18 @@ if (import.meta.main) {
   for (const name of values.dummy ?? []) {
     for (const q of values.quant ?? ["f16"]) {
       const combos = unrolls.flatMap((u) =>
-        splits.flatMap((m: number) => blockRows.map((b: number) => [u, m, b]))
+        splits.flatMap((m: number) =>
+          blockRows.flatMap((b: number) => int8xs.map((i: boolean) => [u, m, b, +i]))
+        )
       );
-      for (const [unroll, maxSplits, blockMaxT] of combos) {
+      for (const [unroll, maxSplits, blockMaxT, int8x] of combos) {
         matvecTuning.unroll = unroll;
         matvecTuning.blockMaxT = blockMaxT;
+        matvecTuning.int8x = int8x === 1;
         attentionTuning.maxSplits = maxSplits;
         console.log(
           `dummy ${name} ${q} (matvec unroll ${unroll}, attention splits <= ${maxSplits}, ` +
-            `block-format dispatches <= ${blockMaxT} rows) ...`,
+            `block-format dispatches <= ${blockMaxT} rows, int8x ${int8x}) ...`,
         );
         try {
           dummies.push({
@@ -619,6 +636,7 @@ if (import.meta.main) {
             unroll,
             attn_splits: maxSplits,
             block_rows: blockMaxT,
+            int8x: int8x === 1,
           });
         } catch (e) {
           // A format whose block does not divide the model's widths (q4_k at 576): say so, go on.
@@ -630,6 +648,7 @@ if (import.meta.main) {
   }
   matvecTuning.unroll = 1;
   matvecTuning.blockMaxT = MATVEC_BLOCK_MAX_T;
+  matvecTuning.int8x = false;
   attentionTuning.maxSplits = ATTN_MAX_SPLITS;
   report.dummy = dummies;
   if (dummies.length) {
@@ -645,6 +664,7 @@ if (import.meta.main) {
         "unroll",
         "attn splits",
         "block rows",
+        "int8x",
         "weights GiB",
         "tok/s",
         "limit tok/s",
@@ -661,6 +681,7 @@ if (import.meta.main) {
         String(d.unroll ?? 1),
         String(d.attn_splits ?? ATTN_MAX_SPLITS),
         String(d.block_rows ?? MATVEC_BLOCK_MAX_T),
+        d.int8x ? "1" : "0",
         (d.weight_bytes / 2 ** 30).toFixed(2),
         d.decode_tok_s,
         d.limit_tok_s ?? "-",
@@ -675,7 +696,8 @@ if (import.meta.main) {
     for (const d of dummies.filter((d) => d.profile.length)) {
       console.log(
         `\nGPU time of one decode forward, ${d.model} ${d.quant} unroll ${d.unroll ?? 1} ` +
-          `attention splits <= ${d.attn_splits ?? ATTN_MAX_SPLITS} (timestamps, mean of 5)`,
+          `attention splits <= ${d.attn_splits ?? ATTN_MAX_SPLITS} int8x ${d.int8x ? 1 : 0} ` +
+          "(timestamps, mean of 5)",
       );
       console.log(table([
         ["op", "dispatches", "µs", "share %"],
