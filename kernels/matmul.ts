@@ -585,12 +585,13 @@ export function int8xAvailable(): boolean {
  * WGSL of the int8 matrix-vector path (q8_0 and q4_0 weights) for `T` rows with the split
  * `shape`: x was quantized by `kernels/quantize_x.ts` (int8 blocks of 32, scale d_x and sum
  * Σq_x per block, the row's rinv), and each unit of weights is multiplied into every x row with
- * `dot4I8Packed`, four int8 products per instruction: a q4_0 block is
- * `d_w d_x (Σ n q_x − 8 Σ q_x)` (nibbles n = 0..15 are valid signed bytes: `w & 0x0F0F0F0F` holds
- * values 4g..4g+3 of the block, `(w >> 4) & 0x0F0F0F0F` values 16+4g..), a q8_0 half block
- * `d_w d_x Σ q_w q_x`. The work split, the reduction and the epilogues (bias, accumulate,
- * SwiGLU) are those of {@linkcode matvecWgsl}; a folded RMSNorm multiplies each sum by the
- * row's rinv (the gain was applied before quantizing).
+ * `dot4I8Packed`, four int8 products per instruction, a whole block of 32 per lane step: a
+ * q4_0 block is `d_w d_x (Σ n q_x − 8 Σ q_x)` (nibbles n = 0..15 are valid signed bytes:
+ * `w & 0x0F0F0F0F` of quant word g holds values 4g..4g+3 of the block,
+ * `(w >> 4) & 0x0F0F0F0F` values 16+4g..), a q8_0 block `d_w d_x Σ q_w q_x`. The work split
+ * (with units of 32 values: {@linkcode matvecShape} of `unitValues` 32), the reduction and the
+ * epilogues (bias, accumulate, SwiGLU) are those of {@linkcode matvecWgsl}; a folded RMSNorm
+ * multiplies each sum by the row's rinv (the gain was applied before quantizing).
  */
 export function matvecInt8Wgsl(s: MatmulSpec & { T: number; shape: MatvecShape }): string {
   if (!INT8X_FORMATS.has(s.dtype)) throw new RangeError(`int8 matvec: no ${s.dtype} weights`);
@@ -598,46 +599,42 @@ export function matvecInt8Wgsl(s: MatmulSpec & { T: number; shape: MatvecShape }
   const R = shape.rows, L = shape.lanes, RT = shape.perThread ?? 1, U = shape.unroll ?? 1;
   const G2 = R / RT, WG = G2 * L, slots = R * T;
   const q4 = s.dtype === "q4_0";
-  const units = q4 ? "nbk" : "2u * nbk"; // units per row: q4_0 a block, q8_0 half a block
   const rows = (line: (r: number) => string) => unrolled(RT, line);
-  // The loads of unit `ui` into names with suffix _n: the RT weight units (quants and scale).
-  const load = (n: number, ui: string) =>
-    `    let kb_${n} = ${q4 ? ui : `${ui} / 2u`}; // block of the row
-    let j_${n} = ${q4 ? "0u" : `${ui} % 2u`}; // unit of the block
-${rows((r) => `    let w${r}_${n} = wUnit(rowBlock${r} + kb_${n}, j_${n}, p.nb);`)}`;
-  // Unit _n times every x row: its x quants (a vec4<u32> per 16 values) and (d_x, Σq_x).
-  const compute = (n: number) =>
-    `    {
+  // The loads of block `kb` of the RT weight rows into names with suffix _n: the quants of
+  // values 0..15 (lo) and 16..31 (hi) as int8 words, and the scale (read once per block).
+  const load = (n: number, kb: string) =>
+    `    let kb_${n} = ${kb};
 ${
-      q4
-        ? rows((r) =>
-          `      let lo${r} = w${r}_${n}.q & vec4<u32>(0x0F0F0F0Fu);
-      let hi${r} = (w${r}_${n}.q >> vec4<u32>(4u)) & vec4<u32>(0x0F0F0F0Fu);`
-        )
-        : ""
-    }
-${
-      unrolled(T, (t) =>
-        `      {
-        let xb = (xr0 + ${t}u) * nbk + kb_${n};
-        let m = xm[(xr0 + ${t}u) * ms + kb_${n}];
-        let dx = bitcast<f32>(m.x);
-${
-          q4
-            ? `        let a = xq[2u * xb];
-        let c = xq[2u * xb + 1u];
-        let o = 8 * bitcast<i32>(m.y);
-${
-              rows((r) =>
-                `        acc${t}_${r} += (w${r}_${n}.d * dx) * f32(dot4(lo${r}, a) + dot4(hi${r}, c) - o);`
-              )
-            }`
-            : `        let a = xq[2u * xb + j_${n}];
-${rows((r) => `        acc${t}_${r} += (w${r}_${n}.d * dx) * f32(dot4(w${r}_${n}.q, a));`)}`
-        }
-      }`)
-    }
+      rows((r) =>
+        q4
+          ? `    let w${r}_${n} = wUnit(rowBlock${r} + kb_${n}, 0u, p.nb);
+    let lo${r}_${n} = w${r}_${n}.q & vec4<u32>(0x0F0F0F0Fu);
+    let hi${r}_${n} = (w${r}_${n}.q >> vec4<u32>(4u)) & vec4<u32>(0x0F0F0F0Fu);
+    let d${r}_${n} = w${r}_${n}.d;`
+          : `    let w${r}_${n} = wUnit(rowBlock${r} + kb_${n}, 0u, p.nb);
+    let lo${r}_${n} = w${r}_${n}.q;
+    let hi${r}_${n} = wUnit(rowBlock${r} + kb_${n}, 1u, p.nb).q;
+    let d${r}_${n} = w${r}_${n}.d;`
+      )
     }`;
+  // Block _n times every x row: its x quants (two vec4<u32>) and (d_x, Σq_x).
+  const compute = (n: number) =>
+    unrolled(T, (t) =>
+      `    {
+      let xb = (xr0 + ${t}u) * nbk + kb_${n};
+      let m = xm[(xr0 + ${t}u) * ms + kb_${n}];
+      let dx = bitcast<f32>(m.x);
+      let a = xq[2u * xb];
+      let c = xq[2u * xb + 1u];
+${q4 ? "      let o = 8 * bitcast<i32>(m.y);" : ""}
+${
+        rows((r) =>
+          `      acc${t}_${r} += (d${r}_${n} * dx) * f32(dot4(lo${r}_${n}, a) + dot4(hi${r}_${n}, c)${
+            q4 ? " - o" : ""
+          });`
+        )
+      }
+    }`);
   const r = (t: string) => s.norm ? ` * rinvX(${t})` : "";
   const store = s.swiglu
     ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
@@ -660,10 +657,12 @@ ${rows((r) => `        acc${t}_${r} += (w${r}_${n}.d * dx) * f32(dot4(w${r}_${n}
 // rows n0 .. n0+${
     R - 1
   } as ${G2} groups of ${RT} rows, ${L} lanes per group: lane l of group i loads
-// units l, l + ${L}, ... (one vec4<u32> of quants and its f16 scale: ${
-    q4 ? "a whole q4_0 block" : "half a q8_0 block"
-  }) of its
-// ${RT} weight row(s) n0 + ${RT}i .. (consecutive lanes load consecutive 16-byte words, coalesced)
+// blocks l, l + ${L}, ... (${
+    q4 ? "one vec4<u32> of nibbles" : "two vec4<u32> of bytes"
+  } and the f16 scale, read once) of its
+// ${RT} weight row(s) n0 + ${RT}i .. (consecutive lanes load consecutive ${
+    q4 ? 16 : 32
+  }-byte blocks, coalesced)
 // and multiplies them into all ${T} quantized x rows with dot4I8Packed (each x load serving ${RT}
 // row(s)), keeping ${T * RT} partial sums in registers. The ${slots} partial sums per lane go to
 // workgroup memory [${slots}, ${L}] and are tree-reduced over the lanes; then ${
@@ -703,17 +702,17 @@ ${
     unrolled(T, (t) =>
       `  ${Array.from({ length: RT }, (_, r) => `var acc${t}_${r} = 0.0;`).join(" ")}`)
   }
-  for (var u = lane; u < ${units}; u += ${U * L}u) {
+  for (var u = lane; u < nbk; u += ${U * L}u) {
 ${load(0, "u")}
 ${
     unrolled(U - 1, (i) =>
-      `    let u_${i + 1} = u + ${(i + 1) * L}u; // unit ${
+      `    let u_${i + 1} = u + ${(i + 1) * L}u; // block ${
         i + 1
       } of this step (clamped when loaded, skipped past the end)
-${load(i + 1, `min(u_${i + 1}, ${units} - 1u)`)}`)
+${load(i + 1, `min(u_${i + 1}, nbk - 1u)`)}`)
   }
 ${compute(0)}
-${unrolled(U - 1, (i) => `    if (u_${i + 1} < ${units}) {\n${compute(i + 1)}\n    }`)}
+${unrolled(U - 1, (i) => `    if (u_${i + 1} < nbk) {\n${compute(i + 1)}\n    }`)}
   }
 ${
     unrolled(T * RT, (e) => {
@@ -1052,7 +1051,7 @@ async function createInt8Linear(
   let t0 = 0;
   for (const n of path === "matvec" ? [T] : matvecChunks(T, matvecMaxT(args.dtype))) {
     const shape = args.shape ??
-      matvecShape(n, gpu.software, { K, N, unitValues: matvecUnitValues(args.dtype) });
+      matvecShape(n, gpu.software, { K, N, unitValues: QX_BLOCK }); // a lane steps by blocks
     checkShape(label, shape);
     const pipeline = await gpu.pipeline(
       `matmul.matvec_int8.${specKey(spec)}.T${n}.r${shape.rows}.l${shape.lanes}` +
