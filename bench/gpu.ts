@@ -181,7 +181,7 @@ function pycodeConfig(
  * The configurations `--dummy` builds, as their Hugging Face config.json files give them (the
  * fields this engine reads); weights are random, so EOS never stops a run.
  */
-const DUMMY_CONFIGS: Record<string, Record<string, unknown>> = {
+export const DUMMY_CONFIGS: Record<string, Record<string, unknown>> = {
   // The pycode pair's shapes (../shared/models/pycode-pair/*/config.json): plain decode speed of
   // the fixtures' shapes without staging their weights.
   "pycode-target": pycodeConfig(576, 1536, 12, 9, 3),
