@@ -29,6 +29,11 @@
  * (`kernels/qformats.ts` holds the layouts and the WGSL decoders); for block formats K must be a
  * multiple of the block.
  *
+ * Opt-in (`matvecTuning.int8x`): q8_0 and q4_0 products on the matrix-vector and chunked paths
+ * quantize x once to int8 blocks of 32 (`kernels/quantize_x.ts`) and multiply with
+ * `dot4I8Packed` ({@linkcode matvecInt8Wgsl}, reference {@linkcode int8MatmulRef}), as
+ * llama.cpp's "mmvq" kernels do.
+ *
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
