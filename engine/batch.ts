@@ -11,9 +11,10 @@
  *
  * and a chunk of `n` steps is encoded into one submission and read back once (DESIGN.md: a
  * readback costs >= ~11 ms), so tokens, positions and the RNG counters stay on the GPU within a
- * chunk. While nothing changes (no request waiting, none ended) the next chunk is submitted
- * before the previous one is read back and continues from the GPU's state, so the GPU never
- * idles through a readback (two chunks in flight at most). When something changes, the host
+ * chunk. While nothing changes (no request waiting, none ended) the next chunk is encoded while
+ * the previous one runs and submitted between that one's blocking poll and the 10 ms sleep that
+ * ends its `mapAsync`; it continues from the GPU's state, so the GPU never idles through a
+ * readback (two chunks in flight at most). When something changes, the host
  * lets the chunks in flight settle, ends the sequences that met a stop (EOS, max tokens, the
  * context, cancel) and gives their blocks back at once, admits waiting requests (each prefilled
  * in its own passes in front of the next chunk, its first token sampled into its row), takes the
@@ -57,7 +58,8 @@ import type { StopReason } from "./protocol.ts";
 /**
  * Most decode steps one chunk (one submission, one readback) runs. A chunk in flight must outlast
  * the readback of the one before it (a 10 ms sleep) plus the host encoding the next (~3 µs a
- * dispatch): 32 steps of an 8-row pycode batch are ~25 ms of GPU time and ~10 ms of encoding.
+ * dispatch): 32 steps of an 8-row pycode batch are ~41 ms of GPU time (H200, bench/batch.ts)
+ * and ~10 ms of encoding.
  */
 export const BATCH_MAX_STEPS = 32;
 

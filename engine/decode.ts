@@ -2,7 +2,8 @@
  * GPU-resident generation, plain or speculative. Every cycle runs entirely on the GPU and the CPU
  * enqueues many cycles per submission (a chunk), submitting up to {@linkcode RING} chunks between
  * two readbacks and reading back only the newest (DESIGN.md: each readback costs >= ~11 ms on
- * Deno, and it waits for the queue to drain); cycles past a stop are no-ops on the GPU.
+ * Deno: its poll blocks until the queue drains, then it sleeps 10 ms, and the next chunk is
+ * submitted between the two); cycles past a stop are no-ops on the GPU.
  *
  * One cycle, with `verifyIn = [last emitted token, d1..dk]`:
  *   draft   k proposals d1..dk with their distributions q (a draft model: k decode steps, plus
