@@ -798,6 +798,7 @@ export class Decoder {
     let kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
     const known = this.#cycleMs.get(tree ? `${tree.depth}x${tree.width}` : kNow);
     let cycles = known ? Math.max(2, Math.ceil(READ_MS / known)) : 2;
+    let cycleMsNow = known ?? 0; // GPU ms of one cycle, as last measured (0: not yet)
     let alpha = 0.7; // running acceptance estimate for "auto"
     const gpuMs = { draft: 0, verify: 0 };
     let proposed = 0, issued = 1; // staging slot 0 holds the prefill's readback
@@ -832,8 +833,12 @@ export class Decoder {
       // sized 10% low so a chunk rather overshoots than needs one more round trip.
       const perCycle = Math.max(1, 0.9 * (tpc > 0 ? tpc : 1 + 0.7 * kc));
       const left = maxTokens - tokens.length - expected;
+      // A chunk that waits to go in during the next readback (`pending`) is submitted before
+      // the host can hear a cancel (its poll blocks the thread): it holds only what outlasts the
+      // readback's sleep, so a cancel costs at most that beyond the round in flight.
+      const toPending = !state || inflight.length >= RING;
       const n = Math.min(
-        cycles,
+        toPending && cycleMsNow > 0 ? Math.max(2, Math.ceil((2 * READ_MS) / cycleMsNow)) : cycles,
         MAX_CYCLES,
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
         Math.ceil(left / perCycle),
@@ -873,7 +878,7 @@ export class Decoder {
         };
         // Before the first token is read, only the pending chunk (the first token streams at
         // once). A pending chunk takes the slot of the round's oldest chunk, never mapped.
-        if (state && inflight.length < RING) {
+        if (!toPending) {
           c.io.submit();
           inflight.push(c);
         } else pending = c;
@@ -925,6 +930,7 @@ export class Decoder {
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
       if (cycleMs > 0) {
         cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
+        cycleMsNow = cycleMs;
         const sh = newest.shape;
         this.#cycleMs.set(sh ? `${sh.depth}x${sh.width}` : newest.kc, cycleMs);
       }
