@@ -119,19 +119,49 @@ function nextPow2(n: number): number {
 }
 
 /**
+ * WGSL helpers of every q8 KV write (this file's and the fused kernels/paged_qkv_write.ts):
+ * `maxAbs4(x)`, the largest |x| of a vec4, and `quantize4(x, scale)`, 4 values to int8
+ * (`round(x / scale)`, ties to even, clamped to ±127; all 0 when scale is 0) packed
+ * little-endian into one u32 word, element j in byte j.
+ */
+export const KV_Q8_WGSL = /* wgsl */ `fn maxAbs4(x: vec4<f32>) -> f32 {
+  let a = abs(x);
+  return max(max(a.x, a.y), max(a.z, a.w));
+}
+
+// 4 values to int8 (ties to even, clamped to +-127), packed little-endian into one word.
+fn quantize4(x: vec4<f32>, scale: f32) -> u32 {
+  var qi = vec4<i32>(0);
+  if (scale > 0.0) {
+    qi = clamp(vec4<i32>(round(x / scale)), vec4<i32>(-127), vec4<i32>(127));
+  }
+  let b = bitcast<vec4<u32>>(qi) & vec4<u32>(0xffu);
+  return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}`;
+
+/**
+ * WGSL statements of a segmented max (the q8 absmax): the workgroup arrays `arrays` hold one
+ * value per invocation `lid`; segments of `seg` invocations (a power of 2) reduce by a tree, so
+ * after a final `workgroupBarrier()` slot `lid - c` (c = lid % seg, in scope as `c`) holds its
+ * segment's max. Every invocation must run them (barriers in uniform control flow).
+ */
+export function kvQ8SegmentMaxWgsl(arrays: readonly string[], seg: number): string {
+  const steps: string[] = [];
+  for (let s = seg / 2; s >= 1; s /= 2) {
+    steps.push(`  workgroupBarrier();
+  if (c < ${s}u) {
+${arrays.map((a) => `    ${a}[lid] = max(${a}[lid], ${a}[lid + ${s}u]);`).join("\n")}
+  }`);
+  }
+  return steps.join("\n");
+}
+
+/**
  * WGSL for the q8 KV write of head vectors of `headDim` values (a multiple of 4, at most
  * {@linkcode KV_Q8_MAX_HEAD_DIM}).
  */
 export function kvWriteQ8Wgsl(headDim: number): string {
   const HD4 = headDim / 4, SEG = nextPow2(HD4), WG = KV_WRITE_Q8_WG, VPW = WG / SEG;
-  const steps: string[] = [];
-  for (let s = SEG / 2; s >= 1; s /= 2) {
-    steps.push(`  workgroupBarrier();
-  if (c < ${s}u) {
-    kMax[lid] = max(kMax[lid], kMax[lid + ${s}u]);
-    vMax[lid] = max(vMax[lid], vMax[lid + ${s}u]);
-  }`);
-  }
   return /* wgsl */ `
 // q8 KV write: a workgroup of ${WG} invocations owns ${VPW} head vector(s) (one (row t, kv head)
 // of k and the same of v), a segment of ${SEG} invocations each; invocation c < headDim/4 = ${HD4}
@@ -161,20 +191,7 @@ const VPW = ${VPW}u;
 var<workgroup> kMax: array<f32, ${WG}>; // per invocation, then per segment (at its first slot)
 var<workgroup> vMax: array<f32, ${WG}>;
 
-fn maxAbs4(x: vec4<f32>) -> f32 {
-  let a = abs(x);
-  return max(max(a.x, a.y), max(a.z, a.w));
-}
-
-// 4 values to int8 (ties to even, clamped to +-127), packed little-endian into one word.
-fn quantize4(x: vec4<f32>, scale: f32) -> u32 {
-  var qi = vec4<i32>(0);
-  if (scale > 0.0) {
-    qi = clamp(vec4<i32>(round(x / scale)), vec4<i32>(-127), vec4<i32>(127));
-  }
-  let b = bitcast<vec4<u32>>(qi) & vec4<u32>(0xffu);
-  return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
-}
+${KV_Q8_WGSL}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
@@ -189,7 +206,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   }
   kMax[lid] = maxAbs4(kx);
   vMax[lid] = maxAbs4(vx);
-${steps.join("\n")}
+${kvQ8SegmentMaxWgsl(["kMax", "vMax"], SEG)}
   workgroupBarrier();
   let row = state[0] + vec / p.nKv;
   if (!live || row >= p.maxSeq) { return; }
