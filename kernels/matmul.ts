@@ -216,6 +216,22 @@ const MATVEC_MAX_LANES = 256;
  * products up to 1.8x slower at T = 8 and 17 (each lane's stride gets too short).
  */
 export const MATVEC_WIDEN_MIN_K = 2048;
+/**
+ * Whether a product of `T` rows and `size` is too small for 4 rows per invocation: K below
+ * {@linkcode MATVEC_WIDEN_MIN_K}, T ≤ 8, and too few rows to fill the GPU even at one row per
+ * invocation of 32 lanes divided by 4 ((N / 4) x 32 < {@linkcode MATVEC_FILL}). Such a product
+ * takes one row per invocation and widens its lanes like a large-K one: four times the
+ * invocations for the same x loads. Measured on the H200 (`bench/gpu.ts --shapes --filter
+ * pycode`, one run, f16, µs at T = 1 / 8): the pycode target's qkv 576→960 4.7 / 10.8 with 4 rows
+ * per invocation, 3.9 / 6.7 as 4 rows x 64 lanes; its down 1536→576 6.2 / 13.2, 4.2 / 7.6 as 2 x
+ * 128; its gate/up 576→3072 4.9 / 12.1, 4.6 / 9.4 as 8 x 32 (it fills the GPU without widening).
+ * At T = 17 (one row per invocation already) widening cost up to 1.6x (down: 12.1 → 19.3), so
+ * from T = 9 the small-K rule stays the base split.
+ */
+export function matvecFewRows(T: number, size: MatvecSize): boolean {
+  return T <= 8 && size.K < MATVEC_WIDEN_MIN_K && (size.N / 4) * 32 < MATVEC_FILL;
+}
+
 /** Workgroup memory the partial sums of a widened split may take (bytes). */
 const MATVEC_RED_BYTES = 32768;
 
@@ -231,7 +247,8 @@ const MATVEC_RED_BYTES = 32768;
  * product of a small model) doubles its lanes per row, keeping at least 2 units of K per lane
  * (so every lane loads), and halves its rows per workgroup where the lanes would pass
  * 256 invocations: more, shorter K strides in flight at once, the same epilogue (a row is still
- * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}. A unit is
+ * reduced inside one workgroup); only from K = {@linkcode MATVEC_WIDEN_MIN_K}, or for the small
+ * products {@linkcode matvecFewRows} picks (one row per invocation, widened from any K). A unit is
  * `size.unitValues` values of K (default 4; {@linkcode matvecUnitValues}), so a q4_0 row of
  * K = 2048 (64 units of 32) stays at 32 lanes, where 4-value units would widen it to 128.
  * On a `software` adapter (lavapipe) narrow lanes: each reduction
@@ -251,9 +268,10 @@ const MATVEC_RED_BYTES = 32768;
  */
 export function matvecShape(T: number, software = false, size?: MatvecSize): MatvecShape {
   if (software) return { rows: 8, lanes: 8 };
-  const rt = T <= 8 ? 4 : 1;
+  const few = size !== undefined && matvecFewRows(T, size);
+  const rt = T <= 8 && !few ? 4 : 1;
   let rows = 8, lanes = 32;
-  const minK = T <= 2 ? matvecTuning.widenSmallK : MATVEC_WIDEN_MIN_K;
+  const minK = few ? 0 : T <= 2 ? matvecTuning.widenSmallK : MATVEC_WIDEN_MIN_K;
   if (size && size.K >= minK) {
     const units = Math.ceil(size.K / (size.unitValues ?? 4)); // loads of K per row
     const slotBytes = (r: number) => (r * T + T) * 4; // partial sums per lane (+ Σx²)
