@@ -26,9 +26,19 @@
  *     out[r, h, :] = softmax_s(q[r, h, :] · K[phys(seq[r], s), h/group, :] * scale) · V[...],
  *     s in 0 .. pos[r], scale = 1/sqrt(headDim),
  *
- *   FlashAttention-style (online softmax over key tiles staged in workgroup memory) with the
- *   tile math of kernels/attention.ts ({@linkcode flashTileWgsl}); with few workgroups the keys
- *   are also split into chunks (flash-decoding) merged by attention.ts's merge pass.
+ *   in ONE dispatch, FlashAttention-style (online softmax over key tiles staged in workgroup
+ *   memory) with the tile math of kernels/attention.ts ({@linkcode flashTileWgsl}). Workgroup
+ *   (x, y, z) owns a block of query heads of batch row x / rowBlocks, kv head y, and key chunk z.
+ *   When the unsplit grid is too small to fill the GPU ({@linkcode pagedAttentionPlan}), the keys
+ *   are split (flash-decoding) into chunks of a FIXED size (one key tile): chunk z holds keys
+ *   [z*chunk, (z+1)*chunk) of the row, so a row's work follows its own length pos + 1, read
+ *   from the rows buffer, and the chunk slots past it (the grid has enough for maxSeqRows) return
+ *   at once. A row whose keys fit one chunk writes its output directly; otherwise every chunk
+ *   holding keys stores its partial (m, l, acc) and counts itself in an atomic counter of its
+ *   (row, head block, kv head), and the last to arrive resets the counter and merges the
+ *   partials of those chunks only (as kernels/fused_attention.ts does for the serial cache).
+ *   The scratch ({@linkcode PagedAttentionScratch}) is sized exactly by
+ *   {@linkcode pagedAttentionScratchSizes} and never needs clearing.
  *
  * The batch rows `rows: [R] (seq, pos)` and the tables are GPU buffers, so the dispatches are
  * built once per (R, shape) and reused as sequences join, grow and leave.
@@ -38,19 +48,16 @@
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
 import {
   attentionKeyTile,
-  attentionMergeWgsl,
   type AttentionPlan,
-  type AttentionScratch,
   ATTN_BQ_MAX,
-  ATTN_MAX_SPLITS,
   ATTN_MIN_WORKGROUPS,
-  ATTN_SIMPLE_WG,
-  ATTN_TARGET_WORKGROUPS,
   ATTN_WG,
   cacheElem,
   flashTileWgsl,
   kvLoadersWgsl,
 } from "./attention.ts";
+import { lastArrivalWgsl } from "./argmax.ts";
+import { fusedAttentionWorkgroup } from "./fused_attention.ts";
 import {
   checkKvCache,
   KV_WRITE_Q8_WG,
@@ -533,57 +540,114 @@ export function pagedAttentionRowBlock(nHeads: number, nKvHeads: number): number
   return Math.min(ATTN_BQ_MAX, nextPow2(nHeads / nKvHeads));
 }
 
+/** Most workgroups along one grid dimension every WebGPU device allows. */
+const MAX_GRID_DIM = 65535;
+
+/** The plan of one paged attention: kernels/attention.ts's plan plus the key-chunk size. */
+export interface PagedAttentionPlan extends AttentionPlan {
+  /**
+   * Keys per key chunk. Split ("flash-split"): the grid's z dimension holds
+   * `nSplits = ceil(maxSeqRows / chunk)` chunk slots, of which a row uses ceil(len / chunk);
+   * unsplit ("flash"): maxSeqRows, one chunk of every key.
+   */
+  chunk: number;
+}
+
+/** What a test or benchmark may force on {@linkcode pagedAttentionPlan}. */
+export interface PagedAttentionForce {
+  /** Split the keys (true) or not (false), whatever the predicate says. */
+  split?: boolean;
+  /** Keys per chunk when split; default the key tile. */
+  chunk?: number;
+}
+
 /**
  * THE plan of the paged attention for `shape` on a device with `maxShared` bytes of workgroup
- * memory. The grid is (batch row x head block, kv head, key chunk); the keys are split
- * (flash-decoding, variant "flash-split") by the predicate of kernels/attention.ts: the unsplit
- * grid has fewer than {@linkcode ATTN_MIN_WORKGROUPS} workgroups and a sequence can be longer
- * than one key tile. `nSplits` forces the key chunks (tests, bench).
+ * memory. The grid is (batch row x head block, kv head, key chunk). The predicate: split the
+ * keys (flash-decoding, variant "flash-split") when the unsplit grid has fewer than
+ * {@linkcode ATTN_MIN_WORKGROUPS} workgroups (too few to fill the GPU) and a sequence can be
+ * longer than one chunk. A chunk is one key tile (`kt` keys): each workgroup then stages one
+ * tile, the shortest chain of dependent loads and barriers a workgroup can have (few workgroups
+ * means this chain IS the latency), and the merge of a row of `len` keys reads ceil(len / kt)
+ * partials (8 at 256 keys). As chunks have a fixed size, a row's work follows its own length
+ * and the chunks past it exit at once; maxSeqRows only sets how many chunk slots the grid has.
+ * `force` overrides the predicate or the chunk size (tests, bench).
+ *
+ * @example
+ * ```ts
+ * import { pagedAttentionPlan } from "./paged_attention.ts";
+ * const shape = { R: 1, nHeads: 9, nKvHeads: 3, headDim: 64, maxSeqRows: 1024 };
+ * const plan = pagedAttentionPlan(shape, 32768);
+ * console.assert(plan.variant === "flash-split" && plan.chunk === plan.kt);
+ * console.assert(plan.nSplits === 1024 / plan.kt);
+ * ```
  */
 export function pagedAttentionPlan(
   shape: PagedAttentionShape,
   maxShared: number,
-  nSplits?: number,
-): AttentionPlan {
+  force: PagedAttentionForce = {},
+): PagedAttentionPlan {
   const bq = pagedAttentionRowBlock(shape.nHeads, shape.nKvHeads);
   const kt = attentionKeyTile(bq, shape.headDim, maxShared);
   const group = shape.nHeads / shape.nKvHeads;
   const blocks = shape.R * Math.ceil(group / bq) * shape.nKvHeads;
-  let ns = nSplits ?? 1;
-  if (nSplits === undefined && blocks < ATTN_MIN_WORKGROUPS && shape.maxSeqRows > kt) {
-    ns = Math.min(
-      Math.ceil(ATTN_TARGET_WORKGROUPS / blocks),
-      Math.ceil(shape.maxSeqRows / kt),
-      ATTN_MAX_SPLITS,
+  const chunk = force.chunk ?? kt;
+  checkInt("pagedAttentionPlan", { chunk });
+  const split = force.split ?? (blocks < ATTN_MIN_WORKGROUPS && shape.maxSeqRows > chunk);
+  const ns = split ? Math.ceil(shape.maxSeqRows / chunk) : 1;
+  if (ns > MAX_GRID_DIM) {
+    throw new Error(
+      `pagedAttentionPlan: ${ns} key chunks of ${chunk} keys for ${shape.maxSeqRows} rows ` +
+        `exceed the ${MAX_GRID_DIM} workgroups of a grid dimension (use a larger chunk)`,
     );
   }
-  checkInt("pagedAttentionPlan", { nSplits: ns });
-  return { variant: ns > 1 ? "flash-split" : "flash", bq, kt, nSplits: ns };
+  if (ns === 1) return { variant: "flash", bq, kt, nSplits: 1, chunk: shape.maxSeqRows };
+  return { variant: "flash-split", bq, kt, nSplits: ns, chunk };
 }
 
 const LOG2E = 1.4426950408889634;
 /** Running-max start: finite, so exp2(m_old - m_new) never becomes exp2(-inf + inf) = NaN. */
 const NEG = "-3.0e38";
 
-/** WGSL of the paged flash attention (split: write partials for attention.ts's merge pass). */
-export function pagedAttentionWgsl(headDim: number, plan: AttentionPlan, dtype: KvDType): string {
-  const HD4 = headDim / 4, { bq: BQ, kt: KT } = plan, WG = ATTN_WG, NS = plan.nSplits;
-  const split = NS > 1;
+/**
+ * WGSL of the paged flash attention, split-K merged in the same dispatch when `split`, with
+ * `wg` invocations per workgroup.
+ */
+export function pagedAttentionWgsl(
+  headDim: number,
+  plan: PagedAttentionPlan,
+  dtype: KvDType,
+  wg: number = ATTN_WG,
+): string {
+  const HD4 = headDim / 4, { bq: BQ, kt: KT } = plan, WG = wg;
+  const split = plan.variant === "flash-split";
   const ACC = Math.ceil(BQ * HD4 / WG);
   const DT = cacheElem(dtype);
   const layout = dtype === "q8" ? " int8 x4, then scales [layers, poolRows, nKv] f32" : "";
+  const qRow = "r * p.nHeads + kh * p.group + g";
   return /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
-// Paged flash attention${split ? ", split-K (flash-decoding) first pass" : ""}. Workgroup
+// Paged flash attention${split ? ", split-K (flash-decoding) merged in-kernel" : ""}. Workgroup
 // (x, y, z) = (batch row r = x / rowBlocks and head block x % rowBlocks, kv head y, key chunk z)
 // owns BQ=${BQ} query heads g of kv head y (head y*group + g; slots g >= group are idle) of row r,
-// which all see the same keys: 0 .. pos[r] of sequence seq[r], chunk z of ${NS} (the chunk size
-// comes from the row's own length, so chunks past it are empty). ${WG} invocations loop over
-// tiles of KT=${KT} keys: each loads vec4s of the tile from pool row physRow(seq, s)${
+// which all see the same keys: 0 .. pos[r] of sequence seq[r]${
+    split
+      ? `, of which chunk z holds keys
+// [z*chunk, (z+1)*chunk): a chunk past the row's length returns at once`
+      : ""
+  }. ${WG} invocations loop
+// over tiles of KT=${KT} keys: each loads vec4s of the tile from pool row physRow(seq, s)${
     dtype === "q8" ? " (dequantized as loaded)" : ""
   }
 // (keys past the chunk read as 0, never out of range), then the shared tile math: BQ x KT
 // scores, online softmax by BQ invocations, and ${ACC} vec4 of the BQ x headDim accumulator per
-// invocation. Padding rows (seq >= numSeqs) have no keys: output 0 (split: m = -3e38, l = 0).
+// invocation. Padding rows (seq >= numSeqs) have no keys: output 0.${
+    split
+      ? `
+// A row whose keys fit one chunk (nActive = 1) writes out directly. Otherwise each chunk stores
+// its partial (m, l, acc) with atomic stores and counts itself in the counter of (x, y); the
+// last chunk to arrive resets the counter and merges the nActive partials (atomic loads).`
+      : ""
+  }
 struct Params {
   R: u32,          // batch rows
   nHeads: u32,     // query heads
@@ -597,21 +661,22 @@ struct Params {
   rowVec4: u32,    // nKv * headDim / 4: vec4s per pool row
   scale: f32,      // log2(e) / sqrt(headDim): scores are kept in the log2 domain
   scaleBase: u32,  // q8: layers * poolRows * nKv * headDim / 4, first word of the scale region
+  chunk: u32,      // split: keys per key chunk
+  rowsQ: u32,      // R * nHeads: partial rows per chunk
+  ctrBase: u32,    // split: word of counter 0 in part (the counters end that buffer)
+  pad: u32,
 }
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;   // q: [R, nHeads, ${headDim}] f32
 @group(0) @binding(1) var<storage, read> kCache: array<${DT}>;  // [layers, poolRows, nKv, ${headDim}] ${dtype}${layout}
 @group(0) @binding(2) var<storage, read> vCache: array<${DT}>;  // same layout as kCache
 @group(0) @binding(3) var<storage, read> rows: array<vec2<u32>>; // rows: [R] (seq, pos)
 @group(0) @binding(4) var<storage, read> table: array<u32>;     // [numSeqs, maxBlocks] block ids
-${
-    split
-      ? "@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // partial acc: [NS, R, nHeads, headDim] f32"
-      : "@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // out: [R, nHeads, headDim] f32"
-  }
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // out: [R, nHeads, ${headDim}] f32
 @group(0) @binding(6) var<uniform> p: Params;
 ${
     split
-      ? "@group(0) @binding(7) var<storage, read_write> ml: array<vec2<f32>>; // partial (m, l): [NS, R, nHeads]"
+      ? `@group(0) @binding(7) var<storage, read_write> partAcc: array<atomic<u32>>; // partial acc: [NS, R, nHeads, ${headDim}] f32 bits
+@group(0) @binding(8) var<storage, read_write> part: array<atomic<u32>>;    // partial (m, l): [NS, R, nHeads, 2] f32 bits; counters [nKv, R * rowBlocks] u32 at ctrBase`
       : ""
   }
 
@@ -619,7 +684,6 @@ const HD4 = ${HD4}u;
 const BQ = ${BQ}u;
 const KT = ${KT}u;
 const WG = ${WG}u;
-const NS = ${NS}u;
 const ACC = ${ACC}u;
 
 ${kvLoadersWgsl(dtype)}
@@ -634,6 +698,7 @@ var<workgroup> rowM: array<f32, ${BQ}>;            // running max (log2 domain)
 var<workgroup> rowL: array<f32, ${BQ}>;            // running sum of weights
 var<workgroup> rowAlpha: array<f32, ${BQ}>;        // rescale of this tile
 var<workgroup> rowEnd: array<u32, ${BQ}>;          // keys [.., rowEnd) visible to the row
+${split ? "var<workgroup> isLast: u32;                        // this chunk arrived last" : ""}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: u32) {
@@ -649,17 +714,21 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
   }
   var kBegin = 0u;
   var kEnd = seqEnd;
-  if (NS > 1u) {
-    let chunk = max(KT, (((seqEnd + NS - 1u) / NS + KT - 1u) / KT) * KT);
-    kBegin = min(wg.z * chunk, seqEnd);
-    kEnd = min(kBegin + chunk, seqEnd);
+  var nActive = 1u; // chunks holding keys of the row (a padding row's chunk 0 writes its zeros)
+${
+    split
+      ? `  nActive = max(1u, (seqEnd + p.chunk - 1u) / p.chunk);
+  if (wg.z >= nActive) { return; } // uniform per workgroup: safe before the barriers
+  kBegin = wg.z * p.chunk;
+  kEnd = min(kBegin + p.chunk, seqEnd);
+`
+      : ""
   }
-
   for (var e = tid; e < BQ * HD4; e += WG) {
     let g = g0 + e / HD4;
     var x = vec4<f32>(0.0);
     if (g < p.group) {
-      x = q[(r * p.nHeads + kh * p.group + g) * HD4 + e % HD4] * p.scale;
+      x = q[(${qRow}) * HD4 + e % HD4] * p.scale;
     }
     Qs[e] = x;
   }
@@ -692,58 +761,128 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
 ${flashTileWgsl()}  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
 
-  for (var i = 0u; i < ACC; i++) {
+${
+    split
+      ? "  if (nActive == 1u) { // uniform: this chunk holds all the row's keys\n"
+      : ""
+  }  for (var i = 0u; i < ACC; i++) {
+    let e = tid + i * WG;
+    let j = e / HD4;
+    let g = g0 + j;
+    if (e < BQ * HD4 && g < p.group) {
+      let l = rowL[j];
+      out[(${qRow}) * HD4 + e % HD4] = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);
+    }
+  }
+${split ? `  return;\n  }\n${splitTail(qRow)}` : ""}}
+`;
+}
+
+/** Split epilogue: store the partials, count the chunk, and merge in the chunk that is last. */
+function splitTail(qRow: string): string {
+  return `  for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
     let j = e / HD4;
     let g = g0 + j;
     if (e < BQ * HD4 && g < p.group) {
       let c = e % HD4;
-      let qRow = r * p.nHeads + kh * p.group + g;
-${
-    split
-      ? `      out[(wg.z * p.R * p.nHeads + qRow) * HD4 + c] = acc[i];
+      let pr = wg.z * p.rowsQ + ${qRow};
+      let o = (pr * HD4 + c) * 4u;
+      for (var k = 0u; k < 4u; k++) { atomicStore(&partAcc[o + k], bitcast<u32>(acc[i][k])); }
       if (c == 0u) {
-        ml[wg.z * p.R * p.nHeads + qRow] = vec2<f32>(rowM[j], rowL[j]);
-      }`
-      : `      let l = rowL[j];
-      out[qRow * HD4 + c] = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);`
-  }
+        atomicStore(&part[2u * pr], bitcast<u32>(rowM[j]));
+        atomicStore(&part[2u * pr + 1u], bitcast<u32>(rowL[j]));
+      }
     }
   }
-}
+  let lid = tid;
+  ${lastArrivalWgsl("p.ctrBase + kh * p.R * p.rowBlocks + wg.x", "nActive")}
+  // The last chunk merges: M = max m, out = sum(acc * 2^(m-M)) / sum(l * 2^(m-M)).
+  for (var e = tid; e < BQ * HD4; e += WG) {
+    let g = g0 + e / HD4;
+    if (g < p.group) {
+      let c = e % HD4;
+      let qr = ${qRow};
+      var m = ${NEG};
+      for (var z = 0u; z < nActive; z++) {
+        m = max(m, bitcast<f32>(atomicLoad(&part[2u * (z * p.rowsQ + qr)])));
+      }
+      var l = 0.0;
+      var a = vec4<f32>(0.0);
+      for (var z = 0u; z < nActive; z++) {
+        let pr = z * p.rowsQ + qr;
+        let w = exp2(bitcast<f32>(atomicLoad(&part[2u * pr])) - m);
+        l += bitcast<f32>(atomicLoad(&part[2u * pr + 1u])) * w;
+        let o = (pr * HD4 + c) * 4u;
+        a += w * vec4<f32>(
+          bitcast<f32>(atomicLoad(&partAcc[o])),
+          bitcast<f32>(atomicLoad(&partAcc[o + 1u])),
+          bitcast<f32>(atomicLoad(&partAcc[o + 2u])),
+          bitcast<f32>(atomicLoad(&partAcc[o + 3u])),
+        );
+      }
+      out[qr * HD4 + c] = select(vec4<f32>(0.0), a / l, l > 0.0);
+    }
+  }
 `;
 }
 
-/** Bytes of the split-K scratch (partial acc, then (m, l)) of `plan`; [4, 4] when unsplit. */
-function pagedScratchSizes(shape: PagedAttentionShape, plan: AttentionPlan): [number, number] {
-  if (plan.nSplits <= 1) return [4, 4];
-  const rows = plan.nSplits * shape.R * shape.nHeads;
-  return [rows * shape.headDim * 4, rows * 8];
+/**
+ * The split-K scratch of a paged attention. Plans of different R (and every layer) may share
+ * one scratch as large as the largest plan's: the counters END `ml`, so a smaller plan's (m, l)
+ * stop before the largest plan's counters start (both grow with R), and counters that overlap
+ * each other are all 0 between dispatches.
+ */
+export interface PagedAttentionScratch {
+  /** Partial accumulators: [nSplits, R, nHeads, headDim] f32 bits. */
+  readonly acc: GPUBuffer;
+  /**
+   * Partial (m, l): [nSplits, R, nHeads, 2] f32 bits from word 0, and the arrival counters
+   * [nKvHeads, R * rowBlocks] u32 in the last words, zero when created (each returns to 0 after
+   * every dispatch, so a plan runs any number of times without clearing).
+   */
+  readonly ml: GPUBuffer;
 }
 
 /**
- * Bytes of both split-K scratch buffers of `plan` for `shape` (8 when not split). One scratch can
- * serve several plans (and layers) if it is as large as the largest of them.
+ * Exact bytes of the two split-K scratch buffers of `plan` for `shape` (0 and 0 when not split):
+ * `acc` the partial accumulators, `ml` the partial (m, l) and one counter per (row, head block,
+ * kv head).
+ */
+export function pagedAttentionScratchSizes(
+  shape: PagedAttentionShape,
+  plan: PagedAttentionPlan,
+): { acc: number; ml: number } {
+  if (plan.variant !== "flash-split") return { acc: 0, ml: 0 };
+  const rows = plan.nSplits * shape.R * shape.nHeads;
+  const rowBlocks = Math.ceil(shape.nHeads / shape.nKvHeads / plan.bq);
+  const counters = shape.R * rowBlocks * shape.nKvHeads;
+  return { acc: rows * shape.headDim * 4, ml: (rows * 2 + counters) * 4 };
+}
+
+/**
+ * Bytes of both split-K scratch buffers of `plan` for `shape` (0 when not split), the sum of
+ * {@linkcode pagedAttentionScratchSizes}.
  */
 export function pagedAttentionScratchBytes(
   shape: PagedAttentionShape,
-  plan: AttentionPlan,
+  plan: PagedAttentionPlan,
 ): number {
-  const [acc, ml] = pagedScratchSizes(shape, plan);
+  const { acc, ml } = pagedAttentionScratchSizes(shape, plan);
   return acc + ml;
 }
 
-/** Allocates the split-K scratch of `plan` ({@linkcode pagedAttentionScratchBytes} bytes). */
+/** Allocates the zeroed split-K scratch of `plan` ({@linkcode pagedAttentionScratchSizes}). */
 export function createPagedAttentionScratch(
   gpu: Gpu,
   label: string,
   shape: PagedAttentionShape,
-  plan: AttentionPlan,
-): AttentionScratch {
-  const [acc, ml] = pagedScratchSizes(shape, plan);
+  plan: PagedAttentionPlan,
+): PagedAttentionScratch {
+  const { acc, ml } = pagedAttentionScratchSizes(shape, plan);
   return {
-    acc: gpu.buffer(`${label}.partial_acc`, acc, GPUBufferUsage.STORAGE),
-    ml: gpu.buffer(`${label}.partial_ml`, ml, GPUBufferUsage.STORAGE),
+    acc: gpu.buffer(`${label}.partial_acc`, Math.max(4, acc), GPUBufferUsage.STORAGE),
+    ml: gpu.buffer(`${label}.partial_ml`, Math.max(4, ml), GPUBufferUsage.STORAGE),
   };
 }
 
@@ -767,21 +906,36 @@ export interface PagedAttentionArgs extends PagedKvLayout {
   table: GPUBuffer;
   /** out: [R, nHeads, headDim] f32. */
   out: GPUBuffer;
-  /** Key chunks to force (1: never split); default {@linkcode pagedAttentionPlan}'s choice. */
-  nSplits?: number;
-  /** Split-K scratch to reuse, at least this plan's {@linkcode pagedAttentionScratchBytes}. */
-  scratch?: AttentionScratch;
+  /** Overrides of {@linkcode pagedAttentionPlan}'s choice (tests, bench). */
+  force?: PagedAttentionForce;
+  /**
+   * Split-K scratch to reuse, zeroed when created and used by one dispatch at a time: at least
+   * this plan's {@linkcode pagedAttentionScratchSizes}, or the largest of the plans sharing it.
+   * Without it a split plan allocates its own.
+   */
+  scratch?: PagedAttentionScratch;
+  /**
+   * Invocations per workgroup (64, 128 or 256): default kernels/fused_attention.ts's
+   * `fusedAttentionWorkgroup` (256 on a GPU, 64 on a software adapter).
+   */
+  wg?: number;
 }
 
 /**
- * Builds the dispatches computing `out` for the R batch rows: one ("flash") or two
- * ("flash-split": partials, then kernels/attention.ts's merge). Pipelines, params and bind
- * groups are built once here; `rows` and `table` are read on the GPU at every run.
+ * Builds the single dispatch computing `out` for the R batch rows ("flash", or "flash-split"
+ * with the merge in the same dispatch). Pipeline, params and bind group are built once here;
+ * `rows` and `table` are read on the GPU at every run.
+ *
+ * @example
+ * ```ts ignore
+ * const d = await createPagedAttention(gpu, { ...layout, label: "target.L0.attn", R, nHeads, q, kCache, vCache, rows, table, out });
+ * await gpu.run("attn", [d]);
+ * ```
  */
 export async function createPagedAttention(
   gpu: Gpu,
   args: PagedAttentionArgs,
-): Promise<Dispatch[]> {
+): Promise<Dispatch> {
   const { label, dtype, headDim: hd, R, nHeads, nKvHeads } = args;
   checkLayout(label, R, args);
   checkInt(label, { nHeads });
@@ -791,6 +945,10 @@ export async function createPagedAttention(
   if (dtype === "f16" && !gpu.features.f16) {
     throw new Error(`${label}: an f16 KV pool needs the shader-f16 feature`);
   }
+  const wg = args.wg ?? fusedAttentionWorkgroup(gpu);
+  if (![64, 128, 256].includes(wg)) {
+    throw new Error(`${label}: wg must be 64, 128 or 256, got ${wg}`);
+  }
   const shape = {
     R,
     nHeads,
@@ -798,10 +956,23 @@ export async function createPagedAttention(
     headDim: hd,
     maxSeqRows: args.maxBlocksPerSeq * args.blockRows,
   };
-  const plan = pagedAttentionPlan(shape, gpu.limits.maxComputeWorkgroupStorageSize, args.nSplits);
+  const plan = pagedAttentionPlan(shape, gpu.limits.maxComputeWorkgroupStorageSize, args.force);
+  const split = plan.variant === "flash-split";
   const group = nHeads / nKvHeads, rowBlocks = Math.ceil(group / plan.bq);
   const poolRows = args.numBlocks * args.blockRows, rowVec4 = nKvHeads * hd / 4;
-  const raw = new ArrayBuffer(48);
+  let scratch: PagedAttentionScratch | undefined, ctrBase = 0;
+  if (split) {
+    const need = pagedAttentionScratchSizes(shape, plan);
+    scratch = args.scratch ?? createPagedAttentionScratch(gpu, label, shape, plan);
+    if (scratch.acc.size < need.acc || scratch.ml.size < need.ml) {
+      throw new Error(
+        `${label}: split-K scratch of ${scratch.acc.size} + ${scratch.ml.size} bytes is too ` +
+          `small for ${plan.nSplits} chunks of R=${R} (needs ${need.acc} + ${need.ml})`,
+      );
+    }
+    ctrBase = Math.floor(scratch.ml.size / 4) - R * rowBlocks * nKvHeads;
+  }
+  const raw = new ArrayBuffer(64);
   new Uint32Array(raw).set([
     R,
     nHeads,
@@ -815,62 +986,24 @@ export async function createPagedAttention(
     rowVec4,
     0,
     args.layers * poolRows * rowVec4,
+    plan.chunk,
+    R * nHeads,
+    ctrBase,
+    0,
   ]);
   new Float32Array(raw)[10] = LOG2E / Math.sqrt(hd);
   const params = gpu.uniform(`${label}.params`, new Uint8Array(raw));
-  const key = `paged_attention.hd${hd}.${dtype}.bq${plan.bq}.kt${plan.kt}.ns${plan.nSplits}` +
-    `.wg${ATTN_WG}`;
-  const pipeline = await gpu.pipeline(key, () => pagedAttentionWgsl(hd, plan, dtype));
-  const common = [args.q, args.kCache, args.vCache, args.rows, args.table];
-  const workgroups: [number, number, number] = [R * rowBlocks, nKvHeads, plan.nSplits];
-  if (plan.nSplits === 1) {
-    return [{
+  const key = `paged_attention.${plan.variant}.hd${hd}.${dtype}.bq${plan.bq}.kt${plan.kt}.wg${wg}`;
+  const pipeline = await gpu.pipeline(key, () => pagedAttentionWgsl(hd, plan, dtype, wg));
+  const buffers = [args.q, args.kCache, args.vCache, args.rows, args.table, args.out, params];
+  return {
+    label,
+    pipeline,
+    bindGroup: gpu.bindGroup(
       label,
       pipeline,
-      bindGroup: gpu.bindGroup(label, pipeline, [...common, args.out, params]),
-      workgroups,
-    }];
-  }
-
-  const scratch = args.scratch ?? createPagedAttentionScratch(gpu, label, shape, plan);
-  const [needAcc, needMl] = pagedScratchSizes(shape, plan);
-  if (scratch.acc.size < needAcc || scratch.ml.size < needMl) {
-    throw new Error(
-      `${label}: split-K scratch of ${scratch.acc.size} + ${scratch.ml.size} bytes is too small` +
-        ` for ${plan.nSplits} splits of R=${R} (needs ${needAcc} + ${needMl})`,
-    );
-  }
-  const first: Dispatch = {
-    label: `${label}.partial`,
-    pipeline,
-    bindGroup: gpu.bindGroup(`${label}.partial`, pipeline, [
-      ...common,
-      scratch.acc,
-      params,
-      scratch.ml,
-    ]),
-    workgroups,
+      scratch ? [...buffers, scratch.acc, scratch.ml] : buffers,
+    ),
+    workgroups: [R * rowBlocks, nKvHeads, plan.nSplits],
   };
-  const mergePipeline = await gpu.pipeline(
-    `attention.merge.hd${hd}.ns${plan.nSplits}.wg${ATTN_SIMPLE_WG}`,
-    () => attentionMergeWgsl(hd, plan.nSplits),
-  );
-  const n4 = R * nHeads * hd / 4;
-  const groups = grid2d(Math.ceil(n4 / ATTN_SIMPLE_WG));
-  const mergeParams = gpu.uniform(
-    `${label}.merge.params`,
-    new Uint32Array([n4, R * nHeads, groups[0] * ATTN_SIMPLE_WG]),
-  );
-  const merge: Dispatch = {
-    label: `${label}.merge`,
-    pipeline: mergePipeline,
-    bindGroup: gpu.bindGroup(`${label}.merge`, mergePipeline, [
-      scratch.acc,
-      scratch.ml,
-      args.out,
-      mergeParams,
-    ]),
-    workgroups: groups,
-  };
-  return [first, merge];
 }

@@ -9,10 +9,14 @@ import {
 } from "../engine/paged_kv.ts";
 import {
   createPagedAttention,
+  createPagedAttentionScratch,
   createPagedKvWrite,
   PAGED_NO_SEQ,
+  type PagedAttentionForce,
   pagedAttentionPlan,
   pagedAttentionRef,
+  pagedAttentionScratchBytes,
+  pagedAttentionScratchSizes,
   type PagedKvLayout,
   pagedKvWriteRef,
   type PagedRefLayout,
@@ -166,16 +170,48 @@ Deno.test("pagedRowsImage() packs (seq, pos) and rejects values that are not u32
   assert.throws(() => pagedRowsImage([{ seq: -1, pos: 0 }]), /row 0 seq must be a u32, got -1/);
 });
 
-Deno.test("pagedAttentionPlan() splits the keys of small batches and not of large ones", () => {
+Deno.test("pagedAttentionPlan() splits small batches into chunks of one key tile, whatever R", () => {
   const shape = { nHeads: 9, nKvHeads: 3, headDim: 64, maxSeqRows: 1024 };
   const one = pagedAttentionPlan({ ...shape, R: 1 }, 32768);
-  assert.deepEqual(one, { variant: "flash-split", bq: 4, kt: 32, nSplits: 32 });
-  const eight = pagedAttentionPlan({ ...shape, R: 8 }, 32768);
-  assert.equal(eight.nSplits, 6); // 24 workgroups unsplit, ~128 wanted
-  assert.equal(pagedAttentionPlan({ ...shape, R: 64 }, 32768).variant, "flash");
-  assert.equal(pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 32 }, 32768).nSplits, 1);
-  assert.equal(pagedAttentionPlan({ ...shape, R: 1 }, 32768, 3).nSplits, 3);
+  assert.deepEqual(one, { variant: "flash-split", bq: 4, kt: 32, nSplits: 32, chunk: 32 });
+  // The chunk is fixed in keys: R changes neither it nor the chunk slots of the grid.
+  assert.deepEqual(pagedAttentionPlan({ ...shape, R: 8 }, 32768), one);
+  assert.deepEqual(pagedAttentionPlan({ ...shape, R: 21 }, 32768), one); // 63 workgroups unsplit
+  const unsplit = { variant: "flash", bq: 4, kt: 32, nSplits: 1, chunk: 1024 };
+  assert.deepEqual(pagedAttentionPlan({ ...shape, R: 22 }, 32768), unsplit); // 66: enough
+  assert.equal(pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 32 }, 32768).variant, "flash");
+  assert.equal(pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 33 }, 32768).nSplits, 2);
+  assert.deepEqual(pagedAttentionPlan({ ...shape, R: 1 }, 32768, { split: false }), unsplit);
+  const forced = pagedAttentionPlan({ ...shape, R: 64 }, 32768, { split: true, chunk: 5 });
+  assert.deepEqual(forced, { variant: "flash-split", bq: 4, kt: 32, nSplits: 205, chunk: 5 });
   assert.equal(pagedAttentionPlan({ ...shape, nHeads: 54, R: 1 }, 32768).bq, 16);
+  assert.throws(
+    () => pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 1 << 22 }, 32768),
+    /131072 key chunks of 32 keys for 4194304 rows exceed the 65535 workgroups/,
+  );
+  assert.throws(
+    () => pagedAttentionPlan({ ...shape, R: 1 }, 32768, { chunk: 0 }),
+    /chunk must be an integer >= 1, got 0/,
+  );
+});
+
+Deno.test("pagedAttentionScratchSizes() counts partials of every chunk slot and one counter per workgroup column", () => {
+  // pycode target: 9 query heads, 3 kv heads (bq 4: one head block), head dim 64, 1024 rows.
+  const shape = { R: 8, nHeads: 9, nKvHeads: 3, headDim: 64, maxSeqRows: 1024 };
+  const plan = pagedAttentionPlan(shape, 32768);
+  const rows = 32 * 8 * 9; // chunk slots x R x heads
+  assert.deepEqual(pagedAttentionScratchSizes(shape, plan), {
+    acc: rows * 64 * 4,
+    ml: (rows * 2 + 8 * 3) * 4,
+  });
+  assert.equal(pagedAttentionScratchBytes(shape, plan), rows * 64 * 4 + (rows * 2 + 24) * 4);
+  const flash = pagedAttentionPlan(shape, 32768, { split: false });
+  assert.deepEqual(pagedAttentionScratchSizes(shape, flash), { acc: 0, ml: 0 });
+  // Both buffers grow with R: the largest plan's scratch serves the smaller ones.
+  const small = { ...shape, R: 3 };
+  const s3 = pagedAttentionScratchSizes(small, pagedAttentionPlan(small, 32768));
+  const s8 = pagedAttentionScratchSizes(shape, plan);
+  assert.ok(s3.acc < s8.acc && s3.ml < s8.ml);
 });
 
 // ------------------------------------------------------------------------------------------
@@ -426,15 +462,29 @@ async function readPool(gpu: Gpu, buf: GPUBuffer, n: number, dtype: KvDType, hd:
 /** Worst error per dtype over all cases (printed: the tolerance's evidence). */
 const worst = new Map<string, number>();
 
+/** One attention dispatch of a scenario: the plan overrides and the workgroup size. */
+interface Variant {
+  force?: PagedAttentionForce;
+  wg?: number;
+}
+const UNSPLIT: Variant = { force: { split: false } };
+const AUTO: Variant = {};
+
+function variantName(v: Variant): string {
+  const f = v.force;
+  const split = f?.split === false ? "unsplit" : `split${f?.chunk ? `/${f.chunk}` : ""}`;
+  return `${f ? split : "auto"} wg=${v.wg ?? "default"}`;
+}
+
 /**
- * Writes the batch's k, v into the pool and attends, in one submission, once per `splits`
- * (undefined: the plan's choice); checks the pool against pagedKvWriteRef exactly and each
- * output against pagedAttentionRef and the contiguous attentionRef.
+ * Writes the batch's k, v into the pool and attends, in one submission, once per variant;
+ * checks the pool against pagedKvWriteRef exactly and each output against pagedAttentionRef and
+ * the contiguous attentionRef.
  */
 async function checkScenario(
   gpu: Gpu,
   sc: Scenario,
-  splits: (number | undefined)[],
+  variants: Variant[],
   corrupt?: (b: Built) => void,
 ) {
   const b = build(sc);
@@ -457,16 +507,16 @@ async function checkScenario(
     }),
   ];
   const q = gpu.upload("test.paged.q", b.q);
-  const outs = splits.map((_, i) => gpu.buffer(`test.paged.out${i}`, b.q.byteLength, usage));
-  for (let i = 0; i < splits.length; i++) {
+  const outs = variants.map((_, i) => gpu.buffer(`test.paged.out${i}`, b.q.byteLength, usage));
+  for (let i = 0; i < variants.length; i++) {
     dispatches.push(
-      ...await createPagedAttention(gpu, {
+      await createPagedAttention(gpu, {
         ...common,
         label: `test.paged.attn${i}`,
         nHeads: sc.nHeads,
         q,
         out: outs[i],
-        nSplits: splits[i],
+        ...variants[i],
       }),
     );
   }
@@ -476,9 +526,9 @@ async function checkScenario(
   const n = kRef.length;
   assert.deepEqual(await readPool(gpu, kPool, n, sc.dtype, hd), kRef, `${name}: K pool`);
   assert.deepEqual(await readPool(gpu, vPool, n, sc.dtype, hd), vRef, `${name}: V pool`);
-  for (let i = 0; i < splits.length; i++) {
+  for (let i = 0; i < variants.length; i++) {
     const got = new Float32Array(await gpu.read(outs[i]));
-    const label = `${name} splits=${splits[i] ?? "auto"}`;
+    const label = `${name} R=${R} ${variantName(variants[i])}`;
     const e = errorStats(got, want).maxAbs;
     worst.set(sc.dtype, Math.max(worst.get(sc.dtype) ?? 0, e));
     assertClose(`${label} vs pagedAttentionRef`, got, want, TOL);
@@ -498,7 +548,7 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
       let seed = 1;
       for (const blockRows of [16, 8]) {
         for (const [nHeads, nKvHeads, headDim] of [[4, 2, 8], [4, 2, 16], [3, 1, 8], [36, 2, 8]]) {
-          // Unsplit, forced 3 chunks, and the plan's own choice (split: small batches).
+          // Unsplit, forced chunks of 8 keys, and the plan's own choice (split: small batches).
           await checkScenario(gpu, {
             ...BASE,
             dtype,
@@ -507,7 +557,7 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
             nKvHeads,
             headDim,
             seed: seed++,
-          }, [1, 3, undefined]);
+          }, [UNSPLIT, { force: { split: true, chunk: 8 } }, AUTO]);
         }
       }
       // Decode-like: one row per sequence; and verify-like: 5 rows of one long sequence.
@@ -522,7 +572,7 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
         padding: 0,
         spare: 0,
         seed: 100,
-      }, [1, undefined]);
+      }, [UNSPLIT, AUTO]);
       await checkScenario(gpu, {
         dtype,
         blockRows: 8,
@@ -534,12 +584,134 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
         padding: 1,
         spare: 2,
         seed: 101,
-      }, [1, undefined]);
+      }, [UNSPLIT, AUTO]);
       console.log(`  worst ${dtype} max-abs vs reference: ${worst.get(dtype)?.toExponential(2)}`);
     },
     { features: dtype === "f16" ? ["shader-f16"] : [] },
   );
 }
+
+/**
+ * Ragged decode and verify batches for the split path at R = 1, 3, 8, 17 (head layout 4/2 x 16:
+ * below ATTN_MIN_WORKGROUPS workgroups unsplit, so the plan splits into chunks of one key tile,
+ * 32 keys on lavapipe): rows with 1 key, exactly 1 and 2 chunks, one key past a boundary, many
+ * chunks, and verify rows (consecutive positions of one sequence) inside and across a boundary.
+ */
+const SPLIT_SCENARIOS: Omit<Scenario, "dtype">[] = [
+  { lens: [97], fresh: [1] },
+  { lens: [64], fresh: [1] },
+  { lens: [1, 32, 130], fresh: [1, 1, 1] },
+  { lens: [1, 32, 33, 64, 65, 200, 7, 96], fresh: [1, 1, 1, 1, 1, 1, 1, 1] },
+  { lens: [1, 32, 64, 130, 33, 200], fresh: [1, 1, 5, 5, 1, 4] },
+].map((s, i) => ({
+  ...s,
+  blockRows: 16,
+  nHeads: 4,
+  nKvHeads: 2,
+  headDim: 16,
+  padding: 0,
+  spare: 2,
+  seed: 300 + i,
+}));
+
+for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
+  gpuTest(
+    `paged attention split-K ${dtype} merged in-kernel matches the references at R = 1, 3, 8, 17 with 1-key rows, chunk boundaries, many chunks, verify rows`,
+    async (gpu) => {
+      const maxShared = gpu.limits.maxComputeWorkgroupStorageSize;
+      for (const sc of SPLIT_SCENARIOS) {
+        const R = sc.fresh.reduce((a, b) => a + b, 0);
+        const maxSeqRows = (Math.max(...sc.lens.map((n) => Math.ceil(n / 16))) + 1) * 16;
+        const plan = pagedAttentionPlan({ ...sc, R, maxSeqRows }, maxShared);
+        assert.equal(plan.variant, "flash-split", `R=${R}: the plan splits`);
+        assert.equal(plan.chunk, plan.kt);
+        await checkScenario(gpu, { ...sc, dtype }, [
+          AUTO,
+          { wg: 64 },
+          { wg: 256 },
+          { force: { split: true, chunk: 16 } },
+          UNSPLIT,
+        ]);
+      }
+      console.log(`  worst ${dtype} max-abs vs reference: ${worst.get(dtype)?.toExponential(2)}`);
+    },
+    { features: dtype === "f16" ? ["shader-f16"] : [] },
+  );
+}
+
+gpuTest(
+  "split paged attention run twice in one submission and beside a smaller plan on a shared scratch: the counters return to 0",
+  async (gpu) => {
+    const sc: Scenario = { ...SPLIT_SCENARIOS[4], dtype: "f32" };
+    const b = build(sc);
+    const { kRef, vRef, out: want } = reference(b, sc.nHeads);
+    const R = b.rows.length, hd = sc.headDim, qLen = sc.nHeads * hd;
+    // The same attention over the batch's first 3 rows (an R = 3 plan reading the same rows).
+    const want3 = pagedAttentionRef(
+      b.q.subarray(0, 3 * qLen),
+      kRef,
+      vRef,
+      b.rowsImg.subarray(0, 6),
+      b.table,
+      sc.nHeads,
+      b.layout,
+    );
+    const kPool = toPool(gpu, "test.paged.reuse.k_pool", b.k0, sc.dtype, hd);
+    const vPool = toPool(gpu, "test.paged.reuse.v_pool", b.v0, sc.dtype, hd);
+    const rows = gpu.upload("test.paged.reuse.rows", b.rowsImg);
+    const table = gpu.upload("test.paged.reuse.table", b.table);
+    const common = { ...b.layout, R, kCache: kPool, vCache: vPool, rows, table };
+    const shape = {
+      R,
+      nHeads: sc.nHeads,
+      nKvHeads: sc.nKvHeads,
+      headDim: hd,
+      maxSeqRows: b.layout.maxBlocksPerSeq * b.layout.blockRows,
+    };
+    const plan = pagedAttentionPlan(shape, gpu.limits.maxComputeWorkgroupStorageSize);
+    assert.equal(plan.variant, "flash-split");
+    // One scratch, sized for the largest plan (R = 17), serves both plans.
+    const scratch = createPagedAttentionScratch(gpu, "test.paged.reuse.scratch", shape, plan);
+    const q = gpu.upload("test.paged.reuse.q", b.q);
+    const out = [0, 1, 2].map((i) => gpu.buffer(`test.paged.reuse.out${i}`, b.q.byteLength, usage));
+    const attn = (i: number, rowsN: number) =>
+      createPagedAttention(gpu, {
+        ...common,
+        label: `test.paged.reuse.attn${i}`,
+        R: rowsN,
+        nHeads: sc.nHeads,
+        q,
+        out: out[i],
+        scratch,
+      });
+    const x = await attn(0, R), small = await attn(1, 3), y = await attn(2, R);
+    const list = [
+      await createPagedKvWrite(gpu, {
+        ...common,
+        label: "test.paged.reuse.kv_write",
+        k: gpu.upload("test.paged.reuse.k", b.k),
+        v: gpu.upload("test.paged.reuse.v", b.v),
+      }),
+      x,
+      x, // a second run of the same plan: its counters must be back at 0
+      small, // a smaller plan on the same scratch: its partials end before x's counters
+      y, // a third plan: merges only if x and small left every counter at 0
+    ];
+    for (let run = 0; run < 2; run++) {
+      for (const o of out) gpu.write(o, new Float32Array(b.q.length));
+      await gpu.run("test.paged.reuse", list);
+      const got = await Promise.all(out.map(async (o) => new Float32Array(await gpu.read(o))));
+      assertClose(`run ${run}: R=${R} twice`, got[0], want, TOL);
+      assertClose(
+        `run ${run}: R=3 on the shared scratch`,
+        got[1].subarray(0, 3 * qLen),
+        want3,
+        TOL,
+      );
+      assertClose(`run ${run}: R=${R} after both`, got[2], want, TOL);
+    }
+  },
+);
 
 gpuTest(
   "createPagedAttention() and createPagedKvWrite() reject bad shapes and short buffers",
@@ -672,7 +844,7 @@ gpuTest(
     const common = { ...layout, R, kCache: kPool, vCache: vPool, rows: rowsBuf, table: tableBuf };
     const dispatches = [
       await createPagedKvWrite(gpu, { ...common, label: "test.paged.cb.kv_write", k, v }),
-      ...await createPagedAttention(gpu, {
+      await createPagedAttention(gpu, {
         ...common,
         label: "test.paged.cb.attn",
         nHeads,
@@ -758,7 +930,7 @@ gpuTest(
           headDim: 8,
           seed: 200,
         },
-        [1, 3],
+        [UNSPLIT, { force: { split: true, chunk: 8 } }, { force: { split: true } }],
         (b) => {
           const cap = b.layout.maxBlocksPerSeq * b.layout.blockRows;
           const at = (seq: number) => b.rows.findIndex((r) => r.seq === seq);
