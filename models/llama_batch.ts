@@ -9,11 +9,10 @@
  * cache keeps serving the serial path) and owns the pool, the block tables, activations for
  * `maxRows` rows and logits for `maxLogitRows`. One plan shape serves a prefill chunk (R rows of
  * one sequence at consecutive positions, logits of the last) and a decode step (one row per
- * active sequence, logits of every row). Per layer, seven dispatches:
+ * active sequence, logits of every row). Per layer, six dispatches:
  *
  *   qkv = rmsnorm(x)·[Wq; Wk; Wv]^T      products over R rows (kernels/matmul.ts)
- *   q, k, v = split(qkv), RoPE at pos[r]  kernels/paged_qkv.ts
- *   pool[phys(seq[r], pos[r])] = k, v     kernels/paged_attention.ts createPagedKvWrite
+ *   q = RoPE(q), pool[phys(seq[r], pos[r])] = RoPE(k), v   kernels/paged_qkv_write.ts
  *   att = causal attention over the row's own sequence through its block table
  *   x += att·Wo; h = swiglu(rmsnorm(x)·Wgate/up); x += h·Wdown
  *
@@ -29,12 +28,11 @@ import { ropeInvFreq } from "../kernels/rope.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import {
   createPagedAttention,
-  createPagedKvWrite,
   pagedAttentionPlan,
   pagedAttentionScratchSizes,
   type PagedKvLayout,
 } from "../kernels/paged_attention.ts";
-import { createPagedQkv } from "../kernels/paged_qkv.ts";
+import { createPagedQkvWrite } from "../kernels/paged_qkv_write.ts";
 import {
   BlockPool,
   blockTableImage,
@@ -105,8 +103,6 @@ export function llamaBatchSizes(
     x: T * c.dim * 4,
     qkv: T * (qDim + 2 * kvDim) * 4,
     q: T * qDim * 4,
-    k: T * kvDim * 4,
-    v: T * kvDim * 4,
     att: T * qDim * 4,
     h: T * c.ffnDim * 4,
     logits: layout.maxLogitRows * c.vocabSize * 4,
@@ -142,7 +138,7 @@ export function llamaBatchSizes(
   return { kv, act, attn, scratch };
 }
 
-type BatchAct = "x" | "qkv" | "q" | "k" | "v" | "att" | "h";
+type BatchAct = "x" | "qkv" | "q" | "att" | "h";
 
 /** Block-table entry of no block: past the pool, so the paged kernels drop writes to it. */
 const UNMAPPED = 0xffffffff;
@@ -207,9 +203,7 @@ export class LlamaBatch {
     this.#act = {
       x: act("x"), // residual stream [R, dim]
       qkv: act("qkv"), // [R, qDim + 2 kvDim]: q, k, v before RoPE
-      q: act("q"), // [R, nHeads, headDim] after RoPE
-      k: act("k"), // [R, nKvHeads, headDim] after RoPE
-      v: act("v"), // [R, nKvHeads, headDim]
+      q: act("q"), // [R, nHeads, headDim] after RoPE (k and v go straight into the pool)
       att: act("att"), // attention output [R, nHeads, headDim]
       h: act("h"), // silu(gate) * up [R, ffnDim]
     };
@@ -348,33 +342,20 @@ export class LlamaBatch {
           }),
         );
       }
-      // 2. q, k, v apart, q and k rotated by each row's own position.
-      d.push(
-        await createPagedQkv(g, {
-          label: `${P}.attn.split`,
-          qkv: a.qkv,
-          q: a.q,
-          k: a.k,
-          v: a.v,
-          invFreq: this.#invFreq,
-          rows: io.rows,
-          layout: c.ropeLayout,
-          R,
-          nHeads: c.nHeads,
-          nKvHeads: c.nKvHeads,
-          headDim: c.headDim,
-        }),
-      );
-      // 3. k, v into the pool at phys(seq[r], pos[r]); 4. attention over each row's sequence.
+      // 2-3. q turned by each row's own position into a.q; k turned and v into the pool at
+      // phys(seq[r], pos[r]) (one dispatch). 4. attention over each row's sequence.
       const pools = { kCache: this.#kPool, vCache: this.#vPool, rows: io.rows, table: this.#table };
       d.push(
-        await createPagedKvWrite(g, {
+        await createPagedQkvWrite(g, {
           ...paged(l),
           ...pools,
-          label: `${P}.kv_write`,
+          label: `${P}.attn.qkv_write`,
           R,
-          k: a.k,
-          v: a.v,
+          nHeads: c.nHeads,
+          ropeLayout: c.ropeLayout,
+          qkv: a.qkv,
+          q: a.q,
+          invFreq: this.#invFreq,
         }),
       );
       d.push(
