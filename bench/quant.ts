@@ -7,7 +7,16 @@
  *
  *   deno run -A bench/quant.ts --target DIR --draft DIR [--text F] [--ctx 512] [--ppl-tokens N]
  *                              [--tokens 128] [--formats f16,q8_0,q4_k,q4_0,nf4] [--k 4]
- *                              [--self q4_0,nf4] [--json] [--out F]
+ *                              [--self q4_0,nf4] [--int8x 0,1] [--ppl-rows 8] [--ppl-only]
+ *                              [--tokenizer F] [--json] [--out F]
+ *
+ * `--int8x 0,1` runs each format whose plan holds q8_0 or q4_0 tensors once per value of
+ * `matvecTuning.int8x` (int8 activations on the matrix-vector path, set before that row's models
+ * build their plans; other formats run once, int8x "-"). `--ppl-rows R` evaluates the perplexity
+ * text in chunks of at most R rows, model and f16 reference alike, so the products run as in
+ * decode and verify (8: the matrix-vector path of block formats, where int8x applies); the
+ * default chunk of min(ctx, 128) rows takes the tiled path, which int8x leaves alone.
+ * `--ppl-only` skips the decode measurements and the self-draft rows.
  */
 import { parseArgs } from "@specdec/cli";
 import { requestGpu } from "../engine/gpu.ts";
@@ -22,10 +31,13 @@ import { perplexity } from "../engine/perplexity.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { PROMPTS } from "./gpu.ts";
+import { int8xAvailable, matvecTuning } from "../kernels/matmul.ts";
 
 /** One format's figures. */
 export interface QuantRow {
   format: string;
+  /** Whether q8_0 / q4_0 products ran on int8 x (`matvecTuning.int8x`); null: no such tensors. */
+  int8x: boolean | null;
   weight_bytes: number;
   draft_bytes: number;
   share_of_f16: number;
@@ -61,6 +73,9 @@ if (import.meta.main) {
       formats: { type: "string", default: "f16,q8_0,q4_k,q4_0,nf4,q4_0/all" },
       self: { type: "string", default: "q8_0,q4_0,nf4" },
       k: { type: "string", default: "4" },
+      int8x: { type: "string", default: "0" },
+      "ppl-rows": { type: "string", default: "0" },
+      "ppl-only": { type: "boolean" },
       json: { type: "boolean" },
       out: { type: "string" },
     },
@@ -70,6 +85,15 @@ if (import.meta.main) {
     Deno.exit(2);
   }
   const ctx = Number(values.ctx), nTok = Number(values.tokens), k = Number(values.k);
+  const int8xs = String(values.int8x).split(",").map((v: string) => v === "1");
+  if (int8xs.includes(true) && !int8xAvailable()) {
+    console.error(
+      "--int8x 1 needs WGSL's packed_4x8_integer_dot_product, which this runtime lacks",
+    );
+    Deno.exit(2);
+  }
+  const pplRows = Number(values["ppl-rows"]) || undefined;
+  const pplOnly = !!values["ppl-only"];
   const th = await loadModel(values.target, { tokenizer: values.tokenizer });
   const dh = await loadModel(values.draft, { tokenizer: values.tokenizer });
   const tok = th.tokenizer!;
@@ -78,7 +102,8 @@ if (import.meta.main) {
   if (pplTokens > 0) text = text.slice(0, pplTokens);
   const gpu = await requestGpu();
   console.log(
-    `${gpu.adapterName}; perplexity on ${values.text} (${text.length} tokens, ctx ${ctx})`,
+    `${gpu.adapterName}; perplexity on ${values.text} (${text.length} tokens, ctx ${ctx}, ` +
+      `${pplRows ? `chunks of <= ${pplRows} rows` : "prefill-sized chunks"})`,
   );
   const adapter = adapterFacts(gpu);
   const rowsT = Math.min(ctx, 128);
@@ -112,10 +137,13 @@ if (import.meta.main) {
     targetFormats: Map<string, WeightFormat>,
     draft: { model: LoadedModel; formats: Map<string, WeightFormat> },
     pplOf: boolean,
+    int8x: boolean | null = null,
   ) => {
+    matvecTuning.int8x = int8x === true;
     const store = new WeightStore(gpu);
     let ppl = NaN, kl = NaN, top1 = NaN;
     if (pplOf) {
+      const t0 = performance.now();
       const m = await LlamaGpu.create(gpu, store, th, {
         label: "ppl",
         maxSeq: ctx,
@@ -123,12 +151,59 @@ if (import.meta.main) {
         maxLogitRows: rowsT,
         formats: targetFormats,
       });
-      const r = await perplexity(gpu, m, text, { ctx, reference });
+      const r = await perplexity(gpu, m, text, { ctx, reference, rows: pplRows });
       ppl = r.ppl;
       kl = r.kl!;
       top1 = r.top1_agreement!;
       m.destroy();
+      console.log(
+        `  ${name}${int8x === null ? "" : ` int8x ${+int8x}`}: ppl ${ppl.toFixed(4)}, ` +
+          `kl ${kl.toFixed(5)}, top-1 ${(100 * top1).toFixed(2)}% on ${r.tokens_scored} ` +
+          `tokens (${((performance.now() - t0) / 1000).toFixed(0)} s)`,
+      );
     }
+    const maxSeq = 1024;
+    const vram = await estimateVram({
+      target: { model: th, formats: targetFormats },
+      kv: "f16",
+      speculative: false,
+      adapter,
+    }, maxSeq);
+    const weightBytes = vram.bytes.target_weights;
+    if (name === "f16") f16Bytes = weightBytes;
+    let plain = { tok_s: NaN, acceptance: NaN }, spec = plain, draftBytes = NaN;
+    if (!pplOnly) ({ plain, spec, draftBytes } = await speeds(store, targetFormats, draft));
+    matvecTuning.int8x = false;
+    store.destroy();
+    const row: QuantRow = {
+      format: name,
+      int8x,
+      weight_bytes: weightBytes,
+      draft_bytes: draftBytes,
+      share_of_f16: f16Bytes ? weightBytes / f16Bytes : NaN,
+      vram_1024: vramTotal(vram.bytes),
+      ppl,
+      kl,
+      top1,
+      plain_tok_s: plain.tok_s,
+      spec_tok_s: spec.tok_s,
+      speedup: spec.tok_s / plain.tok_s,
+      acceptance: spec.acceptance,
+    };
+    rows.push(row);
+    if (!pplOnly) {
+      console.log(
+        `  ${name}: ${formatBytes(weightBytes)}, ppl ${ppl.toFixed(3)}, kl ${kl.toFixed(4)}, ` +
+          `plain ${plain.tok_s.toFixed(1)} tok/s, spec ${spec.tok_s.toFixed(1)} tok/s`,
+      );
+    }
+  };
+  /** Greedy decode tok/s plain and speculative (the draft at `draft.formats`), draft bytes. */
+  const speeds = async (
+    store: WeightStore,
+    targetFormats: Map<string, WeightFormat>,
+    draft: { model: LoadedModel; formats: Map<string, WeightFormat> },
+  ) => {
     const maxSeq = 1024;
     const t = await LlamaGpu.create(gpu, store, th, {
       label: "target",
@@ -140,12 +215,6 @@ if (import.meta.main) {
       maxSeq,
       formats: draft.formats,
     });
-    const vram = await estimateVram({
-      target: { model: th, formats: targetFormats },
-      kv: "f16",
-      speculative: false,
-      adapter,
-    }, maxSeq);
     const plainDec = new Decoder(gpu, t, { kind: "none" });
     const specDec = new Decoder(gpu, t, { kind: "model", draft: d } as Speculation);
     const plain = await decode(plainDec, 1);
@@ -159,54 +228,40 @@ if (import.meta.main) {
       speculative: true,
       adapter,
     }, maxSeq);
-    const weightBytes = vram.bytes.target_weights;
-    if (name === "f16") f16Bytes = weightBytes;
-    const row: QuantRow = {
-      format: name,
-      weight_bytes: weightBytes,
-      draft_bytes: withDraft.bytes.draft_weights,
-      share_of_f16: f16Bytes ? weightBytes / f16Bytes : NaN,
-      vram_1024: vramTotal(vram.bytes),
-      ppl,
-      kl,
-      top1,
-      plain_tok_s: plain.tok_s,
-      spec_tok_s: spec.tok_s,
-      speedup: spec.tok_s / plain.tok_s,
-      acceptance: spec.acceptance,
-    };
-    rows.push(row);
-    console.log(
-      `  ${name}: ${formatBytes(weightBytes)}, ppl ${ppl.toFixed(3)}, kl ${kl.toFixed(4)}, ` +
-        `plain ${plain.tok_s.toFixed(1)} tok/s, spec ${spec.tok_s.toFixed(1)} tok/s`,
-    );
     t.destroy();
     d.destroy();
-    store.destroy();
+    return { plain, spec, draftBytes: withDraft.bytes.draft_weights };
   };
+  // The int8x values a row runs at: each of --int8x where its plans hold q8_0 / q4_0 tensors.
+  const int8xOf = (...plans: Map<string, WeightFormat>[]) =>
+    plans.some((p) => [...p.values()].some((f) => f === "q8_0" || f === "q4_0")) ? int8xs : [null];
   for (const f of values.formats.split(",")) {
     const [q, keep] = f.split("/") as [QuantRequest, string | undefined];
     const quant = q === "f16" ? undefined : q;
-    await run(
-      f,
-      formatsOf(th, quant ?? "f16", keep === "all" ? "none" : "default"),
-      { model: dh, formats: formatsOf(dh, quant ?? "f16", keep === "all" ? "none" : "default") },
-      true,
-    );
+    const targetFormats = formatsOf(th, quant ?? "f16", keep === "all" ? "none" : "default");
+    const draftFormats = formatsOf(dh, quant ?? "f16", keep === "all" ? "none" : "default");
+    for (const int8x of int8xOf(targetFormats, draftFormats)) {
+      await run(f, targetFormats, { model: dh, formats: draftFormats }, true, int8x);
+    }
   }
   const f16Formats = formatsOf(th, "f16", "default");
-  for (const q of values.self.split(",").filter((s: string) => s !== "")) {
-    await run(
-      `f16 + self-draft ${q}`,
-      f16Formats,
-      { model: th, formats: selfDraftFormats(th, f16Formats, q as QuantRequest, { f16: true }) },
-      false,
-    );
+  for (const q of pplOnly ? [] : values.self.split(",").filter((s: string) => s !== "")) {
+    const selfFormats = selfDraftFormats(th, f16Formats, q as QuantRequest, { f16: true });
+    for (const int8x of int8xOf(selfFormats)) {
+      await run(
+        `f16 + self-draft ${q}`,
+        f16Formats,
+        { model: th, formats: selfFormats },
+        false,
+        int8x,
+      );
+    }
   }
   reference.destroy();
   refStore.destroy();
   const head = [
     "format",
+    "int8x",
     "weights",
     "of f16",
     "draft +",
@@ -220,28 +275,40 @@ if (import.meta.main) {
     "accept",
   ];
   const fmt = (x: number, d: number) => Number.isNaN(x) ? "-" : x.toFixed(d);
+  const pct = (x: number, d: number, unit: string) => Number.isNaN(x) ? "-" : fmt(x, d) + unit;
   const body = rows.map((r) => [
     r.format,
+    r.int8x === null ? "-" : r.int8x ? "1" : "0",
     formatBytes(r.weight_bytes),
-    fmt(100 * r.share_of_f16, 1) + "%",
-    formatBytes(r.draft_bytes),
+    pct(100 * r.share_of_f16, 1, "%"),
+    Number.isNaN(r.draft_bytes) ? "-" : formatBytes(r.draft_bytes),
     formatBytes(r.vram_1024),
     fmt(r.ppl, 3),
     fmt(r.kl, 4),
-    Number.isNaN(r.top1) ? "-" : fmt(100 * r.top1, 1) + "%",
+    pct(100 * r.top1, 1, "%"),
     fmt(r.plain_tok_s, 1),
     fmt(r.spec_tok_s, 1),
-    fmt(r.speedup, 2) + "x",
-    fmt(100 * r.acceptance, 1) + "%",
+    pct(r.speedup, 2, "x"),
+    pct(100 * r.acceptance, 1, "%"),
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
   const line = (c: string[]) => c.map((x, i) => x.padStart(widths[i])).join("  ");
   console.log(
-    `\n${gpu.adapterName}: greedy, ${PROMPTS.length} prompts x ${nTok} tokens; spec = the ` +
-      `draft model at the same format (self-draft rows: the target's own quantized copy)`,
+    `\n${gpu.adapterName}: perplexity on ${text.length} tokens at ctx ${ctx} in ` +
+      `${pplRows ? `chunks of <= ${pplRows} rows` : "prefill-sized chunks"}, KL and top-1 vs ` +
+      `f16 evaluated the same way; ` +
+      (pplOnly ? "no decode measurements (--ppl-only)" : `greedy, ${PROMPTS.length} prompts x ` +
+        `${nTok} tokens; spec = the draft model at the same format (self-draft rows: the ` +
+        `target's own quantized copy)`),
   );
   console.log([line(head), ...body.map(line)].join("\n"));
-  const json = JSON.stringify({ adapter: gpu.adapterName, ctx, ppl_tokens: text.length, rows });
+  const json = JSON.stringify({
+    adapter: gpu.adapterName,
+    ctx,
+    ppl_tokens: text.length,
+    ppl_rows: pplRows ?? null,
+    rows,
+  });
   if (values.out) await Deno.writeTextFile(values.out, json);
   if (values.json) console.log(json);
   gpu.destroy();

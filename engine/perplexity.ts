@@ -3,9 +3,13 @@
  * at higher precision) the mean KL divergence and the top-token agreement rate.
  *
  * The tokens are cut into non-overlapping windows of `ctx` tokens, each run from an empty cache
- * in chunks of rows with logits for every row. Row i of a window predicts token i + 1, so only
- * the first n - 1 tokens of an n-token window are forwarded; each forwarded row is scored. The
- * log-softmax, KL and argmax are computed on the CPU in f64 from the logits read back per chunk.
+ * in chunks of rows with logits for every row: by default as many rows as the models allow
+ * (prefill-sized products: the chunked or tiled matmul path), or with `rows` at most that many
+ * per chunk, so that every product runs as in decode and speculative verify (8 rows: the
+ * matrix-vector path of block formats, where `matvecTuning.int8x` applies). Row i of a window
+ * predicts token i + 1, so only the first n - 1 tokens of an n-token window are forwarded; each
+ * forwarded row is scored. The log-softmax, KL and argmax are computed on the CPU in f64 from the
+ * logits read back per chunk.
  *
  * @module
  */
@@ -53,6 +57,14 @@ export interface PerplexityOptions {
    * {@linkcode LlamaGpu} with the same vocabulary and maxSeq >= ctx.
    */
   reference?: LlamaGpu;
+  /**
+   * At most this many rows per forward (an integer >= 1; default: as many as both models'
+   * `maxT` and `maxLogitRows` allow). It only chooses the matmul path each chunk's products
+   * take, so the scores differ by that path's arithmetic alone (rounding, or int8 activations
+   * with `matvecTuning.int8x`): e.g. 8 for the matrix-vector path of block formats that decode
+   * and verify use.
+   */
+  rows?: number;
   /** Called after each chunk with the tokens scored so far and the total to score. */
   onProgress?: (scored: number, total: number) => void;
 }
@@ -106,9 +118,12 @@ export async function perplexity(
   tokens: readonly number[],
   opts: PerplexityOptions,
 ): Promise<PerplexityResult> {
-  const { ctx, reference, onProgress } = opts;
+  const { ctx, reference, rows, onProgress } = opts;
   const V = model.config.vocabSize;
   const windows = perplexityTokens(tokens, ctx);
+  if (rows !== undefined && (!Number.isInteger(rows) || rows < 1)) {
+    throw new RangeError(`perplexity: rows must be an integer >= 1, got ${rows}`);
+  }
   if (ctx > model.maxSeq) {
     throw new RangeError(
       `perplexity: ctx ${ctx} exceeds the model's KV cache of ${model.maxSeq} rows ` +
@@ -141,8 +156,9 @@ export async function perplexity(
     }
   }
   const models = reference ? [model, reference] : [model];
-  // Rows per forward: every row needs its logits, so the chunk fits both models' limits.
-  const chunk = Math.min(...models.flatMap((m) => [m.maxT, m.maxLogitRows]));
+  // Rows per forward: every row needs its logits, so the chunk fits both models' limits (and
+  // `rows`, where given).
+  const chunk = Math.min(...models.flatMap((m) => [m.maxT, m.maxLogitRows]), rows ?? Infinity);
   const total = windows.reduce((a, w) => a + w.length - 1, 0);
   let scored = 0, nllSum = 0, klSum = 0, agree = 0;
   // ids: [chunk] u32, the input tokens of the current chunk (offset 0, so plans are reused).

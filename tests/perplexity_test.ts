@@ -220,6 +220,52 @@ gpuTest(
 );
 
 gpuTest(
+  "perplexity() in chunks of at most `rows` rows (the decode path) equals the default chunks",
+  async (gpu) => {
+    const { stories, xs, tokens } = await tiny();
+    await withModels(gpu, [
+      [stories, { label: "rows.f32", maxSeq: CTX, noF16: true, maxLogitRows: CTX }],
+      [xs, { label: "rows.ref", maxSeq: CTX, noF16: true, maxLogitRows: CTX }],
+      [stories, { label: "rows.f16", maxSeq: CTX, maxLogitRows: CTX }],
+    ], async ([model, reference, f16]) => {
+      // Default: each window in one chunk of up to 63 rows (the chunked / tiled products).
+      const whole = await perplexity(gpu, model, tokens, { ctx: CTX, reference });
+      for (const rows of [1, 3, 8]) {
+        const calls: number[] = [];
+        const r = await perplexity(gpu, model, tokens, {
+          ctx: CTX,
+          reference,
+          rows,
+          onProgress: (s) => calls.push(s),
+        });
+        // 63, 63 and 22 rows per window, cut into chunks of `rows`.
+        const want = [63, 63, 22].reduce((a, n) => a + Math.ceil(n / rows), 0);
+        assert.equal(calls.length, want, `rows ${rows}: ${calls.length} chunks`);
+        assert.equal(r.tokens_scored, whole.tokens_scored);
+        assertRel(`nll at rows ${rows}`, r.nll, whole.nll, 1e-4);
+        assertRel(`kl at rows ${rows}`, r.kl!, whole.kl!, 1e-3);
+        assert.ok(
+          Math.abs(r.top1_agreement! - whole.top1_agreement!) <= 2 / r.tokens_scored,
+          `top-1 at rows ${rows}: ${r.top1_agreement} vs ${whole.top1_agreement}`,
+        );
+      }
+      // f16 weights (where the adapter has them): 8-row chunks against the default ones.
+      const f16Whole = await perplexity(gpu, f16, tokens, { ctx: CTX });
+      const f16Rows = await perplexity(gpu, f16, tokens, { ctx: CTX, rows: 8 });
+      assertRel("f16 nll at rows 8", f16Rows.nll, f16Whole.nll, 2e-3);
+      await assert.rejects(
+        perplexity(gpu, model, tokens, { ctx: CTX, rows: 0 }),
+        /rows must be an integer >= 1, got 0/,
+      );
+      await assert.rejects(
+        perplexity(gpu, model, tokens, { ctx: CTX, rows: 2.5 }),
+        /rows must be an integer >= 1, got 2.5/,
+      );
+    });
+  },
+);
+
+gpuTest(
   "perplexity() rejects bad ctx, short or out-of-vocabulary input and bad references",
   async (gpu) => {
     const { stories, xs, tokens } = await tiny();
