@@ -7,6 +7,11 @@
  * pair: angle `pos * invFreq[i]`, pairs (2i, 2i+1) "interleaved" or (i, i + headDim/2)
  * "rotate-half". v is copied unchanged.
  *
+ * The batched forward no longer runs it: kernels/paged_qkv_write.ts does this split and the
+ * paged KV write in one dispatch. It stays as that kernel's GPU oracle (tests/
+ * paged_qkv_write_test.ts compares the two bit for bit) and its {@linkcode pagedQkvRef} is half of
+ * that kernel's reference.
+ *
  * @module
  */
 import { type Dispatch, type Gpu, grid2d } from "../engine/gpu.ts";
