@@ -814,6 +814,7 @@ export class Decoder {
     // The prefill, as a chunk in flight: one token, no cycles.
     let inflight: Chunk[] = [{ io: first, slot: 0, kc: 0, n: 1, per: 1, expected: 1 }];
     let pending: Chunk | undefined;
+    let deferred: (() => Promise<Chunk>) | undefined; // the first chunk, until the first readback
     let worst = 1; // tokens the chunks in flight may still add
     let expected = 1; // tokens they are expected to add
     let tpc = 0; // tokens per cycle, measured and smoothed (0: none read yet)
@@ -843,45 +844,43 @@ export class Decoder {
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
         Math.ceil(left / perCycle),
       );
-      if (!stop && !pending && inflight.length <= RING && room > 0 && n > 0) {
+      if (!stop && !pending && !deferred && inflight.length <= RING && room > 0 && n > 0) {
         if (useTree) {
           useShape(tree!);
           const name = `${tree!.depth}x${tree!.width}`;
           treeCycles[name] = (treeCycles[name] ?? 0) + n;
         }
-        const cyc = useTree
-          ? await this.#treeCycle(tree!, sampling)
-          : await this.#cycle(kc, sampling);
-        const e = g.device.createCommandEncoder({ label: "decode.cycles" });
-        // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
-        // the set. Only written queries are resolved (an unwritten one can stall the resolve).
-        const q = this.#query, base = 4 * MAX_CYCLES * (issued % RING);
-        const qPer = cyc.draft.length ? 4 : 2;
-        const times = (at: number) =>
-          q && { querySet: q.set, beginningOfPassWriteIndex: at, endOfPassWriteIndex: at + 1 };
-        for (let i = 0; i < n; i++) {
-          if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + qPer * i));
-          g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
-        }
-        const timed = q ? { cycles: n, per: qPer } : undefined;
-        const slot = issued % RING;
-        const exp = Math.min(left, n * perCycle);
-        const c: Chunk = {
-          io: this.#finish(e, tokens.length + (state ? 0 : 1), timed, slot),
-          slot,
-          timed,
-          kc,
-          n,
-          per,
-          shape: useTree ? tree : undefined,
-          expected: exp,
+        const slot = issued % RING, shape = useTree ? tree : undefined;
+        const exp = Math.min(left, n * perCycle), from = tokens.length + (state ? 0 : 1);
+        const encode = async (): Promise<Chunk> => {
+          const cyc = shape
+            ? await this.#treeCycle(shape, sampling)
+            : await this.#cycle(kc, sampling);
+          const e = g.device.createCommandEncoder({ label: "decode.cycles" });
+          // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
+          // the set. Only written queries are resolved (an unwritten one can stall the resolve).
+          const q = this.#query, base = 4 * MAX_CYCLES * slot;
+          const qPer = cyc.draft.length ? 4 : 2;
+          const times = (at: number) =>
+            q && { querySet: q.set, beginningOfPassWriteIndex: at, endOfPassWriteIndex: at + 1 };
+          for (let i = 0; i < n; i++) {
+            if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + qPer * i));
+            g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
+          }
+          const timed = q ? { cycles: n, per: qPer } : undefined;
+          const io = this.#finish(e, from, timed, slot);
+          return { io, slot, timed, kc, n, per, shape, expected: exp };
         };
-        // Before the first token is read, only the pending chunk (the first token streams at
-        // once). A pending chunk takes the slot of the round's oldest chunk, never mapped.
-        if (!toPending) {
+        // Before the first token is read, the first chunk is encoded while the prefill's
+        // readback sleeps (`deferred`: encoding it before would hold the first token back by the
+        // encoding when the prefill is short). A pending chunk takes the slot of the round's
+        // oldest chunk, never mapped.
+        if (!state) deferred = encode;
+        else if (!toPending) {
+          const c = await encode();
           c.io.submit();
           inflight.push(c);
-        } else pending = c;
+        } else pending = await encode();
         issued++;
         worst += n * per;
         expected += exp;
@@ -889,18 +888,31 @@ export class Decoder {
         continue; // issue the next chunk before waiting on this one
       }
       if (inflight.length === 0) break;
-      const round = inflight, newest = round[round.length - 1], next = pending;
+      const round = inflight, newest = round[round.length - 1], later = deferred;
       inflight = [];
-      pending = undefined;
+      deferred = undefined;
       const before = state;
       // The pending chunk goes in while the readback sleeps (see above); it continues from the
       // GPU's state, so it needs nothing from this readback. Cancelled: it is never submitted.
-      let submitted = false;
+      let submitted = false, encoding: Promise<Chunk> | undefined;
       state = await newest.io.read(round, () => {
-        if (!next || events.cancelled()) return;
-        next.io.submit();
+        if (later) {
+          // Encoded (microtasks) and submitted while the map's sleep runs.
+          encoding = later().then((c) => {
+            if (!events.cancelled()) {
+              c.io.submit();
+              submitted = true;
+            }
+            return c;
+          });
+          return;
+        }
+        if (!pending || events.cancelled()) return;
+        pending.io.submit();
         submitted = true;
       });
+      const next = encoding ? await encoding : pending;
+      pending = undefined;
       if (next && submitted) inflight.push(next);
       else if (next) {
         // Never submitted: undo its accounting.
