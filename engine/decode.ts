@@ -140,6 +140,8 @@ const CHUNK_MS = 25;
  * once the queue drains and resolves after a 10 ms sleep, which that chunk fills.
  */
 const READ_MS = 12;
+/** Cycles of the first round's chunk encoded before the prefill's readback (see `deferred`). */
+const FIRST_CYCLES = 4;
 
 /**
  * Exact GPU bytes a {@linkcode Decoder} allocates ("staging" in the VRAM report: token rings,
@@ -814,7 +816,11 @@ export class Decoder {
     // The prefill, as a chunk in flight: one token, no cycles.
     let inflight: Chunk[] = [{ io: first, slot: 0, kc: 0, n: 1, per: 1, expected: 1 }];
     let pending: Chunk | undefined;
-    let deferred: (() => Promise<Chunk>) | undefined; // the first chunk, until the first readback
+    // The first round's second chunk, until the prefill's readback: how to encode it, and what
+    // it was counted as (undone if it never goes in).
+    let deferred:
+      | Pick<Chunk, "n" | "per" | "expected" | "shape"> & { make: () => Promise<Chunk> }
+      | undefined;
     let worst = 1; // tokens the chunks in flight may still add
     let expected = 1; // tokens they are expected to add
     let tpc = 0; // tokens per cycle, measured and smoothed (0: none read yet)
@@ -838,13 +844,20 @@ export class Decoder {
       // the host can hear a cancel (its poll blocks the thread): it holds only what outlasts the
       // readback's sleep, so a cancel costs at most that beyond the round in flight.
       const toPending = !state || inflight.length >= RING;
+      // The first round: a small chunk encoded before the prefill's readback, then the rest of
+      // what fills its sleep, encoded during it (see `deferred`).
+      const firstSmall = !state && !pending;
       const n = Math.min(
-        toPending && cycleMsNow > 0 ? Math.max(2, Math.ceil((2 * READ_MS) / cycleMsNow)) : cycles,
+        firstSmall
+          ? Math.min(cycles, FIRST_CYCLES)
+          : state && toPending && cycleMsNow > 0
+          ? Math.max(2, Math.ceil((2 * READ_MS) / cycleMsNow))
+          : cycles,
         MAX_CYCLES,
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
         Math.ceil(left / perCycle),
       );
-      if (!stop && !pending && !deferred && inflight.length <= RING && room > 0 && n > 0) {
+      if (!stop && !(state ? pending : deferred) && inflight.length <= RING && room > 0 && n > 0) {
         if (useTree) {
           useShape(tree!);
           const name = `${tree!.depth}x${tree!.width}`;
@@ -871,11 +884,12 @@ export class Decoder {
           const io = this.#finish(e, from, timed, slot);
           return { io, slot, timed, kc, n, per, shape, expected: exp };
         };
-        // Before the first token is read, the first chunk is encoded while the prefill's
-        // readback sleeps (`deferred`: encoding it before would hold the first token back by the
-        // encoding when the prefill is short). A pending chunk takes the slot of the round's
-        // oldest chunk, never mapped.
-        if (!state) deferred = encode;
+        // Before the first token is read: a small chunk, encoded now (it goes in as soon as the
+        // prefill is done), and the rest of the first round, encoded while the prefill's
+        // readback sleeps (`deferred`): encoded before, it would hold the first token back by
+        // its encoding when the prefill is short (H200: serve TTFT 16 → 26 ms). A pending chunk
+        // takes the slot of the round's oldest chunk, never mapped.
+        if (!state && !firstSmall) deferred = { make: encode, n, per, expected: exp, shape };
         else if (!toPending) {
           const c = await encode();
           c.io.submit();
@@ -884,7 +898,7 @@ export class Decoder {
         issued++;
         worst += n * per;
         expected += exp;
-        cycles *= 2;
+        if (!firstSmall) cycles *= 2;
         continue; // issue the next chunk before waiting on this one
       }
       if (inflight.length === 0) break;
@@ -894,32 +908,36 @@ export class Decoder {
       const before = state;
       // The pending chunk goes in while the readback sleeps (see above); it continues from the
       // GPU's state, so it needs nothing from this readback. Cancelled: it is never submitted.
-      let submitted = false, encoding: Promise<Chunk> | undefined;
+      const sent = new Set<Chunk>();
+      let encoding: Promise<Chunk> | undefined;
+      const next = pending;
       state = await newest.io.read(round, () => {
-        if (later) {
-          // Encoded (microtasks) and submitted while the map's sleep runs.
-          encoding = later().then((c) => {
-            if (!events.cancelled()) {
-              c.io.submit();
-              submitted = true;
-            }
-            return c;
-          });
-          return;
+        if (events.cancelled()) return;
+        if (next) {
+          next.io.submit();
+          sent.add(next);
         }
-        if (!pending || events.cancelled()) return;
-        pending.io.submit();
-        submitted = true;
+        // Encoded (microtasks) and submitted while the map's sleep runs.
+        encoding = later?.make().then((c) => {
+          if (!events.cancelled()) {
+            c.io.submit();
+            sent.add(c);
+          }
+          return c;
+        });
       });
-      const next = encoding ? await encoding : pending;
       pending = undefined;
-      if (next && submitted) inflight.push(next);
-      else if (next) {
-        // Never submitted: undo its accounting.
-        worst -= next.n * next.per;
-        expected -= next.expected;
-        issued--;
-        if (next.shape) treeCycles[`${next.shape.depth}x${next.shape.width}`] -= next.n;
+      const deferredChunk = await encoding;
+      for (const c of [next, deferredChunk ?? later]) {
+        if (!c) continue;
+        if (sent.has(c as Chunk)) inflight.push(c as Chunk);
+        else {
+          // Never submitted: undo its accounting.
+          worst -= c.n * c.per;
+          expected -= c.expected;
+          issued--;
+          if (c.shape) treeCycles[`${c.shape.depth}x${c.shape.width}`] -= c.n;
+        }
       }
       for (const c of round) {
         worst -= c.n * c.per;
