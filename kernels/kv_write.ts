@@ -119,7 +119,8 @@ function nextPow2(n: number): number {
 }
 
 /**
- * WGSL helpers of every q8 KV write (this file's and the fused kernels/paged_qkv_write.ts):
+ * WGSL helpers of every q8 KV write (this file's, kernels/paged_attention.ts's and the fused
+ * kernels/paged_qkv_write.ts):
  * `maxAbs4(x)`, the largest |x| of a vec4, and `quantize4(x, scale)`, 4 values to int8
  * (`round(x / scale)`, ties to even, clamped to ±127; all 0 when scale is 0) packed
  * little-endian into one u32 word, element j in byte j.

@@ -360,6 +360,36 @@ function unrolled(n: number, line: (i: number) => string): string {
 }
 
 /**
+ * WGSL of a matrix-vector workgroup's epilogue: its R rows' T sums, each lane group's total at
+ * `red[(slot) * L]` (slot = row * T + t), times `scale` (a WGSL suffix on the value, e.g. the
+ * folded norm's 1/rms of row t), through `store(t, n, v)`, or with SwiGLU pairs of interleaved
+ * gate/up rows through `storePair(t, n, gate, up)`. The float and int8 paths share it.
+ */
+function storeWgsl(
+  swiglu: boolean,
+  R: number,
+  T: number,
+  L: number,
+  WG: number,
+  scale: string,
+): string {
+  return swiglu
+    ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
+    let i = e / ${T}u;
+    let t = e % ${T}u;
+    let n = n0 + 2u * i;
+    if (n < p.N) {
+      storePair(t, n, red[(2u * i * ${T}u + t) * ${L}u]${scale}, red[((2u * i + 1u) * ${T}u + t) * ${L}u]${scale});
+    }
+  }`
+    : `  for (var e = lid; e < ${R * T}u; e += ${WG}u) {
+    let t = e % ${T}u;
+    let n = n0 + e / ${T}u;
+    if (n < p.N) { store(t, n, red[e * ${L}u]${scale}); }
+  }`;
+}
+
+/**
  * WGSL of the matrix-vector path for `T` rows with the split `shape`. With `vec4` (K % 4 == 0
  * and xOffset % 4 == 0) x is loaded as vec4 (float weights too); otherwise as scalars, so any K
  * works. Block formats decode weights in units (one vec4<u32> of quants for q8_0, q4_0 and q4_k,
@@ -453,23 +483,14 @@ ${
     }`;
     })
     : unrolled(G, groupBody);
-  const store = s.swiglu
-    ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
-    let i = e / ${T}u;
-    let t = e % ${T}u;
-    let n = n0 + 2u * i;
-    if (n < p.N) {
-      let r = ${s.norm ? `rinv(red[(${R * T}u + t) * ${L}u])` : "1.0"};
-      storePair(t, n, red[(2u * i * ${T}u + t) * ${L}u] * r, red[((2u * i + 1u) * ${T}u + t) * ${L}u] * r);
-    }
-  }`
-    : `  for (var e = lid; e < ${R * T}u; e += ${WG}u) {
-    let t = e % ${T}u;
-    let n = n0 + e / ${T}u;
-    if (n < p.N) {
-      store(t, n, red[e * ${L}u]${s.norm ? ` * rinv(red[(${R * T}u + t) * ${L}u])` : ""});
-    }
-  }`;
+  const store = storeWgsl(
+    s.swiglu,
+    R,
+    T,
+    L,
+    WG,
+    s.norm ? ` * rinv(red[(${R * T}u + t) * ${L}u])` : "",
+  );
   return /* wgsl */ `${header(s, v)}${
     block
       ? weightWgsl(s.dtype)
@@ -659,22 +680,7 @@ ${
       }
     }`);
   const r = (t: string) => s.norm ? ` * rinvX(${t})` : "";
-  const store = s.swiglu
-    ? `  for (var e = lid; e < ${(R / 2) * T}u; e += ${WG}u) {
-    let i = e / ${T}u;
-    let t = e % ${T}u;
-    let n = n0 + 2u * i;
-    if (n < p.N) {
-      storePair(t, n, red[(2u * i * ${T}u + t) * ${L}u]${
-      r("t")
-    }, red[((2u * i + 1u) * ${T}u + t) * ${L}u]${r("t")});
-    }
-  }`
-    : `  for (var e = lid; e < ${slots}u; e += ${WG}u) {
-    let t = e % ${T}u;
-    let n = n0 + e / ${T}u;
-    if (n < p.N) { store(t, n, red[e * ${L}u]${r("t")}); }
-  }`;
+  const store = storeWgsl(s.swiglu, R, T, L, WG, r("t"));
   return /* wgsl */ `${header({ ...s, norm: false }, false)}${weightWgsl(s.dtype)}
 // Int8 matrix-vector path, ${s.dtype}, T = ${T}: a workgroup of ${WG} invocations owns ${R} weight
 // rows n0 .. n0+${

@@ -60,6 +60,7 @@ import { lastArrivalWgsl } from "./argmax.ts";
 import { fusedAttentionWorkgroup } from "./fused_attention.ts";
 import {
   checkKvCache,
+  KV_Q8_WGSL,
   KV_WRITE_Q8_WG,
   KV_WRITE_WG,
   kvDequantizeRef,
@@ -181,8 +182,13 @@ function checkLayout(label: string, R: number, a: PagedKvLayout & PagedBuffers):
   }
 }
 
-/** WGSL `physRow(seq, s) -> u32`: pool row of sequence row s, or 0xffffffff when unmapped. */
-const PHYS_ROW_WGSL = `fn physRow(seq: u32, s: u32) -> u32 {
+/**
+ * WGSL `physRow(seq, s) -> u32`: pool row of sequence row s, or 0xffffffff when unmapped (a
+ * sequence slot or block past the table, or an entry outside the pool). Every paged kernel
+ * (this file's write and attention, kernels/paged_qkv_write.ts) uses it; it reads `p.blockRows`,
+ * `p.numSeqs`, `p.maxBlocks`, `p.numBlocks` and the `table` binding.
+ */
+export const PAGED_PHYS_ROW_WGSL = `fn physRow(seq: u32, s: u32) -> u32 {
   let lb = s / p.blockRows;
   if (seq >= p.numSeqs || lb >= p.maxBlocks) { return 0xffffffffu; }
   let blk = table[seq * p.maxBlocks + lb];
@@ -220,7 +226,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> table: array<u32>;                // [numSeqs, maxBlocks] block ids
 @group(0) @binding(6) var<uniform> p: Params;
 
-${PHYS_ROW_WGSL}
+${PAGED_PHYS_ROW_WGSL}
 
 @compute @workgroup_size(${KV_WRITE_WG})
 fn main(@builtin(global_invocation_id) g: vec3u) {
@@ -284,22 +290,9 @@ const VPW = ${VPW}u;
 var<workgroup> kMax: array<f32, ${WG}>; // per invocation, then per segment (at its first slot)
 var<workgroup> vMax: array<f32, ${WG}>;
 
-${PHYS_ROW_WGSL}
+${PAGED_PHYS_ROW_WGSL}
 
-fn maxAbs4(x: vec4<f32>) -> f32 {
-  let a = abs(x);
-  return max(max(a.x, a.y), max(a.z, a.w));
-}
-
-// 4 values to int8 (ties to even, clamped to +-127), packed little-endian into one word.
-fn quantize4(x: vec4<f32>, scale: f32) -> u32 {
-  var qi = vec4<i32>(0);
-  if (scale > 0.0) {
-    qi = clamp(vec4<i32>(round(x / scale)), vec4<i32>(-127), vec4<i32>(127));
-  }
-  let b = bitcast<vec4<u32>>(qi) & vec4<u32>(0xffu);
-  return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
-}
+${KV_Q8_WGSL}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
@@ -688,7 +681,7 @@ const ACC = ${ACC}u;
 
 ${kvLoadersWgsl(dtype)}
 
-${PHYS_ROW_WGSL}
+${PAGED_PHYS_ROW_WGSL}
 
 var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], pre-scaled
 var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]

@@ -28,7 +28,12 @@ import {
   type KvDType,
   kvQ8SegmentMaxWgsl,
 } from "./kv_write.ts";
-import { type PagedKvLayout, pagedKvWriteRef, type PagedRefLayout } from "./paged_attention.ts";
+import {
+  PAGED_PHYS_ROW_WGSL,
+  type PagedKvLayout,
+  pagedKvWriteRef,
+  type PagedRefLayout,
+} from "./paged_attention.ts";
 import { pagedQkvRef } from "./paged_qkv.ts";
 
 /** Smallest power of 2 that is at least `n`. */
@@ -37,18 +42,6 @@ function nextPow2(n: number): number {
   while (p < n) p *= 2;
   return p;
 }
-
-/**
- * WGSL `physRow(seq, s) -> u32`: pool row of sequence row s, or 0xffffffff when unmapped. The
- * same rule as kernels/paged_attention.ts's write and attention (which keep their own copy).
- */
-const PHYS_ROW_WGSL = /* wgsl */ `fn physRow(seq: u32, s: u32) -> u32 {
-  let lb = s / p.blockRows;
-  if (seq >= p.numSeqs || lb >= p.maxBlocks) { return 0xffffffffu; }
-  let blk = table[seq * p.maxBlocks + lb];
-  if (blk >= p.numBlocks) { return 0xffffffffu; }
-  return blk * p.blockRows + s % p.blockRows;
-}`;
 
 /**
  * WGSL of the fused split + RoPE + paged KV write for a pool of `dtype` and RoPE `layout`;
@@ -100,7 +93,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read> table: array<u32>;          // [numSeqs, maxBlocks] block ids
 @group(0) @binding(7) var<uniform> p: Params;
 
-${PHYS_ROW_WGSL}
+${PAGED_PHYS_ROW_WGSL}
 
 // Element e of the head vector at qkv[src ..] turned by angle pos * invFreq[i] of its pair
 // (x0, x1) = (qkv[a], qkv[b]): y0 = x0 c - x1 s (e is the pair's first), y1 = x0 s + x1 c.
