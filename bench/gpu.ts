@@ -7,7 +7,7 @@
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
  *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
  *                            [--filter A,B] [--attn-splits 32,8] [--block-rows 8,17]
- *                            [--int8x 0,1]
+ *                            [--int8x 0,1,auto]
  *
  * Per model: prefill tok/s (128-token prompt), plain greedy decode tok/s, the weight bytes read
  * per token against the device's bandwidth, GPU busy (kernel time / wall time), and a
@@ -21,16 +21,17 @@
  * (`attentionTuning`), `--block-rows 8,17` once per widest one-dispatch block-format product. `--unroll 1,2` runs each dummy model once per
  * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
  * `--widen-small-k K` lets products of K >= K widen their lanes at T <= 2.
- * `--int8x 0,1` runs the dummy models and the `--verify` / `--shapes` / `--sweep` products once
- * per value of `matvecTuning.int8x` (q8_0 and q4_0 matrix-vector products on int8 x with packed
- * integer dot products, the quantize pass timed with them), side by side.
+ * `--int8x 0,1,auto` runs the dummy models and the `--verify` / `--shapes` / `--sweep` products
+ * once per value of `matvecTuning.int8x` (0: none, 1: q8_0 and q4_0 matrix-vector products on
+ * int8 x with packed integer dot products, the quantize pass timed with them; auto, the default:
+ * q4_0 only, as the engine runs), side by side.
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
  * plain), then the GPU time of one cycle per op (plain, the first `--ks`, the first fixed tree).
  * `--target dummy:NAME --draft dummy:NAME` runs that with random weights at a `--dummy`
  * configuration's shapes (per-op costs without staging weights; acceptance is meaningless).
  */
-import { MATVEC_BLOCK_MAX_T, matvecTuning } from "../kernels/matmul.ts";
+import { type Int8xSetting, MATVEC_BLOCK_MAX_T, matvecTuning } from "../kernels/matmul.ts";
 import { attentionTuning, ATTN_MAX_SPLITS } from "../kernels/attention.ts";
 import { parseArgs } from "@specdec/cli";
 import { type Gpu, requestGpu } from "../engine/gpu.ts";
@@ -42,7 +43,9 @@ import { profileDispatches, type ProfileRow, timePass } from "./profile.ts";
 import {
   benchMatmul,
   formatMatmulRows,
+  int8xName,
   LARGE_CASES,
+  parseInt8x,
   PYCODE_CASES,
   QUANT_CASES,
   SHAPE_CASES,
@@ -268,8 +271,8 @@ export interface DummyBench {
   attn_splits?: number;
   /** The widest one-dispatch block-format product (`matvecTuning.blockMaxT`) it ran with. */
   block_rows?: number;
-  /** Whether q8_0 / q4_0 products ran on int8 x (`matvecTuning.int8x`). */
-  int8x?: boolean;
+  /** Which products ran on int8 x (`matvecTuning.int8x`: false none, true q8_0 and q4_0, auto q4_0). */
+  int8x?: Int8xSetting;
 }
 
 /** Decode and verify cost of a random-weight model of `name`'s shapes in `quant`. */
@@ -551,7 +554,7 @@ if (import.meta.main) {
       "attn-splits": { type: "string" },
       "block-rows": { type: "string" },
       "widen-small-k": { type: "string" },
-      int8x: { type: "string", default: "0" },
+      int8x: { type: "string", default: "auto" },
       dummy: { type: "string", multiple: true },
       quant: { type: "string", multiple: true },
       "peak-gbs": { type: "string" },
@@ -573,7 +576,7 @@ if (import.meta.main) {
     }`,
   );
   const report: Record<string, unknown> = { device: gpu.adapterName };
-  const int8xs = String(values.int8x).split(",").map((v: string) => v === "1");
+  const int8xs = parseInt8x(String(values.int8x));
   if (values.matmul) {
     const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
@@ -593,9 +596,10 @@ if (import.meta.main) {
     for (const int8x of int8xs) {
       matvecTuning.int8x = int8x;
       const got = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
-      rows.push(...got.map((r) => int8x ? { ...r, name: `${r.name} int8x` } : r));
+      const tag = int8xs.length > 1 ? ` int8x ${int8xName(int8x)}` : "";
+      rows.push(...got.map((r) => ({ ...r, name: r.name + tag })));
     }
-    matvecTuning.int8x = false;
+    matvecTuning.int8x = "auto";
     console.log(`\nmatvec at the verify widths (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.verify = rows;
   }
@@ -611,17 +615,17 @@ if (import.meta.main) {
     for (const q of values.quant ?? ["f16"]) {
       const combos = unrolls.flatMap((u) =>
         splits.flatMap((m: number) =>
-          blockRows.flatMap((b: number) => int8xs.map((i: boolean) => [u, m, b, +i]))
+          blockRows.flatMap((b: number) => int8xs.map((i) => [u, m, b, i] as const))
         )
       );
       for (const [unroll, maxSplits, blockMaxT, int8x] of combos) {
         matvecTuning.unroll = unroll;
         matvecTuning.blockMaxT = blockMaxT;
-        matvecTuning.int8x = int8x === 1;
+        matvecTuning.int8x = int8x;
         attentionTuning.maxSplits = maxSplits;
         console.log(
           `dummy ${name} ${q} (matvec unroll ${unroll}, attention splits <= ${maxSplits}, ` +
-            `block-format dispatches <= ${blockMaxT} rows, int8x ${int8x}) ...`,
+            `block-format dispatches <= ${blockMaxT} rows, int8x ${int8xName(int8x)}) ...`,
         );
         try {
           dummies.push({
@@ -636,7 +640,7 @@ if (import.meta.main) {
             unroll,
             attn_splits: maxSplits,
             block_rows: blockMaxT,
-            int8x: int8x === 1,
+            int8x,
           });
         } catch (e) {
           // A format whose block does not divide the model's widths (q4_k at 576): say so, go on.
@@ -648,7 +652,7 @@ if (import.meta.main) {
   }
   matvecTuning.unroll = 1;
   matvecTuning.blockMaxT = MATVEC_BLOCK_MAX_T;
-  matvecTuning.int8x = false;
+  matvecTuning.int8x = "auto";
   attentionTuning.maxSplits = ATTN_MAX_SPLITS;
   report.dummy = dummies;
   if (dummies.length) {
@@ -681,7 +685,7 @@ if (import.meta.main) {
         String(d.unroll ?? 1),
         String(d.attn_splits ?? ATTN_MAX_SPLITS),
         String(d.block_rows ?? MATVEC_BLOCK_MAX_T),
-        d.int8x ? "1" : "0",
+        int8xName(d.int8x ?? "auto"),
         (d.weight_bytes / 2 ** 30).toFixed(2),
         d.decode_tok_s,
         d.limit_tok_s ?? "-",
@@ -696,7 +700,9 @@ if (import.meta.main) {
     for (const d of dummies.filter((d) => d.profile.length)) {
       console.log(
         `\nGPU time of one decode forward, ${d.model} ${d.quant} unroll ${d.unroll ?? 1} ` +
-          `attention splits <= ${d.attn_splits ?? ATTN_MAX_SPLITS} int8x ${d.int8x ? 1 : 0} ` +
+          `attention splits <= ${d.attn_splits ?? ATTN_MAX_SPLITS} int8x ${
+            int8xName(d.int8x ?? "auto")
+          } ` +
           "(timestamps, mean of 5)",
       );
       console.log(table([

@@ -9,6 +9,7 @@
 import type { Gpu } from "../engine/gpu.ts";
 import {
   createLinear,
+  type Int8xSetting,
   type MatmulPath,
   matmulPath,
   type MatvecShape,
@@ -17,6 +18,23 @@ import {
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { formatBlock, weightBytes } from "../kernels/qformats.ts";
+
+/**
+ * The `matvecTuning.int8x` settings a benchmark's `--int8x` list names: "0" off, "1" q4_0 and
+ * q8_0, "auto" the engine's default (q4_0 where the runtime has packed integer dot products).
+ */
+export function parseInt8x(list: string): Int8xSetting[] {
+  return list.split(",").map((v) => {
+    if (v === "0" || v === "1") return v === "1";
+    if (v === "auto") return "auto";
+    throw new RangeError(`--int8x: "${v}" is not 0, 1 or auto`);
+  });
+}
+
+/** A `matvecTuning.int8x` setting as `--int8x` names it ("0", "1", "auto"). */
+export function int8xName(s: Int8xSetting): string {
+  return s === "auto" ? "auto" : s ? "1" : "0";
+}
 
 /** One product to time: y[T, N] = x[T, K] · W[N, K]^T. */
 export interface MatmulCase {

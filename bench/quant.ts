@@ -7,12 +7,13 @@
  *
  *   deno run -A bench/quant.ts --target DIR --draft DIR [--text F] [--ctx 512] [--ppl-tokens N]
  *                              [--tokens 128] [--formats f16,q8_0,q4_k,q4_0,nf4] [--k 4]
- *                              [--self q4_0,nf4] [--int8x 0,1] [--ppl-rows 8] [--ppl-only]
+ *                              [--self q4_0,nf4] [--int8x 0,1,auto] [--ppl-rows 8] [--ppl-only]
  *                              [--tokenizer F] [--json] [--out F]
  *
- * `--int8x 0,1` runs each format whose plan holds q8_0 or q4_0 tensors once per value of
+ * `--int8x 0,1,auto` runs each format whose plan holds q8_0 or q4_0 tensors once per value of
  * `matvecTuning.int8x` (int8 activations on the matrix-vector path, set before that row's models
- * build their plans; other formats run once, int8x "-"). `--ppl-rows R` evaluates the perplexity
+ * build their plans: 0 none, 1 q8_0 and q4_0, auto, the default, q4_0 only as the engine runs;
+ * other formats run once, int8x "-"). `--ppl-rows R` evaluates the perplexity
  * text in chunks of at most R rows, model and f16 reference alike, so the products run as in
  * decode and verify (8: the matrix-vector path of block formats, where int8x applies); the
  * default chunk of min(ctx, 128) rows takes the tiled path, which int8x leaves alone.
@@ -31,13 +32,14 @@ import { perplexity } from "../engine/perplexity.ts";
 import type { LoadedModel } from "../models/types.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { PROMPTS } from "./gpu.ts";
-import { int8xAvailable, matvecTuning } from "../kernels/matmul.ts";
+import { int8xAvailable, type Int8xSetting, matvecTuning } from "../kernels/matmul.ts";
+import { int8xName, parseInt8x } from "./matmul_cases.ts";
 
 /** One format's figures. */
 export interface QuantRow {
   format: string;
-  /** Whether q8_0 / q4_0 products ran on int8 x (`matvecTuning.int8x`); null: no such tensors. */
-  int8x: boolean | null;
+  /** Which products ran on int8 x (`matvecTuning.int8x`); null: no q8_0 / q4_0 tensors. */
+  int8x: Int8xSetting | null;
   weight_bytes: number;
   draft_bytes: number;
   share_of_f16: number;
@@ -73,7 +75,7 @@ if (import.meta.main) {
       formats: { type: "string", default: "f16,q8_0,q4_k,q4_0,nf4,q4_0/all" },
       self: { type: "string", default: "q8_0,q4_0,nf4" },
       k: { type: "string", default: "4" },
-      int8x: { type: "string", default: "0" },
+      int8x: { type: "string", default: "auto" },
       "ppl-rows": { type: "string", default: "0" },
       "ppl-only": { type: "boolean" },
       json: { type: "boolean" },
@@ -85,7 +87,7 @@ if (import.meta.main) {
     Deno.exit(2);
   }
   const ctx = Number(values.ctx), nTok = Number(values.tokens), k = Number(values.k);
-  const int8xs = String(values.int8x).split(",").map((v: string) => v === "1");
+  const int8xs = parseInt8x(String(values.int8x));
   if (int8xs.includes(true) && !int8xAvailable()) {
     console.error(
       "--int8x 1 needs WGSL's packed_4x8_integer_dot_product, which this runtime lacks",
@@ -137,9 +139,9 @@ if (import.meta.main) {
     targetFormats: Map<string, WeightFormat>,
     draft: { model: LoadedModel; formats: Map<string, WeightFormat> },
     pplOf: boolean,
-    int8x: boolean | null = null,
+    int8x: Int8xSetting | null = null,
   ) => {
-    matvecTuning.int8x = int8x === true;
+    matvecTuning.int8x = int8x ?? "auto";
     const store = new WeightStore(gpu);
     let ppl = NaN, kl = NaN, top1 = NaN;
     if (pplOf) {
@@ -157,7 +159,7 @@ if (import.meta.main) {
       top1 = r.top1_agreement!;
       m.destroy();
       console.log(
-        `  ${name}${int8x === null ? "" : ` int8x ${+int8x}`}: ppl ${ppl.toFixed(4)}, ` +
+        `  ${name}${int8x === null ? "" : ` int8x ${int8xName(int8x)}`}: ppl ${ppl.toFixed(4)}, ` +
           `kl ${kl.toFixed(5)}, top-1 ${(100 * top1).toFixed(2)}% on ${r.tokens_scored} ` +
           `tokens (${((performance.now() - t0) / 1000).toFixed(0)} s)`,
       );
@@ -173,7 +175,7 @@ if (import.meta.main) {
     if (name === "f16") f16Bytes = weightBytes;
     let plain = { tok_s: NaN, acceptance: NaN }, spec = plain, draftBytes = NaN;
     if (!pplOnly) ({ plain, spec, draftBytes } = await speeds(store, targetFormats, draft));
-    matvecTuning.int8x = false;
+    matvecTuning.int8x = "auto";
     store.destroy();
     const row: QuantRow = {
       format: name,
@@ -278,7 +280,7 @@ if (import.meta.main) {
   const pct = (x: number, d: number, unit: string) => Number.isNaN(x) ? "-" : fmt(x, d) + unit;
   const body = rows.map((r) => [
     r.format,
-    r.int8x === null ? "-" : r.int8x ? "1" : "0",
+    r.int8x === null ? "-" : int8xName(r.int8x),
     formatBytes(r.weight_bytes),
     pct(100 * r.share_of_f16, 1, "%"),
     Number.isNaN(r.draft_bytes) ? "-" : formatBytes(r.draft_bytes),

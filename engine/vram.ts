@@ -19,7 +19,7 @@
  */
 import type { LoadedModel } from "../models/types.ts";
 import type { Gpu } from "./gpu.ts";
-import { llamaBufferSizes, uploadList } from "../models/llama.ts";
+import { llamaBufferSizes, plannedInt8xK, uploadList } from "../models/llama.ts";
 import { storedBytes, tensorKey } from "./weights.ts";
 import { decoderBytes, targetLogitRows } from "./decode.ts";
 import { llamaBatchSizes, resolveBatchShape } from "../models/llama_batch.ts";
@@ -161,7 +161,8 @@ export function planBuffers(
     const rows = m === setup.target && setup.maxLogitRows === undefined
       ? targetLogitRows(setup.draft !== undefined)
       : shape.maxLogitRows;
-    const s = llamaBufferSizes(m.model.config, { ...shape, maxLogitRows: rows });
+    const int8xK = plannedInt8xK(m.model, m.formats);
+    const s = llamaBufferSizes(m.model.config, { ...shape, maxLogitRows: rows, int8xK });
     const limit = Math.min(a.maxBufferSize, a.maxStorageBufferBindingSize);
     if (s.kvCache > limit) {
       problems.push(`a ${setup.kv} KV cache of ${maxSeq} rows needs ${s.kvCache} bytes > ${limit}`);
@@ -186,7 +187,12 @@ export function planBuffers(
     for (const [m, shape] of models) {
       if (!m || !shape) continue;
       const layout = resolveBatchShape(shape, setup.kv);
-      const s = llamaBatchSizes(m.model.config, layout, a.maxComputeWorkgroupStorageSize);
+      const s = llamaBatchSizes(
+        m.model.config,
+        layout,
+        a.maxComputeWorkgroupStorageSize,
+        plannedInt8xK(m.model, m.formats),
+      );
       if (s.kv / 2 > limit) {
         problems.push(
           `a ${setup.kv} paged KV pool for ${setup.parallel} sequences of ${maxSeq} rows needs ` +

@@ -29,10 +29,15 @@
  * (`kernels/qformats.ts` holds the layouts and the WGSL decoders); for block formats K must be a
  * multiple of the block.
  *
- * Opt-in (`matvecTuning.int8x`): q8_0 and q4_0 products on the matrix-vector and chunked paths
- * quantize x once to int8 blocks of 32 (`kernels/quantize_x.ts`) and multiply with
- * `dot4I8Packed` ({@linkcode matvecInt8Wgsl}, reference {@linkcode int8MatmulRef}), as
- * llama.cpp's "mmvq" kernels do.
+ * Int8 activations ({@linkcode int8xFor}, `matvecTuning.int8x`): q4_0 products on the
+ * matrix-vector and chunked paths quantize x once to int8 blocks of 32 (`kernels/quantize_x.ts`)
+ * and multiply with `dot4I8Packed` ({@linkcode matvecInt8Wgsl}, reference
+ * {@linkcode int8MatmulRef}), as llama.cpp's "mmvq" kernels do. On by default for q4_0 where the
+ * runtime has `packed_4x8_integer_dot_product`: a dummy llama-3.1-8b q4_0 decoded 198 → 268 tok/s
+ * on an H200 (+35%), and through the decode path (bench/quant.ts, pycode target, 1022 tokens) PPL
+ * went 14.8543 → 14.8450 and the KL against f16 0.01468 → 0.01496 (2% of what q4_0 weights
+ * already cost), top-1 93.15% both. q8_0 stays on float x by default: 219 → 203 tok/s (slower);
+ * `matvecTuning.int8x = true` turns it on for both formats, `false` off.
  *
  * @module
  */
@@ -153,21 +158,31 @@ export interface MatvecShape {
  * `--widen-small-k`, `--block-rows`, `--int8x`); engine code never changes them. `unroll`: the
  * units in flight per lane of every split (1). `widenSmallK`: the shortest K that widens at
  * T ≤ 2 (decode, a one-token draft step), default {@linkcode MATVEC_WIDEN_MIN_K} like every T.
- * `blockMaxT`: the widest one-dispatch product of a block format (8). `int8x` (false): q8_0 and
- * q4_0 products on the matrix-vector path quantize x to int8 first and multiply with packed
- * integer dot products ({@linkcode matvecInt8Wgsl}); set it before building the dispatches.
+ * `blockMaxT`: the widest one-dispatch product of a block format (8). `int8x`: which products on
+ * the matrix-vector and chunked paths quantize x to int8 first and multiply with packed integer
+ * dot products ({@linkcode matvecInt8Wgsl}, rule {@linkcode int8xFor}): "auto" (default) q4_0
+ * where the runtime has `packed_4x8_integer_dot_product` (H200, dummy llama-3.1-8b decode: q4_0
+ * 198 → 268 tok/s, +35%, for 2% more KL against f16 than q4_0 weights already cost; q8_0 219 →
+ * 203 tok/s, slower, so not q8_0), true q4_0 and q8_0 (`--int8x 1`), false none (`--int8x 0`).
+ * Set it before creating models (their int8 scratch is sized by it) and building dispatches.
  */
 export const matvecTuning: {
   unroll: number;
   widenSmallK: number;
   blockMaxT: number;
-  int8x: boolean;
+  int8x: Int8xSetting;
 } = {
   unroll: 1,
   widenSmallK: 2048,
   blockMaxT: MATVEC_BLOCK_MAX_T,
-  int8x: false,
+  int8x: "auto",
 };
+
+/**
+ * Which weight formats take int8 activations (`matvecTuning.int8x`): "auto" q4_0 where the
+ * runtime has `packed_4x8_integer_dot_product`, true q4_0 and q8_0, false none.
+ */
+export type Int8xSetting = "auto" | boolean;
 
 /** Size of one product, for {@linkcode matvecShape}: input width K, weight rows N. */
 export interface MatvecSize {
@@ -606,8 +621,42 @@ ${store}
 `;
 }
 
-/** The weight formats of the int8 matrix-vector path (`matvecTuning.int8x`). */
+/** The weight formats the int8 matrix-vector path serves (`matvecTuning.int8x` true). */
 const INT8X_FORMATS: ReadonlySet<WeightFormat> = new Set(["q8_0", "q4_0"]);
+
+/**
+ * Whether products of `dtype` weights on the matrix-vector and chunked paths run on int8 x
+ * (quantize pass + {@linkcode matvecInt8Wgsl}) under `setting` (default `matvecTuning.int8x`):
+ * "auto" for q4_0 where {@linkcode int8xAvailable} (on q8_0 it measured slower, see
+ * `matvecTuning`), true for q4_0 and q8_0, false never. The tiled path never does.
+ *
+ * @example
+ * ```ts
+ * import { int8xFor } from "./matmul.ts";
+ * console.log(int8xFor("q8_0", "auto"), int8xFor("q8_0", true), int8xFor("q4_0", false));
+ * // false true false
+ * ```
+ */
+export function int8xFor(dtype: WeightFormat, setting: Int8xSetting = matvecTuning.int8x): boolean {
+  if (setting === "auto") return dtype === "q4_0" && int8xAvailable();
+  return setting && INT8X_FORMATS.has(dtype);
+}
+
+/**
+ * Bytes of one int8 scratch that serves every product of a model with at most `maxT` rows whose
+ * widest int8 product has input width `K` ({@linkcode int8xFor}); 0 when `K` is 0 (no such
+ * product). Only the matrix-vector and chunked paths (T ≤ {@linkcode MATVEC_CHUNKED_MAX_T}) use
+ * it, so its rows are min(maxT, 64); the scratch of (T, K) grows with both, so this one fits all.
+ *
+ * @example
+ * ```ts
+ * import { int8xSharedScratchBytes } from "./matmul.ts";
+ * console.log(int8xSharedScratchBytes(128, 1536), int8xSharedScratchBytes(128, 0)); // 123392 0
+ * ```
+ */
+export function int8xSharedScratchBytes(maxT: number, K: number): number {
+  return K > 0 ? int8xScratchBytes(Math.min(maxT, MATVEC_CHUNKED_MAX_T), K) : 0;
+}
 
 /**
  * Whether this runtime's WGSL has `dot4I8Packed` and `pack4xI8` (the language feature
@@ -920,9 +969,10 @@ export interface MatmulArgs {
    */
   factor?: boolean;
   /**
-   * With `matvecTuning.int8x`: the scratch the quantized x is written to, shared by products run
-   * one after another (at least `int8xScratchBytes(T, K)` bytes of `kernels/quantize_x.ts`, STORAGE
-   * usage); default a scratch of its own per {@linkcode createLinear} call.
+   * Where {@linkcode int8xFor} applies: the scratch the quantized x is written to, shared by
+   * products run one after another (at least `int8xScratchBytes(T, K)` bytes of
+   * `kernels/quantize_x.ts`, STORAGE usage); default a scratch of its own per
+   * {@linkcode createLinear} call. Ignored by products on float x.
    */
   int8Scratch?: GPUBuffer;
 }
@@ -933,10 +983,11 @@ export interface MatmulArgs {
  * chunked path. Pipelines, params and bind groups are made once; encode the returned
  * {@linkcode Dispatch}es, in order, as often as needed.
  *
- * With `matvecTuning.int8x`, q8_0 and q4_0 products on the matrix-vector and chunked paths are
- * the quantize pass of all T rows (`kernels/quantize_x.ts`) followed by the int8 matrix-vector
- * dispatch of each chunk ({@linkcode matvecInt8Wgsl}); their scratch is `args.int8Scratch` or a
- * buffer of this call's own, `int8xScratchBytes(T, K)` ≈ 1.25 T K bytes.
+ * Where {@linkcode int8xFor}(dtype) holds (by default q4_0), products on the matrix-vector and
+ * chunked paths are the quantize pass of all T rows (`kernels/quantize_x.ts`) followed by the
+ * int8 matrix-vector dispatch of each chunk ({@linkcode matvecInt8Wgsl}); their scratch is
+ * `args.int8Scratch` or a buffer of this call's own, `int8xScratchBytes(T, K)` ≈ 1.25 T K bytes
+ * (models pass one shared scratch, models/llama.ts).
  *
  * @example
  * ```ts ignore
@@ -947,7 +998,7 @@ export interface MatmulArgs {
 export async function createLinear(gpu: Gpu, args: MatmulArgs): Promise<Dispatch[]> {
   const { T, K } = args;
   const path = args.path ?? matmulPath(T, args.dtype);
-  if (matvecTuning.int8x && INT8X_FORMATS.has(args.dtype) && path !== "tiled") {
+  if (path !== "tiled" && int8xFor(args.dtype)) {
     return await createInt8Linear(gpu, args, path);
   }
   if (path !== "chunked") return [await createMatmul(gpu, { ...args, path })];
@@ -1037,7 +1088,7 @@ function matmulParams(
   return gpu.uniform(`${label}.params`, raw);
 }
 
-/** {@linkcode createLinear} with `matvecTuning.int8x` for q8_0 / q4_0 weights on `path`. */
+/** {@linkcode createLinear} on int8 x ({@linkcode int8xFor}) for q8_0 / q4_0 weights on `path`. */
 async function createInt8Linear(
   gpu: Gpu,
   args: MatmulArgs,
@@ -1047,15 +1098,21 @@ async function createInt8Linear(
   if (!int8xAvailable()) {
     throw new RangeError(
       `${label}: matvecTuning.int8x needs WGSL's packed_4x8_integer_dot_product, which this ` +
-        "runtime lacks (leave int8x off)",
+        'runtime lacks (set it to "auto" or false)',
     );
   }
   const block = checkArgs(gpu, args);
   const max = path === "matvec" ? MATVEC_MAX_T : MATVEC_CHUNKED_MAX_T;
   if (T > max) throw new RangeError(`${label}: ${path} path serves T <= ${max}, got ${T}`);
   const yStride = checkYStride(args);
-  const scratch = args.int8Scratch ??
-    gpu.buffer(`${label}.int8x`, int8xScratchBytes(T, K), GPUBufferUsage.STORAGE);
+  const need = int8xScratchBytes(T, K);
+  if (args.int8Scratch && args.int8Scratch.size < need) {
+    throw new RangeError(
+      `${label}: int8Scratch holds ${args.int8Scratch.size} bytes but T=${T} K=${K} needs ${need} ` +
+        "(size it with int8xSharedScratchBytes, after setting matvecTuning.int8x)",
+    );
+  }
+  const scratch = args.int8Scratch ?? gpu.buffer(`${label}.int8x`, need, GPUBufferUsage.STORAGE);
   const out = [
     await createQuantizeX(gpu, {
       label: `${label}.quantize_x`,

@@ -16,7 +16,7 @@ import type { Dispatch, Gpu } from "../engine/gpu.ts";
 import type { StoredTensor, WeightStore } from "../engine/weights.ts";
 import type { HostTensor, LoadedModel, ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
-import { createLinear } from "../kernels/matmul.ts";
+import { createLinear, int8xFor, int8xSharedScratchBytes } from "../kernels/matmul.ts";
 import { ropeInvFreq } from "../kernels/rope.ts";
 import { kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
 import {
@@ -61,6 +61,11 @@ export interface LlamaBufferShape {
   kvType: KvDType;
   /** The device's workgroup memory (picks the attention plans, hence the split-K scratch). */
   maxWorkgroupStorage: number;
+  /**
+   * Input width of the widest product on int8 activations ({@linkcode llamaInt8xK}), which sizes
+   * the one int8 scratch all products share; 0 or absent: no such product, no scratch.
+   */
+  int8xK?: number;
 }
 
 /** One tensor as the forward pass uploads it: its plan name and the host tensor. */
@@ -147,7 +152,7 @@ export class LlamaGpu {
   readonly formats: Readonly<Partial<Record<WeightFormat, number>>>;
   /**
    * GPU bytes by category, as allocated: "kv" (both caches) and "scratch" (activations, logits,
-   * attention partials, position state, RoPE table). Weights are in the store.
+   * attention partials, int8 activations, position state, RoPE table). Weights are in the store.
    */
   readonly bytes: { kv: number; scratch: number };
 
@@ -162,6 +167,7 @@ export class LlamaGpu {
   readonly #invFreq: GPUBuffer;
   readonly #act: Record<"x" | "qkv" | "att" | "h", GPUBuffer>;
   readonly #attnScratch: GPUBuffer;
+  readonly #int8Scratch?: GPUBuffer;
   readonly #plans = new Map<string, Promise<Dispatch[]>>();
   readonly #sourceIds = new Map<GPUBuffer, number>(); // token buffers by identity, for plan keys
 
@@ -222,6 +228,12 @@ export class LlamaGpu {
       sizes.attn,
       GPUBufferUsage.STORAGE,
     );
+    // Int8 x of the q4_0 products (kernels/matmul.ts int8xFor), sized for the widest one at the
+    // most rows the matrix-vector paths take, and shared by all plans and products: they run one
+    // after another, each quantizing x right before its own product reads it.
+    if (sizes.int8x > 0) {
+      this.#int8Scratch = gpu.buffer(`${opts.label}.int8x`, sizes.int8x, GPUBufferUsage.STORAGE);
+    }
     this.bytes = { kv: 2 * this.#kCache.size, scratch: sizes.scratch };
   }
 
@@ -330,6 +342,7 @@ export class LlamaGpu {
     if (kvType === "f16" && !gpu.features.f16) {
       throw new Error(`${opts.label}: an f16 KV cache needs the shader-f16 feature`);
     }
+    const products = layers.flatMap((l) => [...l.qkv.map((p) => p.w), l.o, l.gateUp, l.down]);
     const full = {
       label: opts.label,
       maxSeq: opts.maxSeq,
@@ -337,6 +350,7 @@ export class LlamaGpu {
       maxLogitRows: opts.maxLogitRows ?? 17,
       kvType,
       maxWorkgroupStorage: gpu.limits.maxComputeWorkgroupStorageSize,
+      int8xK: llamaInt8xK([...products, classifier]),
     };
     return await gpu.scoped(
       `${opts.label} buffers`,
@@ -411,6 +425,7 @@ export class LlamaGpu {
           T,
           K,
           N: t.shape[0],
+          int8Scratch: this.#int8Scratch,
           ...o,
         });
       // 1. qkv = rmsnorm(x)·[Wq; Wk; Wv]^T (+ bias): one product (one per format if they differ).
@@ -476,6 +491,7 @@ export class LlamaGpu {
           T: n,
           K: c.dim,
           N: c.vocabSize,
+          int8Scratch: this.#int8Scratch,
         }),
       );
     }
@@ -518,6 +534,7 @@ export class LlamaGpu {
     }
     for (const b of Object.values(this.#act)) b.destroy();
     this.#attnScratch.destroy();
+    this.#int8Scratch?.destroy();
   }
 }
 
@@ -589,14 +606,55 @@ export function uploadList(
 }
 
 /**
+ * Input width K of the widest product weight `[N, K]` in `products` whose format takes int8
+ * activations under the current `matvecTuning.int8x` (kernels/matmul.ts `int8xFor`: by default
+ * q4_0 where the runtime has packed integer dot products), 0 when none does.
+ *
+ * @example
+ * ```ts
+ * import { llamaInt8xK } from "./llama.ts";
+ * const w = (format: "f16" | "q8_0", K: number) => ({ format, shape: [64, K] });
+ * console.log(llamaInt8xK([w("f16", 4096), w("f16", 14336)])); // 0
+ * ```
+ */
+export function llamaInt8xK(
+  products: Iterable<{ readonly format: WeightFormat; readonly shape: readonly number[] }>,
+): number {
+  let K = 0;
+  for (const p of products) if (int8xFor(p.format)) K = Math.max(K, p.shape[1]);
+  return K;
+}
+
+/**
+ * {@linkcode llamaInt8xK} of the products {@linkcode LlamaGpu.create} builds for `model` stored
+ * as `formats`: every matrix of {@linkcode uploadList} but the embedding table, which is a
+ * product (the classifier) only when the embeddings are tied. The VRAM planner's view of it.
+ */
+export function plannedInt8xK(
+  model: LoadedModel,
+  formats: ReadonlyMap<string, WeightFormat>,
+): number {
+  const products = [];
+  for (const { planName, tensor } of uploadList(model, formats)) {
+    if (tensor.shape.length !== 2) continue; // norms and biases
+    if (planName === "token_embd.weight" && !model.config.tiedEmbeddings) continue;
+    const format = formats.get(planName);
+    if (format) products.push({ format, shape: tensor.shape });
+  }
+  return llamaInt8xK(products);
+}
+
+/**
  * Exact byte sizes of the non-weight buffers a {@linkcode LlamaGpu} allocates for `shape`: one
  * KV cache (K or V), each activation, the fused attention's split-K scratch (the largest any T
- * up to maxT needs) and their total as "scratch". The VRAM planner uses the same function.
+ * up to maxT needs), the int8 activations' scratch (0 without `shape.int8xK`) and their total
+ * as "scratch". The VRAM planner uses the same function.
  */
 export function llamaBufferSizes(c: ModelConfig, shape: LlamaBufferShape): {
   kvCache: number;
   act: Record<"x" | "qkv" | "att" | "h" | "logits", number>;
   attn: number;
+  int8x: number;
   scratch: number;
 } {
   const kvDim = c.nKvHeads * c.headDim, qDim = c.nHeads * c.headDim, T = shape.maxT;
@@ -621,10 +679,11 @@ export function llamaBufferSizes(c: ModelConfig, shape: LlamaBufferShape): {
     attn = Math.max(attn, fusedAttentionScratchBytes(s, plan));
   }
   const state = 16, invFreq = pad4((c.headDim / 2) * 4);
-  let scratch = state + invFreq + attn;
+  const int8x = int8xSharedScratchBytes(T, shape.int8xK ?? 0); // a multiple of 8
+  let scratch = state + invFreq + attn + int8x;
   for (const n of Object.values(act)) scratch += pad4(n);
   const kvCache = pad4(kvCacheBytes(shape.kvType, c.nLayers, shape.maxSeq, c.nKvHeads, c.headDim));
-  return { kvCache, act, attn, scratch };
+  return { kvCache, act, attn, int8x, scratch };
 }
 
 /** Rows of `parts` one after another (same dtype and row width), as one host tensor. */

@@ -20,10 +20,10 @@
  */
 import type { Dispatch, Gpu } from "../engine/gpu.ts";
 import type { StoredTensor } from "../engine/weights.ts";
-import type { LlamaGpu, LogitRows, TokenSource } from "./llama.ts";
+import { type LlamaGpu, llamaInt8xK, type LogitRows, type TokenSource } from "./llama.ts";
 import type { ModelConfig } from "./types.ts";
 import { createEmbedding } from "../kernels/embedding.ts";
-import { createLinear } from "../kernels/matmul.ts";
+import { createLinear, int8xSharedScratchBytes } from "../kernels/matmul.ts";
 import { ropeInvFreq } from "../kernels/rope.ts";
 import type { KvDType } from "../kernels/kv_write.ts";
 import {
@@ -85,16 +85,20 @@ export function resolveBatchShape(s: LlamaBatchShape, modelKv: KvDType): LlamaBa
 /**
  * Exact bytes of the buffers a {@linkcode LlamaBatch} of `layout` allocates: the pool (K and V
  * together, engine/paged_kv.ts `pagedKvPoolBytes`) as "kv", and activations, logits, block
- * tables, RoPE table and split-K attention scratch as "scratch". The VRAM planner uses the same.
+ * tables, RoPE table, split-K attention scratch and the int8 activations' scratch (`int8xK`:
+ * the model's models/llama.ts `llamaInt8xK`, 0 for none) as "scratch". The VRAM planner uses
+ * the same.
  */
 export function llamaBatchSizes(
   c: ModelConfig,
   layout: LlamaBatchLayout,
   maxWorkgroupStorage: number,
+  int8xK = 0,
 ): {
   kv: number;
   act: Record<BatchAct | "logits", number>;
   attn: [number, number];
+  int8x: number;
   scratch: number;
 } {
   const pad4 = (n: number) => Math.max(4, Math.ceil(n / 4) * 4);
@@ -125,7 +129,8 @@ export function llamaBatchSizes(
   const attn: [number, number] = [pad4(attnAcc), pad4(attnMl)];
   const table = pad4(layout.maxSeqs * layout.maxBlocksPerSeq * 4);
   const invFreq = pad4((c.headDim / 2) * 4);
-  let scratch = attn[0] + attn[1] + table + invFreq;
+  const int8x = int8xSharedScratchBytes(T, int8xK); // a multiple of 8
+  let scratch = attn[0] + attn[1] + table + invFreq + int8x;
   for (const n of Object.values(act)) scratch += pad4(n);
   const kv = 2 * pad4(pagedKvBufferBytes({
     dtype: layout.kv,
@@ -135,7 +140,7 @@ export function llamaBatchSizes(
     nKvHeads: c.nKvHeads,
     headDim: c.headDim,
   }));
-  return { kv, act, attn, scratch };
+  return { kv, act, attn, int8x, scratch };
 }
 
 type BatchAct = "x" | "qkv" | "q" | "att" | "h";
@@ -177,6 +182,7 @@ export class LlamaBatch {
   readonly #invFreq: GPUBuffer;
   readonly #act: Record<BatchAct, GPUBuffer>;
   readonly #scratch: { acc: GPUBuffer; ml: GPUBuffer };
+  readonly #int8Scratch?: GPUBuffer;
   readonly #plans = new Map<string, Promise<Dispatch[]>>();
   readonly #ids = new Map<GPUBuffer, number>();
 
@@ -187,7 +193,10 @@ export class LlamaBatch {
     this.layout = layout;
     this.#label = label;
     const c = model.config;
-    const sizes = llamaBatchSizes(c, layout, gpu.limits.maxComputeWorkgroupStorageSize);
+    const w = model.weights;
+    const products = w.layers.flatMap((l) => [...l.qkv.map((p) => p.w), l.o, l.gateUp, l.down]);
+    const int8xK = llamaInt8xK([...products, w.classifier]);
+    const sizes = llamaBatchSizes(c, layout, gpu.limits.maxComputeWorkgroupStorageSize, int8xK);
     const S = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
     // K/V pools: [layers, numBlocks * blockRows, nKvHeads, headDim] of kv (q8: then scales).
     this.#kPool = gpu.buffer(`${label}.pool.k`, sizes.kv / 2, S);
@@ -212,6 +221,11 @@ export class LlamaBatch {
       acc: gpu.buffer(`${label}.attn.partial_acc`, sizes.attn[0], GPUBufferUsage.STORAGE),
       ml: gpu.buffer(`${label}.attn.partial_ml`, sizes.attn[1], GPUBufferUsage.STORAGE),
     };
+    // Int8 x of the q4_0 products (kernels/matmul.ts int8xFor): this forward's own, sized by its
+    // maxRows (the model's is sized by its maxT, which may be smaller), shared by its products.
+    if (sizes.int8x > 0) {
+      this.#int8Scratch = gpu.buffer(`${label}.int8x`, sizes.int8x, GPUBufferUsage.STORAGE);
+    }
     this.pool = new BlockPool(layout.numBlocks, layout.blockRows);
     this.bytes = { kv: sizes.kv, scratch: sizes.scratch };
   }
@@ -329,6 +343,7 @@ export class LlamaBatch {
           T: R,
           K,
           N: t.shape[0],
+          int8Scratch: this.#int8Scratch,
           ...o,
         });
       // 1. qkv = rmsnorm(x)·[Wq; Wk; Wv]^T (+ bias), as in models/llama.ts.
@@ -395,6 +410,7 @@ export class LlamaBatch {
           T: n,
           K: c.dim,
           N: c.vocabSize,
+          int8Scratch: this.#int8Scratch,
         }),
       );
     }
@@ -409,5 +425,6 @@ export class LlamaBatch {
     for (const b of Object.values(this.#act)) b.destroy();
     this.#scratch.acc.destroy();
     this.#scratch.ml.destroy();
+    this.#int8Scratch?.destroy();
   }
 }

@@ -14,7 +14,12 @@ import {
   createLinear,
   fusedMatmulRef,
   int8MatmulRef,
+  int8xAvailable,
+  int8xFor,
+  type Int8xSetting,
+  int8xSharedScratchBytes,
   type MatmulPath,
+  MATVEC_CHUNKED_MAX_T,
   matvecChunks,
   type MatvecShape,
   matvecTuning,
@@ -58,6 +63,27 @@ function assertSameQuant(name: string, got: QuantizedX, want: QuantizedX, rinvTo
     }
   }
 }
+
+Deno.test("int8xFor() takes q4_0 by default, q4_0 and q8_0 when on, none when off", () => {
+  const formats: WeightFormat[] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "nf4"];
+  const on = (s: Int8xSetting) => formats.filter((f) => int8xFor(f, s));
+  assert.deepEqual(on("auto"), int8xAvailable() ? ["q4_0"] : []);
+  assert.deepEqual(on(true), ["q8_0", "q4_0"]);
+  assert.deepEqual(on(false), []);
+  assert.equal(matvecTuning.int8x, "auto", "the default setting");
+});
+
+Deno.test("int8xSharedScratchBytes() fits every product of at most maxT rows and width K", () => {
+  for (const [maxT, K] of [[1, 32], [5, 96], [17, 576], [128, 1536], [64, 14336]]) {
+    const bytes = int8xSharedScratchBytes(maxT, K);
+    let most = 0;
+    for (let T = 1; T <= Math.min(maxT, MATVEC_CHUNKED_MAX_T); T++) {
+      for (let k = 32; k <= K; k += 32) most = Math.max(most, int8xScratchBytes(T, k));
+    }
+    assert.equal(bytes, most, `maxT=${maxT} K=${K}: the largest (T, K) any product uses`);
+  }
+  assert.equal(int8xSharedScratchBytes(128, 0), 0, "no int8 product, no scratch");
+});
 
 Deno.test("quantizeXRef() rounds halves to even and keeps zero and huge-value blocks", () => {
   const x = raggedX(1, 96, 5);
@@ -202,6 +228,7 @@ async function checkInt8(gpu: Gpu, c: Int8Case): Promise<void> {
   const y = gpu.upload("y", yInit, RW);
   const scratch = gpu.buffer("int8x", int8xScratchBytes(T, K), RW);
   const path = c.path ?? (T <= matvecTuning.blockMaxT ? "matvec" : "chunked");
+  const setting = matvecTuning.int8x;
   matvecTuning.int8x = true;
   let d;
   try {
@@ -226,7 +253,7 @@ async function checkInt8(gpu: Gpu, c: Int8Case): Promise<void> {
       path,
     });
   } finally {
-    matvecTuning.int8x = false;
+    matvecTuning.int8x = setting;
   }
   const chunks = path === "matvec" ? 1 : matvecChunks(T, matvecTuning.blockMaxT).length;
   assert.equal(d.length, 1 + chunks, "a quantize pass, then one int8 matvec per chunk");
@@ -357,16 +384,21 @@ gpuTest("int8x chunks T = 12 and 17 rows and honours forced splits", async (gpu)
 gpuTest("int8x leaves other formats, the tiled path and int8x off unchanged", async (gpu) => {
   const b = gpu.buffer("b", 1 << 16, RW);
   const args = { label: "L0.q", x: b, w: b, y: b, T: 3, K: 256, N: 8 };
-  const count = async (dtype: WeightFormat, path?: MatmulPath, int8x = true) => {
+  const count = async (dtype: WeightFormat, path?: MatmulPath, int8x: Int8xSetting = true) => {
+    const setting = matvecTuning.int8x;
     matvecTuning.int8x = int8x;
     try {
       return (await createLinear(gpu, { ...args, dtype, path })).map((d) => d.label);
     } finally {
-      matvecTuning.int8x = false;
+      matvecTuning.int8x = setting;
     }
   };
   assert.deepEqual(await count("q4_k"), ["L0.q"]);
   assert.deepEqual(await count("q4_0", "tiled"), ["L0.q"]);
   assert.deepEqual(await count("q4_0", undefined, false), ["L0.q"]);
   assert.deepEqual(await count("q8_0"), ["L0.q.quantize_x", "L0.q"]);
+  // The default, "auto": q4_0 on int8 x, q8_0 on float x (slower on int8 x, see matvecTuning).
+  assert.deepEqual(await count("q4_0", undefined, "auto"), ["L0.q.quantize_x", "L0.q"]);
+  assert.deepEqual(await count("q8_0", undefined, "auto"), ["L0.q"]);
+  assert.deepEqual(await count("q4_0", "tiled", "auto"), ["L0.q"]);
 });

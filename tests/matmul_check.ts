@@ -1,13 +1,15 @@
 /**
  * The one matmul conformance check both matmul test files use: run the product on GPU buffers
  * with offsets and sentinels around x and y, and compare with `matmulRef` over the weights'
- * reference values.
+ * reference values. It checks the float-x kernels, so int8 activations (`matvecTuning.int8x`,
+ * on for q4_0 by default) are off while it builds the product; tests/int8x_test.ts checks those.
  */
 import {
   createLinear,
   fusedMatmulRef,
   type MatmulPath,
   type MatvecShape,
+  matvecTuning,
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { assertClose, randomArray, type Tolerance } from "./harness.ts";
@@ -65,6 +67,8 @@ export async function checkProduct(
   const yInit = new Float32Array(yOff + T * stride + 3).fill(-7);
   if (yOld) yInit.set(yOld, yOff);
   const y = gpu.upload("y", yInit, RW);
+  const int8x = matvecTuning.int8x;
+  matvecTuning.int8x = false;
   const d = await createLinear(gpu, {
     label: "test.matmul",
     x: gpu.upload("x", xBuf),
@@ -83,7 +87,7 @@ export async function checkProduct(
     K,
     N,
     path: c.path,
-  });
+  }).finally(() => matvecTuning.int8x = int8x);
   await gpu.run("test", d);
   const got = new Float32Array(await gpu.read(y));
   const want = yInit.slice();

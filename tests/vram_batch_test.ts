@@ -13,6 +13,7 @@ import { loadModel } from "../models/load.ts";
 import { requestGpu } from "../engine/gpu.ts";
 import { decoderBytes } from "../engine/decode.ts";
 import { llamaBatchSizes, resolveBatchShape } from "../models/llama_batch.ts";
+import { int8xAvailable, int8xSharedScratchBytes, matvecTuning } from "../kernels/matmul.ts";
 
 const STORIES = "icppWorld-icpp_llm/stories260K.bin";
 const TOK = "icppWorld-icpp_llm/tok512.bin";
@@ -128,5 +129,49 @@ gpuTest(
     } finally {
       await s.dispose();
     }
+  },
+);
+
+gpuTest(
+  "planner bytes equal the allocated bytes with a q4_0 paged batch: its own int8 scratch counted",
+  async (gpu) => {
+    // The model's int8 scratch (min(maxT 128, 64) rows) and the batch's own (min(maxRows 64, 64)
+    // rows), both of the widest q4_0 product's K = dim 64; with int8x off neither exists.
+    const scratchOf = async () => {
+      const s = await Session.load({
+        model: await fixture(STORIES),
+        tokenizer: await fixture(TOK),
+        maxSeq: 96,
+        parallel: 2,
+        quant: "q4_0",
+      }, () => {});
+      try {
+        const r = await s.generate(
+          {
+            promptTokens: [1, 403, 407, 261],
+            maxTokens: 4,
+            temperature: 0,
+            topK: 0,
+            topP: 1,
+            seed: 0,
+          },
+          () => {},
+          () => false,
+        );
+        assert.equal(r.generated_tokens, 4);
+        assert.ok((s.info().formats.target.q4_0 ?? 0) > 0, JSON.stringify(s.info().formats));
+        const serialDecoder = decoderBytes(96, s.info().vocabSize, false, gpu.features.timestamp);
+        assert.deepEqual(s.vram(), { ...s.planned, staging: s.planned.staging - serialDecoder });
+        assert.equal(vramTotal(s.vram()), s.allocatedBytes);
+        return s.vram().scratch;
+      } finally {
+        await s.dispose();
+      }
+    };
+    const on = await scratchOf();
+    const setting = matvecTuning.int8x;
+    matvecTuning.int8x = false;
+    const off = await scratchOf().finally(() => matvecTuning.int8x = setting);
+    assert.equal(on - off, 2 * int8xSharedScratchBytes(64, int8xAvailable() ? 64 : 0));
   },
 );

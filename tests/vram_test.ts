@@ -12,6 +12,7 @@ import { adapterFacts, formatBytes, parseBytes, vramTotal } from "../engine/vram
 import { formatPlanTable, planConfigurations, type PlanRequest } from "../engine/planner.ts";
 import { loadModel } from "../models/load.ts";
 import { requestGpu } from "../engine/gpu.ts";
+import { int8xAvailable, int8xSharedScratchBytes, matvecTuning } from "../kernels/matmul.ts";
 
 const STORIES = "icppWorld-icpp_llm/stories260K.bin";
 const TOK = "icppWorld-icpp_llm/tok512.bin";
@@ -84,6 +85,34 @@ gpuTest("planner bytes equal the allocated bytes: q8_0 target, q4_0 draft, 8-bit
     await s.dispose();
   }
 });
+
+gpuTest(
+  "planner bytes equal the allocated bytes: a q4_0 target's int8 scratch, one per model",
+  async () => {
+    // int8 activations on (the default for q4_0) and off: both plan what they allocate, and
+    // they differ by exactly one scratch of min(maxT 128, 64) rows of the widest q4_0 product's
+    // K (dim 64: ffn_down's K = 172 is no multiple of 32 and stays f16).
+    const on = await assertPlannedEqualsAllocated({ quant: "q4_0" });
+    const setting = matvecTuning.int8x;
+    matvecTuning.int8x = false;
+    let off;
+    try {
+      off = await assertPlannedEqualsAllocated({ quant: "q4_0" });
+    } finally {
+      matvecTuning.int8x = setting;
+    }
+    try {
+      assert.ok((on.info().formats.target.q4_0 ?? 0) > 0, JSON.stringify(on.info().formats));
+      const int8x = int8xSharedScratchBytes(128, int8xAvailable() ? 64 : 0);
+      if (int8xAvailable()) assert.equal(int8x, 4096 + 64 * 3 * 8, "64 rows of int8 + meta");
+      assert.equal(on.vram().scratch - off.vram().scratch, int8x);
+      assert.equal(on.allocatedBytes - off.allocatedBytes, int8x);
+    } finally {
+      await on.dispose();
+      await off.dispose();
+    }
+  },
+);
 
 gpuTest(
   "planner bytes equal the allocated bytes: nf4 self-draft shares the kept tensors",
