@@ -18,6 +18,16 @@ import { int8xAvailable, int8xSharedScratchBytes, matvecTuning } from "../kernel
 const STORIES = "icppWorld-icpp_llm/stories260K.bin";
 const TOK = "icppWorld-icpp_llm/tok512.bin";
 
+/** Greedy generation of `maxTokens` after a fixed 4-token prompt, through `s`. */
+function greedy(s: Session, maxTokens: number) {
+  const sampling = { temperature: 0, topK: 0, topP: 1, seed: 0 };
+  return s.generate(
+    { promptTokens: [1, 403, 407, 261], maxTokens, ...sampling },
+    () => {},
+    () => false,
+  );
+}
+
 gpuTest(
   "planner bytes equal the allocated bytes with a paged pool (--parallel 3, q8 KV)",
   async (gpu) => { // the test device: the same adapter as the session's
@@ -29,18 +39,7 @@ gpuTest(
       kv: "q8",
     }, () => {});
     try {
-      const r = await s.generate(
-        {
-          promptTokens: [1, 403, 407, 261],
-          maxTokens: 6,
-          temperature: 0,
-          topK: 0,
-          topP: 1,
-          seed: 0,
-        },
-        () => {},
-        () => false,
-      );
+      const r = await greedy(s, 6);
       assert.equal(r.generated_tokens, 6);
       assert.equal(s.batchLoad()!.blocks, 3 * 6, "3 contexts of 96 rows in 16-row blocks");
       // Batched generations never build the serial decoder, which the plan keeps room for.
@@ -109,18 +108,7 @@ gpuTest(
       batchDraftTokens: 3,
     }, () => {});
     try {
-      const r = await s.generate(
-        {
-          promptTokens: [1, 403, 407, 261],
-          maxTokens: 20,
-          temperature: 0,
-          topK: 0,
-          topP: 1,
-          seed: 0,
-        },
-        () => {},
-        () => false,
-      );
+      const r = await greedy(s, 20);
       assert.equal(r.spec, "model");
       assert.ok(r.accepted_tokens > 0 && r.tokens_per_pass > 1, JSON.stringify(r));
       const serialDecoder = decoderBytes(96, s.info().vocabSize, true, gpu.features.timestamp);
@@ -146,18 +134,7 @@ gpuTest(
         quant: "q4_0",
       }, () => {});
       try {
-        const r = await s.generate(
-          {
-            promptTokens: [1, 403, 407, 261],
-            maxTokens: 4,
-            temperature: 0,
-            topK: 0,
-            topP: 1,
-            seed: 0,
-          },
-          () => {},
-          () => false,
-        );
+        const r = await greedy(s, 4);
         assert.equal(r.generated_tokens, 4);
         assert.ok((s.info().formats.target.q4_0 ?? 0) > 0, JSON.stringify(s.info().formats));
         const serialDecoder = decoderBytes(96, s.info().vocabSize, false, gpu.features.timestamp);
