@@ -24,7 +24,8 @@ import {
   type MatvecShape,
   matvecTuning,
 } from "../kernels/matmul.ts";
-import { decodeWeights, encodeWeights, type WeightFormat } from "../kernels/qformats.ts";
+import type { WeightFormat } from "../kernels/qformats.ts";
+import { encodedWeights } from "./matmul_check.ts";
 import { gpuTest, randomArray } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
 import assert from "@specdec/assert";
@@ -179,19 +180,6 @@ interface Int8Case {
   ragged?: boolean;
 }
 
-const weightCache = new Map<string, { buf: GPUBuffer; ref: Float32Array }>();
-
-function weights(gpu: Gpu, f: WeightFormat, N: number, K: number) {
-  const key = `${f}.${N}.${K}`;
-  let w = weightCache.get(key);
-  if (!w) {
-    const bytes = encodeWeights(f, randomArray(N * K, N * 131 + K, 0.5), N, K);
-    w = { buf: gpu.upload(`w.${key}`, bytes), ref: decodeWeights(f, bytes, N, K) };
-    weightCache.set(key, w);
-  }
-  return w;
-}
-
 /** |silu(g') u' - silu(g) u| for |g' - g| <= bg, |u' - u| <= bu (silu is 1.1-Lipschitz). */
 function swigluBound(g: number, u: number, bg: number, bu: number): number {
   return 1.1 * bg * (Math.abs(u) + bu) + Math.abs(g / (1 + Math.exp(-g))) * bu;
@@ -215,7 +203,7 @@ async function checkInt8(gpu: Gpu, c: Int8Case): Promise<void> {
   const { f, T, K, N } = c;
   const seed = T * 7919 + K * 31 + N + (c.norm ? 5 : 0) + (c.swiglu ? 11 : 0);
   const xOff = c.xOffset ?? 0, yOff = c.yOffset ?? 0;
-  const w = weights(gpu, f, N, K);
+  const w = encodedWeights(gpu, f, N, K);
   const x = c.ragged ? raggedX(T, K, seed) : randomArray(T * K, seed);
   const bias = c.bias ? randomArray(N, seed + 2) : undefined;
   const outN = c.swiglu ? N / 2 : N, stride = c.yStride ?? outN;

@@ -12,6 +12,13 @@ import {
   matvecTuning,
   type WeightDType,
 } from "../kernels/matmul.ts";
+import assert from "@specdec/assert";
+import {
+  decodeWeights,
+  encodeWeights,
+  weightBytes,
+  type WeightFormat,
+} from "../kernels/qformats.ts";
 import { assertClose, randomArray, type Tolerance } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
 
@@ -42,6 +49,33 @@ export interface TestWeights {
   dtype: WeightDType;
   buf: GPUBuffer;
   ref: Float32Array;
+}
+
+/** Encoded weights per device, keyed by (format, N, K). */
+const weightCache = new WeakMap<Gpu, Map<string, { buf: GPUBuffer; ref: Float32Array }>>();
+
+/**
+ * Random weights [N, K] in format `f`, encoded and uploaded once per (device, f, N, K), with
+ * their reference decode; asserts that `weightBytes()` is the uploaded size.
+ */
+export function encodedWeights(
+  gpu: Gpu,
+  f: WeightFormat,
+  N: number,
+  K: number,
+): { buf: GPUBuffer; ref: Float32Array } {
+  let cache = weightCache.get(gpu);
+  if (!cache) weightCache.set(gpu, cache = new Map());
+  const key = `${f}.${N}.${K}`;
+  let w = cache.get(key);
+  if (!w) {
+    const bytes = encodeWeights(f, randomArray(N * K, N * 131 + K, 0.5), N, K);
+    const buf = gpu.upload(`w.${key}`, bytes);
+    assert.equal(buf.size, weightBytes(f, N, K), "weightBytes() is the uploaded size");
+    w = { buf, ref: decodeWeights(f, bytes, N, K) };
+    cache.set(key, w);
+  }
+  return w;
 }
 
 /** Runs `c` with weights `w` (x, bias and y_old drawn from `seed`) and asserts within `tol`. */

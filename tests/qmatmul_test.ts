@@ -1,16 +1,13 @@
 import { createMatmul, type MatmulPath } from "../kernels/matmul.ts";
 import {
-  decodeWeights,
-  encodeWeights,
   formatBlock,
   isBlockFormat,
   WEIGHT_FORMATS,
-  weightBytes,
   type WeightFormat,
 } from "../kernels/qformats.ts";
-import { gpuTest, randomArray } from "./harness.ts";
+import { gpuTest } from "./harness.ts";
 import type { Gpu } from "../engine/gpu.ts";
-import { checkProduct } from "./matmul_check.ts";
+import { checkProduct, encodedWeights } from "./matmul_check.ts";
 import assert from "@specdec/assert";
 
 // Tolerance: the GPU dequantizes to the same f32 values as decodeWeights() (products of an f16
@@ -45,24 +42,8 @@ interface Case {
   shape?: { rows: number; lanes: number; perThread?: number };
 }
 
-/** Weights [N, K] encoded once per (f, N, K) and their reference decode. */
-const weightCache = new Map<string, { buf: GPUBuffer; ref: Float32Array }>();
-
-function weights(gpu: Gpu, f: WeightFormat, N: number, K: number) {
-  const key = `${f}.${N}.${K}`;
-  let w = weightCache.get(key);
-  if (!w) {
-    const bytes = encodeWeights(f, randomArray(N * K, N * 131 + K, 0.5), N, K);
-    const buf = gpu.upload(`w.${key}`, bytes);
-    assert.equal(buf.size, weightBytes(f, N, K), "weightBytes() is the uploaded size");
-    w = { buf, ref: decodeWeights(f, bytes, N, K) };
-    weightCache.set(key, w);
-  }
-  return w;
-}
-
 async function check(gpu: Gpu, c: Case): Promise<void> {
-  const w = weights(gpu, c.f, c.N, c.K);
+  const w = encodedWeights(gpu, c.f, c.N, c.K);
   await checkProduct(gpu, c, { dtype: c.f, ...w }, c.T * 7919 + c.K * 31 + c.N, TOL);
 }
 
