@@ -84,8 +84,9 @@ export function attentionRowBlock(shape: AttentionShape): number {
 
 /** Workgroup-memory bytes of a flash workgroup with `bq` rows, `kt` keys per tile, `headDim`. */
 export function attentionSharedBytes(bq: number, kt: number, headDim: number): number {
-  // Q block + K tile + V tile (f32) + scores + per-row m, l, alpha, end.
-  return 4 * (bq * headDim + 2 * kt * headDim + bq * kt + 4 * bq);
+  // Q block + K tile (rows padded by a vec4) + V tile (f32) + scores + per-row m, l, alpha,
+  // end + the softmax's partial max and sum per (row, lane).
+  return 4 * (bq * headDim + 2 * kt * headDim + 4 * kt + bq * kt + 4 * bq + 2 * SOFTMAX_LANES * bq);
 }
 
 /** Keys per tile: the largest of 32, 16, 8 whose workgroup memory fits `maxShared` bytes. */
@@ -180,21 +181,49 @@ struct Params {
 }`;
 }
 
+/** Invocations that share one query row's softmax in {@linkcode flashTileWgsl}. */
+export const SOFTMAX_LANES = 8;
+
 /**
- * WGSL of one K/V tile's work in the flash kernels, after the tile is staged in `Ks`, `Vs`: the
- * BQ x KT scores, the online softmax of BQ rows (invocation r < BQ: new running max over its
- * visible keys, weights, rescale `alpha`), and the accumulator update `acc = acc * alpha + S·V`.
- * Key j of the tile is visible to row `tid` when `j < nValid` (the causal end) and, if given,
- * the WGSL boolean `visible` (an expression of `j`, e.g. a tree mask).
+ * WGSL workgroup memory of the flash kernels' tile loop: Qs [BQ, headDim] (pre-scaled), the K
+ * tile with rows padded to HD4 + 1 vec4 (`KS`: the score loop's lanes then read different
+ * banks), the V tile, the scores S [BQ, KT], the per-row running max, sum, rescale and visible
+ * end, and the softmax's partial max and sum of {@linkcode SOFTMAX_LANES} lanes per row.
+ * Expects the constants HD4, BQ, KT in scope (it declares KS).
  */
-export function flashTileWgsl(visible?: string): string {
-  const also = visible ? ` && ${visible}` : "";
-  const keepMax = visible
-    ? `if (${visible}) { mNew = max(mNew, S[tid * KT + j]); }`
-    : "mNew = max(mNew, S[tid * KT + j]);";
+export function flashTileVarsWgsl(bq: number, kt: number, hd4: number): string {
+  const L = SOFTMAX_LANES * bq;
+  return `const KS = ${hd4 + 1}u; // row stride of Ks, in vec4
+var<workgroup> Qs: array<vec4<f32>, ${bq * hd4}>;      // [BQ, headDim], pre-scaled
+var<workgroup> Ks: array<vec4<f32>, ${kt * (hd4 + 1)}>; // [KT, KS]
+var<workgroup> Vs: array<vec4<f32>, ${kt * hd4}>;      // [KT, headDim]
+var<workgroup> S: array<f32, ${bq * kt}>;              // [BQ, KT] scores, then weights
+var<workgroup> rowM: array<f32, ${bq}>;                // running max (log2 domain)
+var<workgroup> rowL: array<f32, ${bq}>;                // running sum of weights
+var<workgroup> rowAlpha: array<f32, ${bq}>;            // rescale of this tile
+var<workgroup> rowEnd: array<u32, ${bq}>;              // keys [.., rowEnd) visible to the row
+var<workgroup> redM: array<f32, ${L}>;                 // softmax: partial max per (row, lane)
+var<workgroup> redL: array<f32, ${L}>;                 // softmax: partial sum per (row, lane)`;
+}
+
+/**
+ * WGSL of one K/V tile's work in the flash kernels, after the tile is staged in `Ks` (rows of
+ * stride KS) and `Vs`: the BQ x KT scores, the online softmax of BQ rows, and the accumulator
+ * update `acc = acc * alpha + S·V`, then a barrier (the next tile may be staged). The softmax of
+ * a row is shared by {@linkcode SOFTMAX_LANES} invocations (partial max, then weights and partial sums, then one
+ * invocation per row combines them: new running max, sum, rescale `alpha`). Key j of the tile is
+ * visible to row r when `j < nValid` (the causal end) and, if given, the WGSL boolean
+ * `visible(r, j)` (e.g. a tree mask). Declarations: {@linkcode flashTileVarsWgsl}.
+ */
+export function flashTileWgsl(visible?: (r: string, j: string) => string): string {
+  const SL = SOFTMAX_LANES;
+  const also = visible ? ` && ${visible("r", "j")}` : "";
+  const lane = `let r = e / ${SL}u;
+      let end = rowEnd[r];
+      let nValid = select(0u, min(end - s0, KT), end > s0);`;
   return `    for (var e = tid; e < BQ * KT; e += WG) {
       let qb = (e / KT) * HD4;
-      let kb = (e % KT) * HD4;
+      let kb = (e % KT) * KS;
       var d = 0.0;
       for (var c = 0u; c < HD4; c++) {
         d += dot(Qs[qb + c], Ks[kb + c]);
@@ -202,19 +231,38 @@ export function flashTileWgsl(visible?: string): string {
       S[e] = d;
     }
     workgroupBarrier();
+    // Softmax, ${SL} invocations per row: invocation (r, q) holds keys q, q + ${SL}, ...
+    for (var e = tid; e < BQ * ${SL}u; e += WG) {
+      ${lane}
+      var mx = ${NEG};
+      for (var k = 0u; k < KT / ${SL}u; k++) {
+        let j = e % ${SL}u + k * ${SL}u;
+        mx = select(mx, max(mx, S[r * KT + j]), j < nValid${also});
+      }
+      redM[e] = mx;
+    }
+    workgroupBarrier();
+    for (var e = tid; e < BQ * ${SL}u; e += WG) {
+      ${lane}
+      var mNew = rowM[r];
+      for (var k = 0u; k < ${SL}u; k++) { mNew = max(mNew, redM[r * ${SL}u + k]); }
+      var sum = 0.0;
+      for (var k = 0u; k < KT / ${SL}u; k++) {
+        let j = e % ${SL}u + k * ${SL}u;
+        let w = select(0.0, exp2(S[r * KT + j] - mNew), j < nValid${also});
+        S[r * KT + j] = w;
+        sum += w;
+      }
+      redL[e] = sum;
+    }
+    workgroupBarrier();
     if (tid < BQ) {
-      let end = rowEnd[tid];
-      let nValid = select(0u, min(end - s0, KT), end > s0);
       let mOld = rowM[tid];
       var mNew = mOld;
-      for (var j = 0u; j < nValid; j++) {
-        ${keepMax}
-      }
       var sum = 0.0;
-      for (var j = 0u; j < KT; j++) {
-        let w = select(0.0, exp2(S[tid * KT + j] - mNew), j < nValid${also});
-        S[tid * KT + j] = w;
-        sum += w;
+      for (var k = 0u; k < ${SL}u; k++) {
+        mNew = max(mNew, redM[tid * ${SL}u + k]);
+        sum += redL[tid * ${SL}u + k];
       }
       let alpha = exp2(mOld - mNew);
       rowL[tid] = rowL[tid] * alpha + sum;
@@ -234,6 +282,109 @@ export function flashTileWgsl(visible?: string): string {
         acc[i] = a;
       }
     }
+    workgroupBarrier(); // the tile is consumed: the next one may be staged
+`;
+}
+
+/** Partials each merge worker loads per round (their loads are in flight together). */
+const MERGE_UNROLL = 4;
+
+/**
+ * Merge workers per (row, vec4) of a split-K merge done by one workgroup: `G` workers of one
+ * output vec4 each fold every G-th partial, so a merge of n partials is a chain of
+ * ceil(n / (G * 4)) rounds of loads instead of n. G is as large as the workgroup allows and as
+ * the K/V tiles can hold the workers' results (they are combined through `Ks` and `Vs`).
+ */
+export function mergeWorkers(bq: number, headDim: number, kt: number, wg: number): number {
+  const hd4 = headDim / 4;
+  return Math.max(1, Math.min(Math.floor(wg / (bq * hd4)), Math.floor(kt / bq)));
+}
+
+/** How {@linkcode splitMergeWgsl} reads the partials and writes the output. */
+export interface SplitMergeWgsl {
+  /** WGSL bool of `r` (a u32 in [0, BQ)): the workgroup's row r is a query row. */
+  valid: (r: string) => string;
+  /** WGSL u32 of `r`: the partial row (of the rows per chunk) of workgroup row r. */
+  qRow: (r: string) => string;
+  /** WGSL atomic word array and u32 index of m of partial row `qr` of chunk `z` (l: the next word). */
+  ml: (z: string, qr: string) => { buf: string; at: string };
+  /** WGSL atomic word array and u32 index of the first word of acc vec4 `c` of (z, qr). */
+  acc: (z: string, qr: string, c: string) => { buf: string; at: string };
+  /** WGSL statement storing the vec4 `v` as output vec4 `c` of partial row `qr`. */
+  store: (qr: string, c: string, v: string) => string;
+}
+
+/**
+ * WGSL of the split-K merge by the chunk that arrives last, after the partials (m, l, acc) of
+ * `nActive` chunks are stored: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M), M = max m_z.
+ * Worker (g, r, c) folds the partials z = g, g + G, ... into a running (m, l, acc), loading
+ * {@linkcode MERGE_UNROLL} partials per round; with G > 1 the G workers of (r, c) then combine
+ * through `Ks` / `Vs` (free after the tile loop). Expects `tid`, `nActive`, `Ks`, `Vs` and the
+ * constants HD4, BQ, WG in scope, in uniform control flow (it holds a barrier when G > 1).
+ */
+export function splitMergeWgsl(o: SplitMergeWgsl, G: number): string {
+  const U = MERGE_UNROLL;
+  const a = o.acc("mz", "mq", "mc"), b = o.ml("mz", "mq");
+  const word = (k: number) => `bitcast<f32>(atomicLoad(&${a.buf}[${a.at} + ${k}u]))`;
+  const done = "select(vec4<f32>(0.0), ma / ml, ml > 0.0)";
+  const result = G === 1 ? `if (${o.valid("mr")}) { ${o.store("mq", "mc", done)} }` : `Ks[me] = ma;
+    Vs[me] = vec4<f32>(mm, ml, 0.0, 0.0);`;
+  const combine = G === 1 ? "" : `
+  workgroupBarrier();
+  for (var me = tid; me < BQ * HD4; me += WG) {
+    let mr = me / HD4;
+    let mc = me % HD4;
+    if (${o.valid("mr")}) {
+      let mq = ${o.qRow("mr")};
+      var mm = ${NEG};
+      for (var mg = 0u; mg < ${G}u; mg++) { mm = max(mm, Vs[mg * BQ * HD4 + me].x); }
+      var ml = 0.0;
+      var ma = vec4<f32>(0.0);
+      for (var mg = 0u; mg < ${G}u; mg++) {
+        let w = exp2(Vs[mg * BQ * HD4 + me].x - mm);
+        ml += Vs[mg * BQ * HD4 + me].y * w;
+        ma += Ks[mg * BQ * HD4 + me] * w;
+      }
+      ${o.store("mq", "mc", done)}
+    }
+  }`;
+  return `  // Merge: worker (mg, mr, mc) folds partials mg, mg + ${G}, ..., ${U} per round.
+  for (var me = tid; me < ${G}u * BQ * HD4; me += WG) {
+    let mg = me / (BQ * HD4);
+    let mr = (me / HD4) % BQ;
+    let mc = me % HD4;
+    let mq = ${o.qRow("mr")};
+    var mm = ${NEG};
+    var ml = 0.0;
+    var ma = vec4<f32>(0.0);
+    if (${o.valid("mr")}) {
+      for (var mz0 = mg; mz0 < nActive; mz0 += ${U * G}u) {
+        var pm: array<f32, ${U}>;
+        var pl: array<f32, ${U}>;
+        var pa: array<vec4<f32>, ${U}>;
+        for (var mu = 0u; mu < ${U}u; mu++) {
+          let mz = mz0 + mu * ${G}u;
+          pm[mu] = ${NEG};
+          pl[mu] = 0.0;
+          pa[mu] = vec4<f32>(0.0);
+          if (mz < nActive) {
+            pm[mu] = bitcast<f32>(atomicLoad(&${b.buf}[${b.at}]));
+            pl[mu] = bitcast<f32>(atomicLoad(&${b.buf}[${b.at} + 1u]));
+            pa[mu] = vec4<f32>(${word(0)}, ${word(1)}, ${word(2)}, ${word(3)});
+          }
+        }
+        for (var mu = 0u; mu < ${U}u; mu++) {
+          let mNew = max(mm, pm[mu]);
+          let s0 = exp2(mm - mNew);
+          let s1 = exp2(pm[mu] - mNew);
+          ml = ml * s0 + pl[mu] * s1;
+          ma = ma * s0 + pa[mu] * s1;
+          mm = mNew;
+        }
+      }
+    }
+    ${result}
+  }${combine}
 `;
 }
 
@@ -285,14 +436,7 @@ const ACC = ${ACC}u;
 
 ${kvLoadersWgsl(dtype)}
 
-var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], pre-scaled
-var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> Vs: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> S: array<f32, ${BQ * KT}>;          // [BQ, KT] scores, then weights
-var<workgroup> rowM: array<f32, ${BQ}>;            // running max (log2 domain)
-var<workgroup> rowL: array<f32, ${BQ}>;            // running sum of weights
-var<workgroup> rowAlpha: array<f32, ${BQ}>;        // rescale of this tile
-var<workgroup> rowEnd: array<u32, ${BQ}>;          // keys [.., rowEnd) visible to the row
+${flashTileVarsWgsl(BQ, KT, HD4)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: u32) {
@@ -328,7 +472,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
   let kvBase = p.layerBase4 + kh * HD4;
 
   for (var s0 = kBegin; s0 < kEnd; s0 += KT) {
-    workgroupBarrier(); // the previous tile is consumed (first pass: Qs, rowEnd are written)
+    // No barrier before the first staging: Q's loads and the first tile's go out together.
     for (var e = tid; e < KT * HD4; e += WG) {
       let s = s0 + e / HD4;
       var kx = vec4<f32>(0.0);
@@ -338,7 +482,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
         kx = loadK(gi);
         vx = loadV(gi);
       }
-      Ks[e] = kx;
+      Ks[(e / HD4) * KS + e % HD4] = kx;
       Vs[e] = vx;
     }
     workgroupBarrier();

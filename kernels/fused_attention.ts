@@ -38,8 +38,12 @@ import {
   ATTN_MIN_WORKGROUPS,
   ATTN_WG,
   cacheElem,
+  flashTileVarsWgsl,
   flashTileWgsl,
   kvLoadersWgsl,
+  mergeWorkers,
+  type SplitMergeWgsl,
+  splitMergeWgsl,
 } from "./attention.ts";
 import { checkKvCache, kvDequantizeRef, type KvDType, kvQuantizeRef } from "./kv_write.ts";
 import { ropeRef } from "./rope.ts";
@@ -49,8 +53,11 @@ const LOG2E = 1.4426950408889634;
 /** Running-max start: finite, so exp2(m_old - m_new) never becomes exp2(-inf + inf) = NaN. */
 const NEG = "-3.0e38";
 
-/** Workgroup memory the fused kernel adds to the flash kernel's: q8 scales of a tile, a flag. */
-const EXTRA_SHARED = 2 * 32 * 4 + 16;
+/**
+ * Workgroup memory the fused kernel adds to the flash kernel's: q8 scales of a tile, a flag, the
+ * tree masks of a row block.
+ */
+const EXTRA_SHARED = 2 * 32 * 4 + 16 + 2 * 16 * 4;
 
 /**
  * The plan of the fused kernel for `shape` with `maxShared` bytes of workgroup memory: the flash
@@ -186,14 +193,7 @@ ${kvLoadersWgsl(dtype)}
 
 ${ropeWgsl(layout, HD4)}
 
-var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], rotated, pre-scaled
-var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> Vs: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> S: array<f32, ${BQ * KT}>;          // [BQ, KT] scores, then weights
-var<workgroup> rowM: array<f32, ${BQ}>;            // running max (log2 domain)
-var<workgroup> rowL: array<f32, ${BQ}>;            // running sum of weights
-var<workgroup> rowAlpha: array<f32, ${BQ}>;        // rescale of this tile
-var<workgroup> rowEnd: array<u32, ${BQ}>;          // keys [.., rowEnd) visible to the row
+${flashTileVarsWgsl(BQ, KT, HD4)}
 ${
     q8
       ? `var<workgroup> kScale: array<f32, ${KT}>;         // q8 scales of the tile's new keys
@@ -201,6 +201,12 @@ var<workgroup> vScale: array<f32, ${KT}>;`
       : ""
   }
 ${split ? "var<workgroup> isLast: u32;" : ""}
+${
+    tree
+      ? `var<workgroup> seeLo: array<u32, ${BQ}>; // ancestor mask of each row (tree nodes 0..31)
+var<workgroup> seeHi: array<u32, ${BQ}>; // (tree nodes 32..63)`
+      : ""
+  }
 ${
     tree
       ? `
@@ -270,22 +276,15 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
     }
     Qs[e] = x;
   }
-${
-    tree
-      ? `  var seeLo = 0u; // ancestor mask of this invocation's row (tid < BQ)
-  var seeHi = 0u;
-`
-      : ""
-  }  if (tid < BQ) {
+  if (tid < BQ) {
     let row = row0 + tid;
     rowEnd[tid] = select(0u, min(pos + row / p.group + 1u, kEnd), row < p.rows);${
     tree
       ? `
-    if (row < p.rows) {
-      let m = tree[p.treeFirst + row / p.group];
-      seeLo = m.x;
-      seeHi = m.y;
-    }`
+    var m = vec4<u32>(0u);
+    if (row < p.rows) { m = tree[p.treeFirst + row / p.group]; }
+    seeLo[tid] = m.x;
+    seeHi[tid] = m.y;`
       : ""
   }
     rowM[tid] = ${NEG};
@@ -295,7 +294,7 @@ ${
   let kvBase = p.layerBase4 + kh * HD4;
 
   for (var s0 = kBegin; s0 < kEnd; s0 += KT) {
-    workgroupBarrier(); // the previous tile is consumed (first pass: Qs, rowEnd are written)
+    // No barrier before the first staging: Q's loads and the first tile's go out together.
     for (var e = tid; e < KT * HD4; e += WG) {
       let s = s0 + e / HD4;
       var kx = vec4<f32>(0.0);
@@ -321,7 +320,7 @@ ${
   }
         }
       }
-      Ks[e] = kx;
+      Ks[(e / HD4) * KS + e % HD4] = kx;
       Vs[e] = vx;
     }
     workgroupBarrier();
@@ -332,7 +331,7 @@ ${
         var km = 0.0;
         var vm = 0.0;
         for (var c = 0u; c < HD4; c++) {
-          km = max(km, maxAbs4(Ks[tid * HD4 + c]));
+          km = max(km, maxAbs4(Ks[tid * KS + c]));
           vm = max(vm, maxAbs4(Vs[tid * HD4 + c]));
         }
         kScale[tid] = km * (1.0 / 127.0);
@@ -343,9 +342,9 @@ ${
         let j = e / HD4;
         let s = s0 + j;
         if (s >= pos && s < kEnd) {
-          let kq = quantize4(Ks[e], kScale[j]);
+          let kq = quantize4(Ks[j * KS + e % HD4], kScale[j]);
           let vq = quantize4(Vs[e], vScale[j]);
-          Ks[e] = vec4<f32>(kq) * kScale[j];
+          Ks[j * KS + e % HD4] = vec4<f32>(kq) * kScale[j];
           Vs[e] = vec4<f32>(vq) * vScale[j];
           if (writer) {
             let gi = kvBase + s * p.rowVec4 + e % HD4;
@@ -362,9 +361,13 @@ ${
     }
 `
       : ""
-  } ${flashTileWgsl(tree ? "sees(seeLo, seeHi, s0 + j, treeBase)" : undefined)}  }
+  } ${
+    flashTileWgsl(
+      tree ? (r, j) => `sees(seeLo[${r}], seeHi[${r}], s0 + ${j}, treeBase)` : undefined,
+    )
+  }  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
-${split ? splitTail() : unsplitTail()}
+${split ? splitTail(mergeWorkers(BQ, headDim, KT, WG)) : unsplitTail()}
 }
 `;
 }
@@ -384,7 +387,7 @@ function unsplitTail(): string {
 }
 
 /** Split epilogue: store the partials, count the chunk, and merge in the chunk that is last. */
-function splitTail(): string {
+function splitTail(G: number): string {
   return `  let rowsQ = p.T * p.nHeads;
   for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
@@ -410,31 +413,20 @@ function splitTail(): string {
     if (arrived == nActive - 1u) { atomicStore(&part[counter], 0u); } // ready for the next dispatch
   }
   if (workgroupUniformLoad(&isLast) == 0u) { return; }
-  // The last chunk merges: M = max m, out = sum(acc * 2^(m-M)) / sum(l * 2^(m-M)).
-  for (var e = tid; e < BQ * HD4; e += WG) {
-    let r = e / HD4;
-    let row = row0 + r;
-    if (row < p.rows) {
-      let c = e % HD4;
-      let qRow = (row / p.group) * p.nHeads + kh * p.group + row % p.group;
-      var m = ${NEG};
-      for (var z = 0u; z < nActive; z++) {
-        m = max(m, bitcast<f32>(atomicLoad(&part[p.mlBase + 2u * (z * rowsQ + qRow)])));
-      }
-      var l = 0.0;
-      var a = vec4<f32>(0.0);
-      for (var z = 0u; z < nActive; z++) {
-        let ml = p.mlBase + 2u * (z * rowsQ + qRow);
-        let w = exp2(bitcast<f32>(atomicLoad(&part[ml])) - m);
-        l += bitcast<f32>(atomicLoad(&part[ml + 1u])) * w;
-        let o = p.accBase + ((z * rowsQ + qRow) * HD4 + c) * 4u;
-        a += w * vec4<f32>(bitcast<f32>(atomicLoad(&part[o])), bitcast<f32>(atomicLoad(&part[o + 1u])),
-                           bitcast<f32>(atomicLoad(&part[o + 2u])), bitcast<f32>(atomicLoad(&part[o + 3u])));
-      }
-      out[qRow * HD4 + c] = select(vec4<f32>(0.0), a / l, l > 0.0);
-    }
-  }`;
+${splitMergeWgsl(MERGE, G)}`;
 }
+
+/** The fused kernel's partials and output, for {@linkcode splitMergeWgsl}. */
+const MERGE: SplitMergeWgsl = {
+  valid: (r) => `row0 + ${r} < p.rows`,
+  qRow: (r) => `((row0 + ${r}) / p.group) * p.nHeads + kh * p.group + (row0 + ${r}) % p.group`,
+  ml: (z, qr) => ({ buf: "part", at: `p.mlBase + 2u * (${z} * rowsQ + ${qr})` }),
+  acc: (z, qr, c) => ({
+    buf: "part",
+    at: `p.accBase + ((${z} * rowsQ + ${qr}) * HD4 + ${c}) * 4u`,
+  }),
+  store: (qr, c, v) => `out[${qr} * HD4 + ${c}] = ${v};`,
+};
 
 /** Buffers and shapes for {@linkcode createFusedAttention}. */
 export interface FusedAttentionArgs extends AttentionShape {

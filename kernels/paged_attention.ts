@@ -53,8 +53,12 @@ import {
   ATTN_MIN_WORKGROUPS,
   ATTN_WG,
   cacheElem,
+  flashTileVarsWgsl,
   flashTileWgsl,
   kvLoadersWgsl,
+  mergeWorkers,
+  type SplitMergeWgsl,
+  splitMergeWgsl,
 } from "./attention.ts";
 import { lastArrivalWgsl } from "./argmax.ts";
 import { fusedAttentionWorkgroup } from "./fused_attention.ts";
@@ -683,14 +687,7 @@ ${kvLoadersWgsl(dtype)}
 
 ${PAGED_PHYS_ROW_WGSL}
 
-var<workgroup> Qs: array<vec4<f32>, ${BQ * HD4}>;  // [BQ, headDim], pre-scaled
-var<workgroup> Ks: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> Vs: array<vec4<f32>, ${KT * HD4}>;  // [KT, headDim]
-var<workgroup> S: array<f32, ${BQ * KT}>;          // [BQ, KT] scores, then weights
-var<workgroup> rowM: array<f32, ${BQ}>;            // running max (log2 domain)
-var<workgroup> rowL: array<f32, ${BQ}>;            // running sum of weights
-var<workgroup> rowAlpha: array<f32, ${BQ}>;        // rescale of this tile
-var<workgroup> rowEnd: array<u32, ${BQ}>;          // keys [.., rowEnd) visible to the row
+${flashTileVarsWgsl(BQ, KT, HD4)}
 ${split ? "var<workgroup> isLast: u32;                        // this chunk arrived last" : ""}
 
 @compute @workgroup_size(${WG})
@@ -734,7 +731,7 @@ ${
   let kvBase = p.layerBase4 + kh * HD4;
 
   for (var s0 = kBegin; s0 < kEnd; s0 += KT) {
-    workgroupBarrier(); // the previous tile is consumed (first pass: Qs, rowEnd are written)
+    // No barrier before the first staging: Q's loads and the first tile's go out together.
     for (var e = tid; e < KT * HD4; e += WG) {
       let s = s0 + e / HD4;
       var kx = vec4<f32>(0.0);
@@ -747,7 +744,7 @@ ${
           vx = loadV(gi);
         }
       }
-      Ks[e] = kx;
+      Ks[(e / HD4) * KS + e % HD4] = kx;
       Vs[e] = vx;
     }
     workgroupBarrier();
@@ -767,12 +764,12 @@ ${
       out[(${qRow}) * HD4 + e % HD4] = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);
     }
   }
-${split ? `  return;\n  }\n${splitTail(qRow)}` : ""}}
+${split ? `  return;\n  }\n${splitTail(qRow, mergeWorkers(BQ, headDim, KT, WG))}` : ""}}
 `;
 }
 
 /** Split epilogue: store the partials, count the chunk, and merge in the chunk that is last. */
-function splitTail(qRow: string): string {
+function splitTail(qRow: string, G: number): string {
   return `  for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
     let j = e / HD4;
@@ -790,35 +787,17 @@ function splitTail(qRow: string): string {
   }
   let lid = tid;
   ${lastArrivalWgsl("p.ctrBase + kh * p.R * p.rowBlocks + wg.x", "nActive")}
-  // The last chunk merges: M = max m, out = sum(acc * 2^(m-M)) / sum(l * 2^(m-M)).
-  for (var e = tid; e < BQ * HD4; e += WG) {
-    let g = g0 + e / HD4;
-    if (g < p.group) {
-      let c = e % HD4;
-      let qr = ${qRow};
-      var m = ${NEG};
-      for (var z = 0u; z < nActive; z++) {
-        m = max(m, bitcast<f32>(atomicLoad(&part[2u * (z * p.rowsQ + qr)])));
-      }
-      var l = 0.0;
-      var a = vec4<f32>(0.0);
-      for (var z = 0u; z < nActive; z++) {
-        let pr = z * p.rowsQ + qr;
-        let w = exp2(bitcast<f32>(atomicLoad(&part[2u * pr])) - m);
-        l += bitcast<f32>(atomicLoad(&part[2u * pr + 1u])) * w;
-        let o = (pr * HD4 + c) * 4u;
-        a += w * vec4<f32>(
-          bitcast<f32>(atomicLoad(&partAcc[o])),
-          bitcast<f32>(atomicLoad(&partAcc[o + 1u])),
-          bitcast<f32>(atomicLoad(&partAcc[o + 2u])),
-          bitcast<f32>(atomicLoad(&partAcc[o + 3u])),
-        );
-      }
-      out[qr * HD4 + c] = select(vec4<f32>(0.0), a / l, l > 0.0);
-    }
-  }
-`;
+${splitMergeWgsl(MERGE, G)}`;
 }
+
+/** The paged kernel's partials and output, for {@linkcode splitMergeWgsl}. */
+const MERGE: SplitMergeWgsl = {
+  valid: (j) => `g0 + ${j} < p.group`,
+  qRow: (j) => `r * p.nHeads + kh * p.group + g0 + ${j}`,
+  ml: (z, qr) => ({ buf: "part", at: `2u * (${z} * p.rowsQ + ${qr})` }),
+  acc: (z, qr, c) => ({ buf: "partAcc", at: `((${z} * p.rowsQ + ${qr}) * HD4 + ${c}) * 4u` }),
+  store: (qr, c, v) => `out[${qr} * HD4 + ${c}] = ${v};`,
+};
 
 /**
  * The split-K scratch of a paged attention. Plans of different R (and every layer) may share
