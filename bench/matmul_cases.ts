@@ -179,6 +179,8 @@ export const SHAPE_CASES: readonly MatmulCase[] = (
     ["pycode.qkv 576→960", 576, 960, "f16"],
     ["pycode.down 1536→576", 1536, 576, "f16"],
     ["pycode.gate_up 576→3072", 576, 3072, "f16"],
+    ["pycode.lm_head 576→32000", 576, 32000, "f16"],
+    ["draft.lm_head 256→32000", 256, 32000, "f16"],
   ] as [string, number, number, WeightDType][]
 ).flatMap(([name, K, N, dtype]) =>
   [1, 8, 17].flatMap((T): MatmulCase[] => [

@@ -247,6 +247,25 @@ export function matvecFewRows(T: number, size: MatvecSize): boolean {
   return T <= 8 && size.K < MATVEC_WIDEN_MIN_K && (size.N / 4) * 32 < MATVEC_FILL;
 }
 
+/** Fewest rows of a {@linkcode matvecManyShortRows} product. */
+export const MATVEC_MANY_ROWS = 16384;
+
+/**
+ * Whether a product has many short rows, like a small model's classifier: K below
+ * {@linkcode MATVEC_WIDEN_MIN_K}, at least {@linkcode MATVEC_MANY_ROWS} rows (the GPU fills many
+ * times over) and 4-value units (f32, f16 and the u32-unit formats). Such a product takes 16 rows
+ * per workgroup and NARROW lanes, so each lane walks a longer stride of K: at T = 1 the lanes
+ * that give each about 8 units (8 to 32) and 4 rows per invocation, from T = 2 8 lanes and one
+ * row per invocation. Measured on the H200 (`bench/gpu.ts --shapes --filter lm_head`, one run,
+ * f16, µs at T = 1 / 8 / 17): the pycode target's 576→32000 12.8 / 69.4 / 148.5 with the base
+ * split, 9.7 (16 x 16 lanes, 4 rows per invocation) / 34.8 / 67.7 (16 x 8); the draft's
+ * 256→32000 10.2 / 59.0 / 120.4, 6.6 (16 x 8, 4 rows per invocation) / 19.5 / 39.1.
+ */
+export function matvecManyShortRows(size: MatvecSize): boolean {
+  return size.K < MATVEC_WIDEN_MIN_K && size.N >= MATVEC_MANY_ROWS &&
+    (size.unitValues ?? 4) === 4;
+}
+
 /** Workgroup memory the partial sums of a widened split may take (bytes). */
 const MATVEC_RED_BYTES = 32768;
 
@@ -266,7 +285,8 @@ const MATVEC_RED_BYTES = 32768;
  * products {@linkcode matvecFewRows} picks (one row per invocation, widened from any K). A unit is
  * `size.unitValues` values of K (default 4; {@linkcode matvecUnitValues}), so a q4_0 row of
  * K = 2048 (64 units of 32) stays at 32 lanes, where 4-value units would widen it to 128.
- * On a `software` adapter (lavapipe) narrow lanes: each reduction
+ * Products with many short rows (a small model's classifier) take narrow lanes instead
+ * ({@linkcode matvecManyShortRows}). On a `software` adapter (lavapipe) narrow lanes: each reduction
  * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
  * (measured 4x faster at T = 1).
  *
@@ -283,6 +303,12 @@ const MATVEC_RED_BYTES = 32768;
  */
 export function matvecShape(T: number, software = false, size?: MatvecSize): MatvecShape {
   if (software) return { rows: 8, lanes: 8 };
+  if (size && matvecManyShortRows(size)) {
+    const units = Math.ceil(size.K / 4);
+    const lanes = Math.min(32, Math.max(8, 2 ** Math.floor(Math.log2(units / 8))));
+    const shape: MatvecShape = T === 1 ? { rows: 16, lanes, perThread: 4 } : { rows: 16, lanes: 8 };
+    return matvecTuning.unroll > 1 ? { ...shape, unroll: matvecTuning.unroll } : shape;
+  }
   const few = size !== undefined && matvecFewRows(T, size);
   const rt = T <= 8 && !few ? 4 : 1;
   let rows = 8, lanes = 32;

@@ -6,10 +6,12 @@ import {
   MATVEC_BLOCK_MAX_T,
   MATVEC_CHUNKED_MAX_T,
   MATVEC_FILL,
+  MATVEC_MANY_ROWS,
   MATVEC_MAX_T,
   MATVEC_WIDEN_MIN_K,
   matvecChunks,
   matvecFewRows,
+  matvecManyShortRows,
   matvecMaxT,
   type MatvecShape,
   matvecShape,
@@ -109,6 +111,13 @@ Deno.test("matvecShape() widens the lanes of products too small to fill the GPU,
       assert.ok(wg <= 256 && (s.rows * T + T) * s.lanes * 4 <= 32768, what);
       const few = matvecFewRows(T, { K, N });
       assert.equal(few, T <= 8 && K < MATVEC_WIDEN_MIN_K && N * 8 < MATVEC_FILL, what);
+      const many = matvecManyShortRows({ K, N });
+      assert.equal(many, K < MATVEC_WIDEN_MIN_K && N >= MATVEC_MANY_ROWS, what);
+      if (many) {
+        assert.ok(s.rows === 16 && s.lanes >= 8 && s.lanes <= 32, what);
+        assert.equal(rt, T === 1 ? 4 : 1, what);
+        continue;
+      }
       assert.equal(rt, few ? 1 : base.perThread ?? 1, what);
       assert.ok(s.lanes >= base.lanes && s.lanes <= Math.max(base.lanes, K / 8), what);
       const threads = (N / rt) * s.lanes;
@@ -117,13 +126,27 @@ Deno.test("matvecShape() widens the lanes of products too small to fill the GPU,
     }
   }
   // The pycode target's products (K = 576 and 1536): one row per invocation up to T = 8, widened
-  // where the rows leave the GPU idle; the base split from T = 9; its classifier keeps 4 rows.
+  // where the rows leave the GPU idle; the base split from T = 9. The classifiers (32000 rows)
+  // take 16 rows of narrow lanes: 16 lanes for K = 576 and 8 for the draft's K = 256 at T = 1.
   for (const T of [1, 5, 8]) {
     assert.deepEqual(matvecShape(T, false, { K: 576, N: 960 }), { rows: 4, lanes: 64 });
     assert.deepEqual(matvecShape(T, false, { K: 1536, N: 576 }), { rows: 2, lanes: 128 });
     assert.deepEqual(matvecShape(T, false, { K: 576, N: 3072 }), { rows: 8, lanes: 32 });
-    assert.deepEqual(matvecShape(T, false, { K: 576, N: 32000 }), matvecShape(T));
   }
+  assert.deepEqual(matvecShape(1, false, { K: 576, N: 32000 }), {
+    rows: 16,
+    lanes: 16,
+    perThread: 4,
+  });
+  assert.deepEqual(matvecShape(1, false, { K: 256, N: 32000 }), {
+    rows: 16,
+    lanes: 8,
+    perThread: 4,
+  });
+  for (const T of [2, 5, 17]) {
+    assert.deepEqual(matvecShape(T, false, { K: 576, N: 32000 }), { rows: 16, lanes: 8 });
+  }
+  assert.deepEqual(matvecShape(1, false, { K: 576, N: 32000, unitValues: 32 }), matvecShape(1));
   assert.deepEqual(matvecShape(17, false, { K: 1536, N: 576 }), matvecShape(17));
   assert.ok(matvecShape(1, false, { K: 8192, N: 2048 }).lanes > 32, "a 1B model's down widens");
   assert.deepEqual(matvecShape(1, false, { K: 4096, N: 14336 }), matvecShape(1));
@@ -251,6 +274,7 @@ gpuTest("matmul matvec gives the same products for every row/lane split", async 
     { rows: 8, lanes: 32 },
     { rows: 16, lanes: 16 },
     { rows: 32, lanes: 8 },
+    { rows: 16, lanes: 8 }, // classifiers from T = 2 (matvecManyShortRows)
     { rows: 4, lanes: 64, perThread: 4 },
     { rows: 8, lanes: 32, perThread: 2 },
     { rows: 16, lanes: 16, perThread: 4 },
