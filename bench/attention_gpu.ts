@@ -66,14 +66,20 @@ const FUSED: [Shape, number, number][] = [
   [LLAMA_8B, 1, 2000],
   [LLAMA_8B, 8, 512],
 ];
-/** Paged cases: shape, batch rows R (one sequence each), keys per sequence. */
-const PAGED: [Shape, number, number][] = [
-  [PYCODE_TARGET, 1, 300],
-  [PYCODE_TARGET, 8, 300],
-  [PYCODE_TARGET, 40, 300],
-  [PYCODE_TARGET, 40, 1000],
-  [PYCODE_DRAFT, 8, 300],
-  [PYCODE_DRAFT, 40, 300],
+/**
+ * Paged cases: shape, batch rows R, keys per sequence, rows per row group V (R / V sequences,
+ * step-major as a batched verify of k + 1 = V rows; 1: one sequence per row).
+ */
+const PAGED: [Shape, number, number, number][] = [
+  [PYCODE_TARGET, 1, 300, 1],
+  [PYCODE_TARGET, 8, 300, 1],
+  [PYCODE_TARGET, 40, 300, 1],
+  [PYCODE_TARGET, 40, 300, 5],
+  [PYCODE_TARGET, 40, 1000, 1],
+  [PYCODE_TARGET, 40, 1000, 5],
+  [PYCODE_DRAFT, 8, 300, 1],
+  [PYCODE_DRAFT, 40, 300, 1],
+  [PYCODE_DRAFT, 40, 300, 5],
 ];
 
 const { values } = parseArgs({
@@ -202,28 +208,31 @@ async function pagedCase(
   s: Shape,
   R: number,
   len: number,
+  V: number,
   wg?: number,
   split?: boolean,
 ): Promise<Dispatch> {
-  const blockRows = 16, maxBlocksPerSeq = s.maxSeq / blockRows, numBlocks = R * maxBlocksPerSeq;
+  const blockRows = 16, maxBlocksPerSeq = s.maxSeq / blockRows, nSeq = R / V;
+  const numBlocks = nSeq * maxBlocksPerSeq;
   const layout = {
     nKvHeads: s.nKvHeads,
     headDim: s.headDim,
     blockRows,
     numBlocks,
-    numSeqs: R,
+    numSeqs: nSeq,
     maxBlocksPerSeq,
     layers: 1,
     layer: 0,
     dtype,
   };
-  // Sequence i holds blocks i, i + R, i + 2R, ...: scattered across the pool.
+  // Sequence g holds blocks g, g + nSeq, g + 2 nSeq, ...: scattered across the pool. Row
+  // i * nSeq + g is its i-th of V rows, at positions len - V .. len - 1 (a verify's).
   const tables = Array.from(
-    { length: R },
-    (_, i) => Array.from({ length: Math.ceil(len / blockRows) }, (_, b) => i + b * R),
+    { length: nSeq },
+    (_, g) => Array.from({ length: Math.ceil(len / blockRows) }, (_, b) => g + b * nSeq),
   );
   const rows = k.paged.pagedRowsImage(
-    Array.from({ length: R }, (_, i) => ({ seq: i, pos: len - 1 })),
+    Array.from({ length: R }, (_, r) => ({ seq: r % nSeq, pos: len - V + Math.floor(r / nSeq) })),
   );
   const poolRows = numBlocks * blockRows;
   const big: Shape = { ...s, maxSeq: poolRows };
@@ -240,6 +249,7 @@ async function pagedCase(
     out: gpu.buffer("bench.out", 4 * R * s.nHeads * s.headDim, GPUBufferUsage.STORAGE),
     wg,
     force: split === undefined ? undefined : { split },
+    rowGroup: V,
   });
   await gpu.run("bench.warmup", [d]);
   return d;
@@ -276,10 +286,11 @@ for (const wg of wgs) {
     }
   }
   for (const split of pagedSplits) {
-    for (const [s, R, len] of PAGED) {
+    for (const [s, R, len, V] of PAGED) {
       const d: Record<string, Dispatch> = {};
-      for (const k of sets) d[k.name] = await pagedCase(k, s, R, len, wg, split);
-      const kernel = split === undefined ? "paged" : split ? "paged split" : "paged unsplit";
+      for (const k of sets) d[k.name] = await pagedCase(k, s, R, len, V, wg, split);
+      const kernel = (split === undefined ? "paged" : split ? "paged split" : "paged unsplit") +
+        (V > 1 ? ` (groups of ${V})` : "");
       built.push({ row: { kernel, model: s.model, rows: R, keys: len, wg, us: {} }, d });
     }
   }

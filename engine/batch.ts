@@ -943,7 +943,14 @@ class SpecState {
     }
     const rows = specBatchRows(R, k);
     out.push(
-      ...await t.plan(rows, { tokens: { buffer: B.verifyIn, offset: 0 }, rows: B.vrows }, "all"),
+      // Verify rows are step-major (row i*R + r: sequence r's i-th), so each sequence's k + 1
+      // rows form one row group of the attention.
+      ...await t.plan(
+        rows,
+        { tokens: { buffer: B.verifyIn, offset: 0 }, rows: B.vrows },
+        "all",
+        k + 1,
+      ),
       await createArgmax(g, {
         label: "batch.spec.argmax",
         logits: t.logits,

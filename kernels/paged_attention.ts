@@ -141,6 +141,13 @@ export interface PagedAttentionShape {
   headDim: number;
   /** Longest sequence the tables allow: maxBlocksPerSeq * blockRows (sizes the key split). */
   maxSeqRows: number;
+  /**
+   * Batch rows per row group (default 1): with V > 1 the R rows form R / V groups, group g of the
+   * rows g, g + R/V, ..., g + (V-1) R/V, all of one sequence (a batched verify's k + 1 rows of a
+   * sequence, step-major), and one workgroup serves the V x group query rows of a group, which
+   * share the sequence's keys.
+   */
+  rowGroup?: number;
 }
 
 function checkInt(label: string, fields: Record<string, number>, min = 1): void {
@@ -533,8 +540,8 @@ export function pagedAttentionRef(
  * Query heads per flash workgroup: the query heads of one kv head (the rows that share every key
  * of one batch row), rounded up to a power of 2, at most {@linkcode ATTN_BQ_MAX}.
  */
-export function pagedAttentionRowBlock(nHeads: number, nKvHeads: number): number {
-  return Math.min(ATTN_BQ_MAX, nextPow2(nHeads / nKvHeads));
+export function pagedAttentionRowBlock(nHeads: number, nKvHeads: number, rowGroup = 1): number {
+  return Math.min(ATTN_BQ_MAX, nextPow2(rowGroup * nHeads / nKvHeads));
 }
 
 /** Most workgroups along one grid dimension every WebGPU device allows. */
@@ -548,6 +555,8 @@ export interface PagedAttentionPlan extends AttentionPlan {
    * unsplit ("flash"): maxSeqRows, one chunk of every key.
    */
   chunk: number;
+  /** Batch rows per row group ({@linkcode PagedAttentionShape.rowGroup}). */
+  rowGroup: number;
 }
 
 /** What a test or benchmark may force on {@linkcode pagedAttentionPlan}. */
@@ -584,10 +593,15 @@ export function pagedAttentionPlan(
   maxShared: number,
   force: PagedAttentionForce = {},
 ): PagedAttentionPlan {
-  const bq = pagedAttentionRowBlock(shape.nHeads, shape.nKvHeads);
+  const V = shape.rowGroup ?? 1;
+  checkInt("pagedAttentionPlan", { rowGroup: V });
+  if (shape.R % V !== 0) {
+    throw new Error(`pagedAttentionPlan: R=${shape.R} is not a multiple of rowGroup ${V}`);
+  }
+  const bq = pagedAttentionRowBlock(shape.nHeads, shape.nKvHeads, V);
   const kt = attentionKeyTile(bq, shape.headDim, maxShared);
   const group = shape.nHeads / shape.nKvHeads;
-  const blocks = shape.R * Math.ceil(group / bq) * shape.nKvHeads;
+  const blocks = (shape.R / V) * Math.ceil(V * group / bq) * shape.nKvHeads;
   const chunk = force.chunk ?? kt;
   checkInt("pagedAttentionPlan", { chunk });
   const split = force.split ?? (blocks < ATTN_MIN_WORKGROUPS && shape.maxSeqRows > chunk);
@@ -598,8 +612,10 @@ export function pagedAttentionPlan(
         `exceed the ${MAX_GRID_DIM} workgroups of a grid dimension (use a larger chunk)`,
     );
   }
-  if (ns === 1) return { variant: "flash", bq, kt, nSplits: 1, chunk: shape.maxSeqRows };
-  return { variant: "flash-split", bq, kt, nSplits: ns, chunk };
+  if (ns === 1) {
+    return { variant: "flash", bq, kt, nSplits: 1, chunk: shape.maxSeqRows, rowGroup: V };
+  }
+  return { variant: "flash-split", bq, kt, nSplits: ns, chunk, rowGroup: V };
 }
 
 const LOG2E = 1.4426950408889634;
@@ -621,7 +637,7 @@ export function pagedAttentionWgsl(
   const ACC = Math.ceil(BQ * HD4 / WG);
   const DT = cacheElem(dtype);
   const layout = dtype === "q8" ? " int8 x4, then scales [layers, poolRows, nKv] f32" : "";
-  const qRow = "r * p.nHeads + kh * p.group + g";
+  const V = plan.rowGroup;
   return /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
 // Paged flash attention${split ? ", split-K (flash-decoding) merged in-kernel" : ""}. Workgroup
 // (x, y, z) = (batch row r = x / rowBlocks and head block x % rowBlocks, kv head y, key chunk z)
@@ -661,7 +677,7 @@ struct Params {
   chunk: u32,      // split: keys per key chunk
   rowsQ: u32,      // R * nHeads: partial rows per chunk
   ctrBase: u32,    // split: word of counter 0 in part (the counters end that buffer)
-  pad: u32,
+  nGroups: u32,    // R / V: row groups
 }
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;   // q: [R, nHeads, ${headDim}] f32
 @group(0) @binding(1) var<storage, read> kCache: array<${DT}>;  // [layers, poolRows, nKv, ${headDim}] ${dtype}${layout}
@@ -682,25 +698,46 @@ const BQ = ${BQ}u;
 const KT = ${KT}u;
 const WG = ${WG}u;
 const ACC = ${ACC}u;
+const V = ${V}u; // batch rows per group: rows grp, grp + nGroups, ... of one sequence
 
 ${kvLoadersWgsl(dtype)}
 
 ${PAGED_PHYS_ROW_WGSL}
+
+// Query row q of a group (member q / group, head q % group of kv head kh): its row of q and out.
+fn partRow(grp: u32, kh: u32, q: u32) -> u32 {
+  ${
+    V === 1
+      ? "return grp * p.nHeads + kh * p.group + q; // one row per group: q is the head"
+      : "return (grp + (q / p.group) * p.nGroups) * p.nHeads + kh * p.group + q % p.group;"
+  }
+}
 
 ${flashTileVarsWgsl(BQ, KT, HD4)}
 ${split ? "var<workgroup> isLast: u32;                        // this chunk arrived last" : ""}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: u32) {
-  let r = wg.x / p.rowBlocks;
-  let g0 = (wg.x % p.rowBlocks) * BQ;
+  let grp = wg.x / p.rowBlocks;
+  let q0 = (wg.x % p.rowBlocks) * BQ;
   let kh = wg.y;
-  let row = rows[r];
-  let seq = row.x;
-  // Keys 0 .. pos of the sequence, cut at the rows its table can map.
+  let vg = V * p.group; // query rows of a group per kv head
+  let seq = rows[grp].x;
+  // Keys 0 .. the last position of the block's rows (those of the group's sequence), cut at the
+  // rows its table can map.
   var seqEnd = 0u;
-  if (seq < p.numSeqs) {
-    seqEnd = min(row.y + 1u, p.maxBlocks * p.blockRows);
+  if (seq < p.numSeqs) {${
+    V === 1
+      ? `
+    seqEnd = min(rows[grp].y + 1u, p.maxBlocks * p.blockRows);`
+      : `
+    let last = min(q0 + BQ, vg) - 1u;
+    for (var i = q0 / p.group; i <= last / p.group; i++) {
+      let rw = rows[grp + i * p.nGroups];
+      if (rw.x == seq) { seqEnd = max(seqEnd, rw.y + 1u); }
+    }
+    seqEnd = min(seqEnd, p.maxBlocks * p.blockRows);`
+  }
   }
   var kBegin = 0u;
   var kEnd = seqEnd;
@@ -715,15 +752,27 @@ ${
       : ""
   }
   for (var e = tid; e < BQ * HD4; e += WG) {
-    let g = g0 + e / HD4;
+    let qq = q0 + e / HD4;
     var x = vec4<f32>(0.0);
-    if (g < p.group) {
-      x = q[(${qRow}) * HD4 + e % HD4] * p.scale;
+    if (qq < vg) {
+      x = q[partRow(grp, kh, qq) * HD4 + e % HD4] * p.scale;
     }
     Qs[e] = x;
   }
   if (tid < BQ) {
-    rowEnd[tid] = select(0u, kEnd, g0 + tid < p.group);
+    // Row tid sees keys 0 .. its own position (none for a padding row or another sequence's).
+    let qq = q0 + tid;
+    var end = 0u;
+    if (qq < vg && seq < p.numSeqs) {${
+    V === 1
+      ? `
+      end = kEnd; // one batch row: its keys are the block's`
+      : `
+      let rw = rows[grp + (qq / p.group) * p.nGroups];
+      if (rw.x == seq) { end = min(rw.y + 1u, kEnd); }`
+  }
+    }
+    rowEnd[tid] = end;
     rowM[tid] = ${NEG};
     rowL[tid] = 0.0;
   }
@@ -758,25 +807,23 @@ ${
   }  for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
     let j = e / HD4;
-    let g = g0 + j;
-    if (e < BQ * HD4 && g < p.group) {
+    if (e < BQ * HD4 && q0 + j < vg) {
       let l = rowL[j];
-      out[(${qRow}) * HD4 + e % HD4] = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);
+      out[partRow(grp, kh, q0 + j) * HD4 + e % HD4] = select(vec4<f32>(0.0), acc[i] / l, l > 0.0);
     }
   }
-${split ? `  return;\n  }\n${splitTail(qRow, mergeWorkers(BQ, headDim, KT, WG))}` : ""}}
+${split ? `  return;\n  }\n${splitTail(mergeWorkers(BQ, headDim, KT, WG))}` : ""}}
 `;
 }
 
 /** Split epilogue: store the partials, count the chunk, and merge in the chunk that is last. */
-function splitTail(qRow: string, G: number): string {
+function splitTail(G: number): string {
   return `  for (var i = 0u; i < ACC; i++) {
     let e = tid + i * WG;
     let j = e / HD4;
-    let g = g0 + j;
-    if (e < BQ * HD4 && g < p.group) {
+    if (e < BQ * HD4 && q0 + j < vg) {
       let c = e % HD4;
-      let pr = wg.z * p.rowsQ + ${qRow};
+      let pr = wg.z * p.rowsQ + partRow(grp, kh, q0 + j);
       let o = (pr * HD4 + c) * 4u;
       for (var k = 0u; k < 4u; k++) { atomicStore(&partAcc[o + k], bitcast<u32>(acc[i][k])); }
       if (c == 0u) {
@@ -786,14 +833,14 @@ function splitTail(qRow: string, G: number): string {
     }
   }
   let lid = tid;
-  ${lastArrivalWgsl("p.ctrBase + kh * p.R * p.rowBlocks + wg.x", "nActive")}
+  ${lastArrivalWgsl("p.ctrBase + kh * p.nGroups * p.rowBlocks + wg.x", "nActive")}
 ${splitMergeWgsl(MERGE, G)}`;
 }
 
 /** The paged kernel's partials and output, for {@linkcode splitMergeWgsl}. */
 const MERGE: SplitMergeWgsl = {
-  valid: (j) => `g0 + ${j} < p.group`,
-  qRow: (j) => `r * p.nHeads + kh * p.group + g0 + ${j}`,
+  valid: (j) => `q0 + ${j} < vg`,
+  qRow: (j) => `partRow(grp, kh, q0 + ${j})`,
   ml: (z, qr) => ({ buf: "part", at: `2u * (${z} * p.rowsQ + ${qr})` }),
   acc: (z, qr, c) => ({ buf: "partAcc", at: `((${z} * p.rowsQ + ${qr}) * HD4 + ${c}) * 4u` }),
   store: (qr, c, v) => `out[${qr} * HD4 + ${c}] = ${v};`,
@@ -827,8 +874,9 @@ export function pagedAttentionScratchSizes(
 ): { acc: number; ml: number } {
   if (plan.variant !== "flash-split") return { acc: 0, ml: 0 };
   const rows = plan.nSplits * shape.R * shape.nHeads;
-  const rowBlocks = Math.ceil(shape.nHeads / shape.nKvHeads / plan.bq);
-  const counters = shape.R * rowBlocks * shape.nKvHeads;
+  const V = plan.rowGroup;
+  const rowBlocks = Math.ceil(V * shape.nHeads / shape.nKvHeads / plan.bq);
+  const counters = (shape.R / V) * rowBlocks * shape.nKvHeads;
   return { acc: rows * shape.headDim * 4, ml: (rows * 2 + counters) * 4 };
 }
 
@@ -881,6 +929,12 @@ export interface PagedAttentionArgs extends PagedKvLayout {
   /** Overrides of {@linkcode pagedAttentionPlan}'s choice (tests, bench). */
   force?: PagedAttentionForce;
   /**
+   * Batch rows per row group, default 1 ({@linkcode PagedAttentionShape.rowGroup}): group g is
+   * the rows g, g + R/V, ..., all of one sequence; a row of another sequence in a group (a caller
+   * bug) gets output 0.
+   */
+  rowGroup?: number;
+  /**
    * Split-K scratch to reuse, zeroed when created and used by one dispatch at a time: at least
    * this plan's {@linkcode pagedAttentionScratchSizes}, or the largest of the plans sharing it.
    * Without it a split plan allocates its own.
@@ -927,10 +981,12 @@ export async function createPagedAttention(
     nKvHeads,
     headDim: hd,
     maxSeqRows: args.maxBlocksPerSeq * args.blockRows,
+    rowGroup: args.rowGroup ?? 1,
   };
   const plan = pagedAttentionPlan(shape, gpu.limits.maxComputeWorkgroupStorageSize, args.force);
   const split = plan.variant === "flash-split";
-  const group = nHeads / nKvHeads, rowBlocks = Math.ceil(group / plan.bq);
+  const V = plan.rowGroup, nGroups = R / V;
+  const group = nHeads / nKvHeads, rowBlocks = Math.ceil(V * group / plan.bq);
   const poolRows = args.numBlocks * args.blockRows, rowVec4 = nKvHeads * hd / 4;
   let scratch: PagedAttentionScratch | undefined, ctrBase = 0;
   if (split) {
@@ -942,7 +998,7 @@ export async function createPagedAttention(
           `small for ${plan.nSplits} chunks of R=${R} (needs ${need.acc} + ${need.ml})`,
       );
     }
-    ctrBase = Math.floor(scratch.ml.size / 4) - R * rowBlocks * nKvHeads;
+    ctrBase = Math.floor(scratch.ml.size / 4) - nGroups * rowBlocks * nKvHeads;
   }
   const raw = new ArrayBuffer(64);
   new Uint32Array(raw).set([
@@ -961,11 +1017,12 @@ export async function createPagedAttention(
     plan.chunk,
     R * nHeads,
     ctrBase,
-    0,
+    nGroups,
   ]);
   new Float32Array(raw)[10] = LOG2E / Math.sqrt(hd);
   const params = gpu.uniform(`${label}.params`, new Uint8Array(raw));
-  const key = `paged_attention.${plan.variant}.hd${hd}.${dtype}.bq${plan.bq}.kt${plan.kt}.wg${wg}`;
+  const key = `paged_attention.${plan.variant}.hd${hd}.${dtype}.bq${plan.bq}.kt${plan.kt}.wg${wg}` +
+    `.v${V}`;
   const pipeline = await gpu.pipeline(key, () => pagedAttentionWgsl(hd, plan, dtype, wg));
   const buffers = [args.q, args.kCache, args.vCache, args.rows, args.table, args.out, params];
   return {
@@ -976,6 +1033,6 @@ export async function createPagedAttention(
       pipeline,
       scratch ? [...buffers, scratch.acc, scratch.ml] : buffers,
     ),
-    workgroups: [R * rowBlocks, nKvHeads, plan.nSplits],
+    workgroups: [nGroups * rowBlocks, nKvHeads, plan.nSplits],
   };
 }

@@ -115,16 +115,22 @@ export function llamaBatchSizes(
   // large as the largest split plan's (kernels/paged_attention.ts PagedAttentionScratch).
   let attnAcc = 0, attnMl = 0;
   for (let R = 1; R <= T; R++) {
-    const shape = {
-      R,
-      nHeads: c.nHeads,
-      nKvHeads: c.nKvHeads,
-      headDim: c.headDim,
-      maxSeqRows: layout.maxBlocksPerSeq * layout.blockRows,
-    };
-    const need = pagedAttentionScratchSizes(shape, pagedAttentionPlan(shape, maxWorkgroupStorage));
-    attnAcc = Math.max(attnAcc, need.acc);
-    attnMl = Math.max(attnMl, need.ml);
+    // Row groups of any size a plan may take (a batched verify's k + 1 rows per sequence).
+    for (let rowGroup = 1; rowGroup <= Math.min(R, MAX_ROW_GROUP); rowGroup++) {
+      if (R % rowGroup) continue;
+      const shape = {
+        R,
+        nHeads: c.nHeads,
+        nKvHeads: c.nKvHeads,
+        headDim: c.headDim,
+        maxSeqRows: layout.maxBlocksPerSeq * layout.blockRows,
+        rowGroup,
+      };
+      const plan = pagedAttentionPlan(shape, maxWorkgroupStorage);
+      const need = pagedAttentionScratchSizes(shape, plan);
+      attnAcc = Math.max(attnAcc, need.acc);
+      attnMl = Math.max(attnMl, need.ml);
+    }
   }
   const attn: [number, number] = [pad4(attnAcc), pad4(attnMl)];
   const table = pad4(layout.maxSeqs * layout.maxBlocksPerSeq * 4);
@@ -147,6 +153,12 @@ type BatchAct = "x" | "qkv" | "q" | "att" | "h";
 
 /** Block-table entry of no block: past the pool, so the paged kernels drop writes to it. */
 const UNMAPPED = 0xffffffff;
+
+/**
+ * Most batch rows per row group a forward takes (`rowGroup` of {@linkcode LlamaBatch.plan}: a
+ * batched verify's k + 1 rows per sequence; kernels/paged_attention.ts).
+ */
+export const MAX_ROW_GROUP = 17;
 
 /** Where a batched forward reads its inputs: token ids and paged rows `[R] (seq, pos)`. */
 export interface BatchInputs {
@@ -276,10 +288,13 @@ export class LlamaBatch {
   /**
    * The dispatches of one forward over `R` batch rows: ids from `io.tokens`, (seq, pos) from
    * `io.rows`. Logits to {@linkcode LlamaBatch.logits}: every row ("all", R ≤ maxLogitRows),
-   * the last only ("last": a prefill chunk) or none. Positions are not advanced (the caller owns
+   * the last only ("last": a prefill chunk) or none. With `rowGroup` V > 1 the rows come in R / V
+   * groups of one sequence each, step-major (group g: rows g, g + R/V, ...; a batched verify's
+   * k + 1 rows), and the attention serves a group's rows in one workgroup (they share their
+   * keys). Positions are not advanced (the caller owns
    * `io.rows`). Built once per (R, inputs, rows) and cached.
    */
-  plan(R: number, io: BatchInputs, rows: LogitRows): Promise<Dispatch[]> {
+  plan(R: number, io: BatchInputs, rows: LogitRows, rowGroup = 1): Promise<Dispatch[]> {
     const L = this.layout;
     if (!Number.isInteger(R) || R < 1 || R > L.maxRows) {
       throw new RangeError(`${this.#label}: R=${R} outside [1, ${L.maxRows}]`);
@@ -287,21 +302,33 @@ export class LlamaBatch {
     if (rows === "all" && R > L.maxLogitRows) {
       throw new RangeError(`${this.#label}: ${R} logit rows > maxLogitRows ${L.maxLogitRows}`);
     }
+    if (!Number.isInteger(rowGroup) || rowGroup < 1 || rowGroup > MAX_ROW_GROUP || R % rowGroup) {
+      throw new RangeError(
+        `${this.#label}: rowGroup ${rowGroup} must divide R=${R} and lie in [1, ${MAX_ROW_GROUP}]`,
+      );
+    }
     const id = (b: GPUBuffer) => {
       let i = this.#ids.get(b);
       if (i === undefined) this.#ids.set(b, i = this.#ids.size);
       return i;
     };
-    const key = `${R}:${id(io.tokens.buffer)}.${io.tokens.offset}:${id(io.rows)}:${rows}`;
+    const key = `${R}:${id(io.tokens.buffer)}.${io.tokens.offset}:${
+      id(io.rows)
+    }:${rows}:${rowGroup}`;
     let p = this.#plans.get(key);
     if (!p) {
-      p = this.#build(R, io, rows);
+      p = this.#build(R, io, rows, rowGroup);
       this.#plans.set(key, p);
     }
     return p;
   }
 
-  async #build(R: number, io: BatchInputs, rows: LogitRows): Promise<Dispatch[]> {
+  async #build(
+    R: number,
+    io: BatchInputs,
+    rows: LogitRows,
+    rowGroup: number,
+  ): Promise<Dispatch[]> {
     const g = this.#gpu, c = this.config, a = this.#act, L = this.#label, w = this.model.weights;
     const qDim = c.nHeads * c.headDim, qkvDim = qDim + 2 * c.nKvHeads * c.headDim;
     const eps = c.normEps, lay = this.layout;
@@ -383,6 +410,7 @@ export class LlamaBatch {
           q: a.q,
           out: a.att,
           scratch: this.#scratch,
+          rowGroup,
         }),
       );
       // 5. x += att·Wo; 6. h = silu(xn·Wgate) * (xn·Wup), xn = rmsnorm(x); 7. x += h·Wdown.

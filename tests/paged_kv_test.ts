@@ -173,17 +173,46 @@ Deno.test("pagedRowsImage() packs (seq, pos) and rejects values that are not u32
 Deno.test("pagedAttentionPlan() splits small batches into chunks of one key tile, whatever R", () => {
   const shape = { nHeads: 9, nKvHeads: 3, headDim: 64, maxSeqRows: 1024 };
   const one = pagedAttentionPlan({ ...shape, R: 1 }, 32768);
-  assert.deepEqual(one, { variant: "flash-split", bq: 4, kt: 32, nSplits: 32, chunk: 32 });
+  assert.deepEqual(one, {
+    variant: "flash-split",
+    bq: 4,
+    kt: 32,
+    nSplits: 32,
+    chunk: 32,
+    rowGroup: 1,
+  });
   // The chunk is fixed in keys: R changes neither it nor the chunk slots of the grid.
   assert.deepEqual(pagedAttentionPlan({ ...shape, R: 8 }, 32768), one);
   assert.deepEqual(pagedAttentionPlan({ ...shape, R: 21 }, 32768), one); // 63 workgroups unsplit
-  const unsplit = { variant: "flash", bq: 4, kt: 32, nSplits: 1, chunk: 1024 };
+  const unsplit = { variant: "flash", bq: 4, kt: 32, nSplits: 1, chunk: 1024, rowGroup: 1 };
   assert.deepEqual(pagedAttentionPlan({ ...shape, R: 22 }, 32768), unsplit); // 66: enough
   assert.equal(pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 32 }, 32768).variant, "flash");
   assert.equal(pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 33 }, 32768).nSplits, 2);
   assert.deepEqual(pagedAttentionPlan({ ...shape, R: 1 }, 32768, { split: false }), unsplit);
   const forced = pagedAttentionPlan({ ...shape, R: 64 }, 32768, { split: true, chunk: 5 });
-  assert.deepEqual(forced, { variant: "flash-split", bq: 4, kt: 32, nSplits: 205, chunk: 5 });
+  assert.deepEqual(forced, {
+    variant: "flash-split",
+    bq: 4,
+    kt: 32,
+    nSplits: 205,
+    chunk: 5,
+    rowGroup: 1,
+  });
+  // Row groups: a verify's 5 rows per sequence share a workgroup (15 query rows: bq 16), so 8
+  // sequences are 24 workgroups unsplit and the keys split; R must be a multiple of the group.
+  const grouped = pagedAttentionPlan({ ...shape, R: 40, rowGroup: 5 }, 32768);
+  assert.deepEqual(grouped, {
+    variant: "flash-split",
+    bq: 16,
+    kt: 32,
+    nSplits: 32,
+    chunk: 32,
+    rowGroup: 5,
+  });
+  assert.throws(
+    () => pagedAttentionPlan({ ...shape, R: 41, rowGroup: 5 }, 32768),
+    /R=41 is not a multiple of rowGroup 5/,
+  );
   assert.equal(pagedAttentionPlan({ ...shape, nHeads: 54, R: 1 }, 32768).bq, 16);
   assert.throws(
     () => pagedAttentionPlan({ ...shape, R: 1, maxSeqRows: 1 << 22 }, 32768),
@@ -466,6 +495,7 @@ const worst = new Map<string, number>();
 interface Variant {
   force?: PagedAttentionForce;
   wg?: number;
+  rowGroup?: number;
 }
 const UNSPLIT: Variant = { force: { split: false } };
 const AUTO: Variant = {};
@@ -473,7 +503,8 @@ const AUTO: Variant = {};
 function variantName(v: Variant): string {
   const f = v.force;
   const split = f?.split === false ? "unsplit" : `split${f?.chunk ? `/${f.chunk}` : ""}`;
-  return `${f ? split : "auto"} wg=${v.wg ?? "default"}`;
+  return `${f ? split : "auto"} wg=${v.wg ?? "default"}` +
+    (v.rowGroup ? ` rowGroup=${v.rowGroup}` : "");
 }
 
 /**
@@ -638,6 +669,60 @@ for (const dtype of ["f32", "f16", "q8"] as KvDType[]) {
     { features: dtype === "f16" ? ["shader-f16"] : [] },
   );
 }
+
+/**
+ * Reorders a built batch of V fresh rows per sequence (and V padding rows) into row groups,
+ * step-major as a batched verify lays them out: row i*G + g is the i-th row (by position) of
+ * the g-th sequence (padding last), with its q, k and v.
+ */
+function toRowGroups(b: Built, V: number, nHeads: number): void {
+  const R = b.rows.length, G = R / V, hd = b.layout.headDim;
+  const order = b.rows.map((row, i) => ({ row, i }))
+    .sort((x, y) => x.row.seq - y.row.seq || x.row.pos - y.row.pos);
+  const src = Array.from({ length: R }, (_, j) => order[(j % G) * V + Math.floor(j / G)].i);
+  const take = (a: Float32Array, w: number) => {
+    const o = new Float32Array(a.length);
+    src.forEach((s, j) => o.set(a.subarray(s * w, (s + 1) * w), j * w));
+    return o;
+  };
+  const kv = b.layout.nKvHeads * hd;
+  b.k = take(b.k, kv);
+  b.v = take(b.v, kv);
+  b.q = take(b.q, nHeads * hd);
+  b.rows = src.map((s) => b.rows[s]);
+  b.rowsImg = pagedRowsImage(b.rows);
+}
+
+gpuTest(
+  "paged attention over row groups (a verify's k + 1 rows per sequence, step-major) matches the reference, split and not, with a padding group",
+  async (gpu) => {
+    const scenarios: [Omit<Scenario, "dtype">, number][] = [
+      [{ ...SPLIT_SCENARIOS[0], lens: [5, 37, 70, 100], fresh: [5, 5, 5, 5], padding: 5 }, 5],
+      [{
+        ...SPLIT_SCENARIOS[0],
+        nHeads: 9,
+        nKvHeads: 3,
+        headDim: 8,
+        lens: [3, 33, 64],
+        fresh: [3, 3, 3],
+        seed: 411,
+      }, 3],
+    ];
+    for (const [sc, V] of scenarios) {
+      await checkScenario(
+        gpu,
+        { ...sc, dtype: "f32" },
+        [
+          { rowGroup: V },
+          { rowGroup: V, force: { split: true, chunk: 16 } },
+          { rowGroup: V, ...UNSPLIT },
+          AUTO,
+        ],
+        (b) => toRowGroups(b, V, sc.nHeads),
+      );
+    }
+  },
+);
 
 gpuTest(
   "split paged attention run twice in one submission and beside a smaller plan on a shared scratch: the counters return to 0",
