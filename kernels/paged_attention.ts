@@ -28,7 +28,10 @@
  *
  *   in ONE dispatch, FlashAttention-style (online softmax over key tiles staged in workgroup
  *   memory) with the tile math of kernels/attention.ts ({@linkcode flashTileWgsl}). Workgroup
- *   (x, y, z) owns a block of query heads of batch row x / rowBlocks, kv head y, and key chunk z.
+ *   (x, y, z) owns a block of query rows of row group x / rowBlocks, kv head y, and key chunk z:
+ *   a row group is one batch row (its query heads), or with `rowGroup` V the V rows g, g + R/V,
+ *   ... of one sequence (a batched verify's k + 1 rows, step-major), whose V x group query rows
+ *   share the key tiles, each masked at its own position.
  *   When the unsplit grid is too small to fill the GPU ({@linkcode pagedAttentionPlan}), the keys
  *   are split (flash-decoding) into chunks of a FIXED size (one key tile): chunk z holds keys
  *   [z*chunk, (z+1)*chunk) of the row, so a row's work follows its own length pos + 1, read
