@@ -181,18 +181,29 @@ struct Params {
 }`;
 }
 
-/** Invocations that share one query row's softmax in {@linkcode flashTileWgsl}. */
+/** Invocations that share one query row's softmax in {@linkcode flashTileWgsl} (at most). */
 export const SOFTMAX_LANES = 8;
+
+/**
+ * Invocations per query row's softmax for workgroups of `wg` invocations:
+ * {@linkcode SOFTMAX_LANES} from 128 (a GPU's 256), else 1, one invocation per row walking the
+ * tile. On a software adapter (64: lavapipe) each barrier switches every invocation, and the two
+ * more barriers of the shared softmax cost more than they save (lavapipe, tiny pair: plain
+ * 219 → 200 tok/s with 8 lanes at 64 invocations).
+ */
+export function softmaxLanes(wg: number): number {
+  return wg >= 128 ? SOFTMAX_LANES : 1;
+}
 
 /**
  * WGSL workgroup memory of the flash kernels' tile loop: Qs [BQ, headDim] (pre-scaled), the K
  * tile with rows padded to HD4 + 1 vec4 (`KS`: the score loop's lanes then read different
  * banks), the V tile, the scores S [BQ, KT], the per-row running max, sum, rescale and visible
- * end, and the softmax's partial max and sum of {@linkcode SOFTMAX_LANES} lanes per row.
+ * end, and the softmax's partial max and sum of {@linkcode softmaxLanes}(`wg`) lanes per row.
  * Expects the constants HD4, BQ, KT in scope (it declares KS).
  */
-export function flashTileVarsWgsl(bq: number, kt: number, hd4: number): string {
-  const L = SOFTMAX_LANES * bq;
+export function flashTileVarsWgsl(bq: number, kt: number, hd4: number, wg: number): string {
+  const L = softmaxLanes(wg) * bq;
   return `const KS = ${hd4 + 1}u; // row stride of Ks, in vec4
 var<workgroup> Qs: array<vec4<f32>, ${bq * hd4}>;      // [BQ, headDim], pre-scaled
 var<workgroup> Ks: array<vec4<f32>, ${kt * (hd4 + 1)}>; // [KT, KS]
@@ -209,14 +220,15 @@ var<workgroup> redL: array<f32, ${L}>;                 // softmax: partial sum p
 /**
  * WGSL of one K/V tile's work in the flash kernels, after the tile is staged in `Ks` (rows of
  * stride KS) and `Vs`: the BQ x KT scores, the online softmax of BQ rows, and the accumulator
- * update `acc = acc * alpha + S·V`, then a barrier (the next tile may be staged). The softmax of
- * a row is shared by {@linkcode SOFTMAX_LANES} invocations (partial max, then weights and partial sums, then one
- * invocation per row combines them: new running max, sum, rescale `alpha`). Key j of the tile is
- * visible to row r when `j < nValid` (the causal end) and, if given, the WGSL boolean
+ * update `acc = acc * alpha + S·V`, then a barrier (the next tile may be staged). With `wg`
+ * invocations the softmax of a row is shared by {@linkcode softmaxLanes} of them (partial max,
+ * then weights and partial sums, then one invocation per row combines them: new running max,
+ * sum, rescale `alpha`), or walked by one. Key j of the tile is visible to row r when
+ * `j < nValid` (the causal end) and, if given, the WGSL boolean
  * `visible(r, j)` (e.g. a tree mask). Declarations: {@linkcode flashTileVarsWgsl}.
  */
-export function flashTileWgsl(visible?: (r: string, j: string) => string): string {
-  const SL = SOFTMAX_LANES;
+export function flashTileWgsl(wg: number, visible?: (r: string, j: string) => string): string {
+  const SL = softmaxLanes(wg);
   const also = visible ? ` && ${visible("r", "j")}` : "";
   const lane = `let r = e / ${SL}u;
       let end = rowEnd[r];
@@ -231,7 +243,35 @@ export function flashTileWgsl(visible?: (r: string, j: string) => string): strin
       S[e] = d;
     }
     workgroupBarrier();
-    // Softmax, ${SL} invocations per row: invocation (r, q) holds keys q, q + ${SL}, ...
+${
+    SL === 1
+      ? `    // Softmax, one invocation per row (r = tid): its max up to its end, then the weights.
+    if (tid < BQ) {
+      let r = tid;
+      let end = rowEnd[r];
+      let nValid = select(0u, min(end - s0, KT), end > s0);
+      let mOld = rowM[r];
+      var mNew = mOld;
+      for (var j = 0u; j < nValid; j++) { // the row's own end (lavapipe: 7% faster than masked)
+        mNew = ${
+        visible
+          ? `select(mNew, max(mNew, S[r * KT + j]), ${visible("r", "j")})`
+          : "max(mNew, S[r * KT + j])"
+      };
+      }
+      var sum = 0.0;
+      for (var j = 0u; j < KT; j++) {
+        let w = select(0.0, exp2(S[r * KT + j] - mNew), j < nValid${also});
+        S[r * KT + j] = w;
+        sum += w;
+      }
+      let alpha = exp2(mOld - mNew);
+      rowL[r] = rowL[r] * alpha + sum;
+      rowM[r] = mNew;
+      rowAlpha[r] = alpha;
+    }
+`
+      : `    // Softmax, ${SL} invocations per row: invocation (r, q) holds keys q, q + ${SL}, ...
     for (var e = tid; e < BQ * ${SL}u; e += WG) {
       ${lane}
       var mx = ${NEG};
@@ -269,7 +309,8 @@ export function flashTileWgsl(visible?: (r: string, j: string) => string): strin
       rowM[tid] = mNew;
       rowAlpha[tid] = alpha;
     }
-    workgroupBarrier();
+`
+  }    workgroupBarrier();
     for (var i = 0u; i < ACC; i++) {
       let e = tid + i * WG;
       if (e < BQ * HD4) {
@@ -293,9 +334,12 @@ const MERGE_UNROLL = 4;
  * Merge workers per (row, vec4) of a split-K merge done by one workgroup: `G` workers of one
  * output vec4 each fold every G-th partial, so a merge of n partials is a chain of
  * ceil(n / (G * 4)) rounds of loads instead of n. G is as large as the workgroup allows and as
- * the K/V tiles can hold the workers' results (they are combined through `Ks` and `Vs`).
+ * the K/V tiles can hold the workers' results (they are combined through `Ks` and `Vs`); 1
+ * below 128 invocations (a software adapter, where the combine's barrier costs more than it
+ * saves).
  */
 export function mergeWorkers(bq: number, headDim: number, kt: number, wg: number): number {
+  if (wg < 128) return 1; // software adapters: no combine barrier (see softmaxLanes)
   const hd4 = headDim / 4;
   return Math.max(1, Math.min(Math.floor(wg / (bq * hd4)), Math.floor(kt / bq)));
 }
@@ -436,7 +480,7 @@ const ACC = ${ACC}u;
 
 ${kvLoadersWgsl(dtype)}
 
-${flashTileVarsWgsl(BQ, KT, HD4)}
+${flashTileVarsWgsl(BQ, KT, HD4, WG)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: u32) {
@@ -486,7 +530,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) tid: 
       Vs[e] = vx;
     }
     workgroupBarrier();
-${flashTileWgsl()}  }
+${flashTileWgsl(WG)}  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
 
   for (var i = 0u; i < ACC; i++) {

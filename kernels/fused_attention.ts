@@ -193,7 +193,7 @@ ${kvLoadersWgsl(dtype)}
 
 ${ropeWgsl(layout, HD4)}
 
-${flashTileVarsWgsl(BQ, KT, HD4)}
+${flashTileVarsWgsl(BQ, KT, HD4, WG)}
 ${
     q8
       ? `var<workgroup> kScale: array<f32, ${KT}>;         // q8 scales of the tile's new keys
@@ -363,6 +363,7 @@ ${
       : ""
   } ${
     flashTileWgsl(
+      WG,
       tree ? (r, j) => `sees(seeLo[${r}], seeHi[${r}], s0 + ${j}, treeBase)` : undefined,
     )
   }  }

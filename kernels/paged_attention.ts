@@ -716,7 +716,7 @@ fn partRow(grp: u32, kh: u32, q: u32) -> u32 {
   }
 }
 
-${flashTileVarsWgsl(BQ, KT, HD4)}
+${flashTileVarsWgsl(BQ, KT, HD4, WG)}
 ${split ? "var<workgroup> isLast: u32;                        // this chunk arrived last" : ""}
 
 @compute @workgroup_size(${WG})
@@ -800,7 +800,7 @@ ${
       Vs[e] = vx;
     }
     workgroupBarrier();
-${flashTileWgsl()}  }
+${flashTileWgsl(WG)}  }
   workgroupBarrier(); // rowM, rowL final (or initial, for an empty chunk)
 
 ${
