@@ -23,6 +23,7 @@ import { kvCacheBytes, type KvDType, kvDType } from "../kernels/kv_write.ts";
 import { ropeInvFreq } from "../kernels/rope.ts";
 import { randomArray } from "../tests/harness.ts";
 import { blockTableImage } from "../engine/paged_kv.ts";
+import { timePass } from "./profile.ts";
 
 interface Shape {
   model: string;
@@ -141,27 +142,9 @@ function gpuFor(name: string): Gpu {
 const gpu = device;
 const dtype: KvDType = kvDType(gpu);
 
-/** Seconds per repetition of `dispatches`, GPU timestamps around `reps` of them in one pass. */
-async function seconds(g: Gpu, dispatches: Dispatch[]): Promise<number> {
-  const querySet = g.device.createQuerySet({ label: "bench.ts", type: "timestamp", count: 2 });
-  const res = g.buffer(
-    "bench.ts.resolve",
-    16,
-    GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
-  );
-  const enc = g.device.createCommandEncoder({ label: "bench.ts" });
-  const all = Array.from({ length: reps }, () => dispatches).flat();
-  g.encode(enc, "bench.attn", all, {
-    querySet,
-    beginningOfPassWriteIndex: 0,
-    endOfPassWriteIndex: 1,
-  });
-  enc.resolveQuerySet(querySet, 0, 2, res, 0);
-  g.device.queue.submit([enc.finish()]);
-  const [t0, t1] = new BigUint64Array(await g.read(res));
-  querySet.destroy();
-  res.destroy();
-  return Number(t1 - t0) / 1e9 / reps;
+/** Seconds per repetition of `d`: GPU timestamps around `reps` of it in one pass. */
+async function seconds(g: Gpu, d: Dispatch): Promise<number> {
+  return await timePass(g, Array.from({ length: reps }, () => d), 1) / 1e6 / reps;
 }
 
 function cache(s: Shape, seed: number): GPUBuffer {
@@ -298,7 +281,7 @@ for (const wg of wgs) {
 for (let round = 0; round < rounds; round++) {
   for (const { row, d } of built) {
     for (const k of sets) {
-      const us = 1e6 * await seconds(gpu, [d[k.name]]);
+      const us = 1e6 * await seconds(gpu, d[k.name]);
       row.us[k.name] = Math.min(row.us[k.name] ?? Infinity, us);
     }
   }
