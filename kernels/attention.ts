@@ -186,10 +186,11 @@ export const SOFTMAX_LANES = 8;
 
 /**
  * Invocations per query row's softmax for workgroups of `wg` invocations:
- * {@linkcode SOFTMAX_LANES} from 128 (a GPU's 256), else 1, one invocation per row walking the
- * tile. On a software adapter (64: lavapipe) each barrier switches every invocation, and the two
- * more barriers of the shared softmax cost more than they save (lavapipe, tiny pair: plain
- * 219 → 200 tok/s with 8 lanes at 64 invocations).
+ * {@linkcode SOFTMAX_LANES} from 128 (a GPU's 256), else 1, one invocation per row walking it to
+ * the row's end. Software adapters (64: lavapipe, where each barrier switches every invocation)
+ * keep the simple form: the first version of these kernels at 64 invocations (shared softmax,
+ * G-way merge, a max over the whole masked tile) ran the tiny pair at 199.9 tok/s against 219.0
+ * before, and in a lavapipe ablation of the fused kernel the masked max alone cost 7%.
  */
 export function softmaxLanes(wg: number): number {
   return wg >= 128 ? SOFTMAX_LANES : 1;
@@ -335,8 +336,8 @@ const MERGE_UNROLL = 4;
  * output vec4 each fold every G-th partial, so a merge of n partials is a chain of
  * ceil(n / (G * 4)) rounds of loads instead of n. G is as large as the workgroup allows and as
  * the K/V tiles can hold the workers' results (they are combined through `Ks` and `Vs`); 1
- * below 128 invocations (a software adapter, where the combine's barrier costs more than it
- * saves).
+ * below 128 invocations (software adapters keep the simplest merge: removing the merge there
+ * changed nothing measurable, so it is not what a GPU's G buys).
  */
 export function mergeWorkers(bq: number, headDim: number, kt: number, wg: number): number {
   if (wg < 128) return 1; // software adapters: no combine barrier (see softmaxLanes)

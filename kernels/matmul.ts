@@ -286,8 +286,8 @@ const MATVEC_RED_BYTES = 32768;
  * `size.unitValues` values of K (default 4; {@linkcode matvecUnitValues}), so a q4_0 row of
  * K = 2048 (64 units of 32) stays at 32 lanes, where 4-value units would widen it to 128.
  * Products with many short rows (a small model's classifier) take narrow lanes instead
- * ({@linkcode matvecManyShortRows}). On a `software` adapter (lavapipe) narrow lanes: each reduction
- * step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
+ * ({@linkcode matvecManyShortRows}). On a `software` adapter (lavapipe) narrow lanes: each
+ * reduction step there is a barrier, a coroutine switch per invocation, and coalescing buys nothing
  * (measured 4x faster at T = 1).
  *
  * @example

@@ -540,8 +540,9 @@ export function pagedAttentionRef(
 // Attention
 
 /**
- * Query heads per flash workgroup: the query heads of one kv head (the rows that share every key
- * of one batch row), rounded up to a power of 2, at most {@linkcode ATTN_BQ_MAX}.
+ * Query rows per flash workgroup: the query heads of one kv head of a row group's `rowGroup`
+ * batch rows (the rows that share its sequence's keys), rounded up to a power of 2, at most
+ * {@linkcode ATTN_BQ_MAX}.
  */
 export function pagedAttentionRowBlock(nHeads: number, nKvHeads: number, rowGroup = 1): number {
   return Math.min(ATTN_BQ_MAX, nextPow2(rowGroup * nHeads / nKvHeads));
@@ -643,9 +644,10 @@ export function pagedAttentionWgsl(
   const V = plan.rowGroup;
   return /* wgsl */ `${dtype === "f16" ? "enable f16;" : ""}
 // Paged flash attention${split ? ", split-K (flash-decoding) merged in-kernel" : ""}. Workgroup
-// (x, y, z) = (batch row r = x / rowBlocks and head block x % rowBlocks, kv head y, key chunk z)
-// owns BQ=${BQ} query heads g of kv head y (head y*group + g; slots g >= group are idle) of row r,
-// which all see the same keys: 0 .. pos[r] of sequence seq[r]${
+// (x, y, z) = (row group grp = x / rowBlocks and row block x % rowBlocks, kv head y, key chunk z)
+// owns BQ=${BQ} query rows q of kv head y: head y*group + q % group of batch row
+// grp + (q / group) * nGroups, the V=${V} rows of a group being one sequence's (slots past
+// V * group are idle); each sees keys 0 .. its own pos of sequence seq[grp]${
     split
       ? `, of which chunk z holds keys
 // [z*chunk, (z+1)*chunk): a chunk past the row's length returns at once`
@@ -655,7 +657,7 @@ export function pagedAttentionWgsl(
     dtype === "q8" ? " (dequantized as loaded)" : ""
   }
 // (keys past the chunk read as 0, never out of range), then the shared tile math: BQ x KT
-// scores, online softmax by BQ invocations, and ${ACC} vec4 of the BQ x headDim accumulator per
+// scores, online softmax of BQ rows, and ${ACC} vec4 of the BQ x headDim accumulator per
 // invocation. Padding rows (seq >= numSeqs) have no keys: output 0.${
     split
       ? `

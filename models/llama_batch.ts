@@ -292,7 +292,7 @@ export class LlamaBatch {
    * groups of one sequence each, step-major (group g: rows g, g + R/V, ...; a batched verify's
    * k + 1 rows), and the attention serves a group's rows in one workgroup (they share their
    * keys). Positions are not advanced (the caller owns
-   * `io.rows`). Built once per (R, inputs, rows) and cached.
+   * `io.rows`). Built once per (R, inputs, rows, rowGroup) and cached.
    */
   plan(R: number, io: BatchInputs, rows: LogitRows, rowGroup = 1): Promise<Dispatch[]> {
     const L = this.layout;
