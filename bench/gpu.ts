@@ -5,7 +5,7 @@
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
  *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
- *                            [--trees 4x2,6x3] [--no-ngram] [--sweep] [--unroll 1,2]
+ *                            [--trees 4x2,6x3] [--no-ngram] [--timeline] [--sweep] [--unroll 1,2]
  *                            [--filter A,B] [--attn-splits 32,8] [--block-rows 8,17]
  *                            [--int8x 0,1,auto]
  *
@@ -28,6 +28,8 @@
  * With `--target` and `--draft`: plain, chain drafts of each `--ks` length and auto, token trees of each `--trees` shape or `auto`
  * (greedy) and n-gram, side by side (tok/s, acceptance, tokens per target pass, same output as
  * plain), then the GPU time of one cycle per op (plain, the first `--ks`, the first fixed tree).
+ * `--timeline` records each generation's GPU timeline (every cycle's timestamps) and prints where
+ * its wall time went: inside cycles, in gaps within and between submissions, outside the span.
  * `--target dummy:NAME --draft dummy:NAME` runs that with random weights at a `--dummy`
  * configuration's shapes (per-op costs without staging weights; acceptance is meaningless).
  */
@@ -57,6 +59,7 @@ import { readHfConfig } from "../models/hf.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { type DraftLength, type Speculation, targetLogitRows } from "../engine/decode.ts";
 import { parseTreeShape, type TreeShape } from "../engine/token_tree.ts";
+import { addIdle, type IdleBreakdown, idleBreakdown } from "../engine/timeline.ts";
 
 const CODE = `import os
 import sys
@@ -366,6 +369,8 @@ export interface SpecRow {
   draft_share: number | null;
   gpu_busy: number | null;
   identical: boolean;
+  /** With `--timeline`: where the decode's wall time went, summed over the prompts. */
+  idle?: IdleBreakdown;
 }
 
 /** Code prompts the decoding benchmarks share. */
@@ -386,6 +391,7 @@ async function benchSpeculative(
   ks: number[],
   trees: (TreeShape | "auto")[],
   ngram: boolean,
+  timeline = false,
 ): Promise<{ rows: SpecRow[]; profiles: CycleProfile[] }> {
   const store = new WeightStore(gpu);
   let t: LlamaGpu, d: LlamaGpu, prompts: number[][];
@@ -449,11 +455,17 @@ async function benchSpeculative(
   for (const [name, spec, k, tree] of configs) {
     let dec = decoders.get(spec.kind);
     if (!dec) decoders.set(spec.kind, dec = new Decoder(gpu, t, spec));
+    dec.timeline = timeline;
     await dec.generate(prompts[0], 16, greedy, quiet, k, tree); // warm-up
     let n = 0, ms = 0, acc = 0, prop = 0, passes = 0, draftMs = 0, gpuMs = 0;
+    let idle: IdleBreakdown | undefined;
     const outs: number[][] = [];
     for (const p of prompts) {
       const r = await dec.generate(p, tokens, greedy, quiet, k, tree);
+      if (r.timeline) {
+        const b = idleBreakdown(r.timeline.cycles, r.decodeMs);
+        idle = idle ? addIdle(idle, b) : b;
+      }
       outs.push(r.tokens);
       n += r.tokens.length - 1;
       ms += r.decodeMs;
@@ -479,6 +491,7 @@ async function benchSpeculative(
       identical: outs.every((o, i) =>
         o.length === plainOut[i].length && o.every((x, j) => x === plainOut[i][j])
       ),
+      idle,
     });
     console.log(`  ${name}: ${rate.toFixed(1)} tok/s`);
   }
@@ -544,6 +557,7 @@ if (import.meta.main) {
       ks: { type: "string", default: "2,3,4,6,8" },
       trees: { type: "string", default: "4x2,6x3" },
       "no-ngram": { type: "boolean" },
+      timeline: { type: "boolean" },
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
       matmul: { type: "boolean" },
@@ -769,6 +783,7 @@ if (import.meta.main) {
         x === "auto" ? "auto" as const : parseTreeShape(x)
       ),
       values["no-ngram"] !== true,
+      values.timeline === true,
     );
     report.speculative = rows;
     report.cycle_profiles = profiles;
@@ -797,6 +812,39 @@ if (import.meta.main) {
         r.identical ? "yes" : "NO",
       ]),
     ]));
+    const timed = rows.filter((r) => r.idle);
+    if (timed.length) {
+      console.log(
+        "\nwhere the decode's wall time went (ms, summed over the prompts; GPU timestamps):",
+      );
+      console.log(table([
+        [
+          "config",
+          "wall",
+          "in cycles",
+          "gaps in chunks",
+          "gaps between chunks",
+          "chunk gaps",
+          "longest",
+          "outside span",
+          "cycles",
+        ],
+        ...timed.map((r) => {
+          const b = r.idle!;
+          return [
+            r.config,
+            b.wallMs,
+            b.cyclesMs,
+            b.inChunkMs.toFixed(2),
+            b.betweenChunksMs.toFixed(2),
+            String(b.chunkGaps),
+            b.maxChunkGapMs.toFixed(2),
+            b.outsideMs.toFixed(2),
+            String(b.cycles),
+          ];
+        }),
+      ]));
+    }
     for (const p of profiles) {
       const total = p.ops.reduce((a, o) => a + o.us, 0);
       console.log(

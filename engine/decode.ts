@@ -118,6 +118,11 @@ export interface DecodeResult {
   treeCycles?: Record<string, number>;
   /** GPU time in drafting and in verify/accept/commit (ms), where timestamps exist. */
   gpuMs?: { draft: number; verify: number };
+  /**
+   * With {@linkcode Decoder.timeline} on (and timestamps): every read cycle's GPU span, in
+   * submission order, and the host's submissions and readbacks (see {@linkcode DecodeTimeline}).
+   */
+  timeline?: DecodeTimeline;
 }
 
 /** Cycles per submission at most (bounded by the timestamp query set too). */
@@ -177,10 +182,44 @@ export function targetLogitRows(draftModel: boolean): number {
   return draftModel ? TREE_MAX_NODES : MAX_DRAFT + 1;
 }
 
+/**
+ * One cycle's GPU span on the device's timestamp clock (µs since the generation's first timed
+ * pass began): `chunk` numbers the submission (1 is the first chunk of cycles), `begin` is the
+ * start of its first pass (the draft's, or the verify's), `end` the end of its last.
+ */
+export interface CycleSpan {
+  /** Submission the cycle was encoded in (1, 2, ...; the prefill is 0 and untimed). */
+  chunk: number;
+  /** Start of the cycle's first pass (µs). */
+  begin: number;
+  /** End of its verify pass (µs). */
+  end: number;
+}
+
+/** A host event of a generation: a chunk's submission, or its readback's map call and result. */
+export interface HostMark {
+  /** Submission (0 is the prefill's). */
+  chunk: number;
+  /** "encode" (its encoding began), "submit", "map" (mapAsync called), "mapped" (it resolved). */
+  what: "encode" | "submit" | "map" | "mapped";
+  /** Milliseconds since the generation began (`performance.now()`). */
+  ms: number;
+}
+
+/** What {@linkcode Decoder.timeline} records of one generation. */
+export interface DecodeTimeline {
+  /** Every read cycle's GPU span (device clock). */
+  cycles: CycleSpan[];
+  /** The host's submissions and readbacks (host clock). */
+  host: HostMark[];
+}
+
 /** Where a chunk's timestamps are (its query slot) and how many it wrote. */
 interface ChunkTiming {
   slot: number;
   timed?: { cycles: number; per: number };
+  /** Submission number (for {@linkcode CycleSpan}). */
+  id?: number;
 }
 
 /** A finished chunk's submission and readback (`Decoder.#finish`). */
@@ -247,6 +286,12 @@ export class Decoder {
   #first: Dispatch[] = [];
   /** GPU ms of one cycle, per draft length or tree shape, as last measured (sizes first chunks). */
   #cycleMs = new Map<number | string, number>();
+  /**
+   * Record each generation's GPU timeline ({@linkcode DecodeResult.timeline}): the span of every
+   * cycle read back, for finding where the GPU waits (`bench/gpu.ts --timeline`). Off by default.
+   */
+  timeline = false;
+  #spans?: { base?: bigint; list: CycleSpan[]; host: HostMark[]; t0: number };
   #cost?: TreeCostModel;
 
   /** A decoder for `target`, speculating per `spec` (default: plain decoding). */
@@ -757,6 +802,9 @@ export class Decoder {
     if (tree) useShape(tree);
     const treeCycles: Record<string, number> = {};
     await this.#prepare(sampling);
+    this.#spans = this.timeline && this.#query
+      ? { list: [], host: [], t0: performance.now() }
+      : undefined;
     const P = prompt.length;
     const run = new Uint32Array(RUN_SLOTS);
     run[RUN.maxTokens] = maxTokens;
@@ -779,7 +827,7 @@ export class Decoder {
       }
     }
     g.encode(enc, "decode.first", this.#first);
-    const first = this.#finish(enc, 0, undefined, 0);
+    const first = this.#finish(enc, 0, undefined, 0, 0);
     first.submit();
 
     // Decode: chunks of cycles, up to RING in flight. A chunk is issued only when it fits in the
@@ -863,9 +911,10 @@ export class Decoder {
           const name = `${tree!.depth}x${tree!.width}`;
           treeCycles[name] = (treeCycles[name] ?? 0) + n;
         }
-        const slot = issued % RING, shape = useTree ? tree : undefined;
+        const slot = issued % RING, id = issued, shape = useTree ? tree : undefined;
         const exp = Math.min(left, n * perCycle), from = tokens.length + (state ? 0 : 1);
         const encode = async (): Promise<Chunk> => {
+          this.#mark(id, "encode");
           const cyc = shape
             ? await this.#treeCycle(shape, sampling)
             : await this.#cycle(kc, sampling);
@@ -881,8 +930,8 @@ export class Decoder {
             g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
           }
           const timed = q ? { cycles: n, per: qPer } : undefined;
-          const io = this.#finish(e, from, timed, slot);
-          return { io, slot, timed, kc, n, per, shape, expected: exp };
+          const io = this.#finish(e, from, timed, slot, id);
+          return { io, slot, timed, kc, n, per, shape, expected: exp, id };
         };
         // Before the first token is read: a small chunk, encoded now (it goes in as soon as the
         // prefill is done), and the rest of the first round, encoded while the prefill's
@@ -1003,7 +1052,14 @@ export class Decoder {
       gpuMs: this.#query ? gpuMs : undefined,
       tree: auto ? mostUsed(treeCycles) ?? tree : tree,
       treeCycles: auto ? treeCycles : undefined,
+      timeline: this.#spans && { cycles: this.#spans.list, host: this.#spans.host },
     };
+  }
+
+  /** Records a host event of chunk `id` when the timeline is on. */
+  #mark(id: number, what: HostMark["what"]): void {
+    const spans = this.#spans;
+    spans?.host.push({ chunk: id, what, ms: performance.now() - spans.t0 });
   }
 
   /** Cost of one draft step relative to one target pass (weight bytes, at least 1/20). */
@@ -1027,6 +1083,7 @@ export class Decoder {
     from: number,
     timed: { cycles: number; per: number } | undefined,
     slot: number,
+    id: number,
   ): ChunkIo {
     const B = this.#buf, g = this.#gpu, staging = this.#staging[slot];
     const cap = this.#maxSeq + 1;
@@ -1039,12 +1096,19 @@ export class Decoder {
     enc.copyBufferToBuffer(B.out, from * 4, staging, ts + (RUN_SLOTS + from) * 4, (cap - from) * 4);
     const commands = enc.finish();
     const bytes = ts + (RUN_SLOTS + cap) * 4;
+    const spans = this.#spans;
+    const mark = (what: HostMark["what"]) => this.#mark(id, what);
     return {
-      submit: () => g.device.queue.submit([commands]),
+      submit: () => {
+        g.device.queue.submit([commands]);
+        mark("submit");
+      },
       read: async (chunks: ChunkTiming[], during?: () => void): Promise<ReadState> => {
+        mark("map");
         const mapped = staging.mapAsync(GPUMapMode.READ, 0, bytes);
         during?.();
         await mapped;
+        mark("mapped");
         g.throwIfFailed();
         const view = new Uint32Array(staging.getMappedRange(ts, bytes - ts));
         const count = view[RUN.count];
@@ -1067,6 +1131,15 @@ export class Decoder {
               const at = base + c.timed.per * i;
               if (c.timed.per === 4) r.draftMs += ms(at);
               r.verifyMs += ms(at + c.timed.per - 2);
+              if (spans) {
+                spans.base ??= stamps[at];
+                const us = (v: bigint) => Number(v - spans.base!) / 1e3;
+                spans.list.push({
+                  chunk: c.id ?? 0,
+                  begin: us(stamps[at]),
+                  end: us(stamps[at + c.timed.per - 1]),
+                });
+              }
             }
           }
         }

@@ -36,9 +36,13 @@ import type { Dispatch, Gpu } from "../engine/gpu.ts";
 export const QX_BLOCK = 32;
 /** Byte alignment of the meta region: WebGPU's largest `minStorageBufferOffsetAlignment`. */
 const REGION_ALIGN = 256;
-/** Largest invocations per quantize workgroup on a GPU, and on a software adapter. */
-const QX_MAX_WG = 256;
-const QX_MAX_WG_SOFTWARE = 64;
+/**
+ * Largest invocations per quantize workgroup. On a GPU each takes one block and a row of K values
+ * spreads over ceil(K / 32 / 64) workgroups (H200, dummy llama-3.1-8b's down projection, K =
+ * 14336 at T = 1: one workgroup per row took 20.4 µs); on a software adapter one workgroup walks
+ * the whole row (there each workgroup costs more than it overlaps).
+ */
+const QX_MAX_WG = 64;
 
 const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
 /** f32(1 / 127): the scale is `max|v|` times this (one correctly rounded multiply). */
@@ -198,11 +202,25 @@ export function readQuantizedX(bytes: ArrayBuffer, T: number, K: number): Quanti
 }
 
 /** Invocations of a quantize workgroup for rows of `K`: one per block, a power of 2, capped. */
-function quantizeWorkgroup(K: number, software: boolean): number {
-  const cap = software ? QX_MAX_WG_SOFTWARE : QX_MAX_WG;
+function quantizeWorkgroup(K: number): number {
   let wg = 1;
-  while (wg < K / QX_BLOCK && wg < cap) wg *= 2;
+  while (wg < K / QX_BLOCK && wg < QX_MAX_WG) wg *= 2;
   return wg;
+}
+
+/**
+ * Workgroups the quantize pass spreads one row of `K` values over: on a GPU one block per
+ * invocation of workgroups of up to 64, on a `software` adapter one.
+ *
+ * @example
+ * ```ts
+ * import { quantizeXSplits } from "./quantize_x.ts";
+ * console.log(quantizeXSplits(576), quantizeXSplits(4096), quantizeXSplits(14336)); // 1 2 7
+ * console.log(quantizeXSplits(14336, true)); // 1
+ * ```
+ */
+export function quantizeXSplits(K: number, software = false): number {
+  return software ? 1 : Math.ceil(K / QX_BLOCK / quantizeWorkgroup(K));
 }
 
 /**
@@ -215,22 +233,24 @@ export function quantizeXWgsl(s: { wg: number; vec4: boolean; norm: boolean }): 
     : `let e = p.xOffset + t * p.K + 4u * i;
   return vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);`;
   return /* wgsl */ `
-// Quantize x to int8 blocks of ${QX_BLOCK} (kernels/quantize_x.ts): workgroup t owns row t of x; its
-// ${s.wg} invocations take the row's blocks in turn (invocation i: blocks i, i + ${s.wg}, ...), each
+// Quantize x to int8 blocks of ${QX_BLOCK} (kernels/quantize_x.ts): workgroup (s, t) owns blocks
+// s p.span .. s p.span + p.span - 1 of row t of x (clipped at the row's end), its ${s.wg}
+// invocations taking them in turn (invocation i: blocks i, i + ${s.wg}, ... of its span), each
 // loading its block's 8 vec4s of x${
     s.norm ? " (times the RMSNorm gain g)" : ""
-  }, writing 8 packed words of int8
-// and its (scale, sum). ${
+  }, writing 8 packed words of int8 and its (scale, sum). ${
     s.norm
-      ? `Each invocation sums x² over its blocks; the sums are tree-reduced in
-// workgroup memory and invocation 0 writes the row's 1 / rms(x).`
-      : "Invocation 0 writes the row's rinv = 1 (no norm)."
-  } The loop bound masks the blocks.
+      ? `Every workgroup of row t also sums x² over the whole row (invocation i: vec4s i,
+// i + ${s.wg}, ..., tree-reduced in workgroup memory: the same order in each, so no workgroup
+// waits for another), and workgroup 0 writes the row's 1 / rms(x).`
+      : "Workgroup 0 writes the row's rinv = 1 (no norm)."
+  }
 struct Params {
   T: u32,       // rows
   K: u32,       // values per row (a multiple of ${QX_BLOCK})
   xOffset: u32, // element offset of x[0, 0] in the x buffer
   eps: f32,     // RMSNorm epsilon (norm only)
+  span: u32,    // blocks per workgroup
 }
 @group(0) @binding(0) var<storage, read> x: array<${
     s.vec4 ? "vec4<f32>" : "f32"
@@ -254,20 +274,15 @@ fn xv(t: u32, i: u32) -> vec4<f32> {
 
 @compute @workgroup_size(${s.wg})
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
-  let t = wg.x;
+  let t = wg.y;
   let nbk = p.K / ${QX_BLOCK}u;
-  var ss = 0.0;
-  for (var b = lid; b < nbk; b += ${s.wg}u) {
+  let b1 = min(wg.x * p.span + p.span, nbk);
+  for (var b = wg.x * p.span + lid; b < b1; b += ${s.wg}u) {
     var v: array<vec4<f32>, 8>;
     var amax = 0.0;
     for (var i = 0u; i < 8u; i++) {
       let a = xv(t, 8u * b + i);
-${
-    s.norm
-      ? `      ss += dot(a, a);
-      let s = a * g[8u * b + i];`
-      : "      let s = a;"
-  }
+      let s = a${s.norm ? " * g[8u * b + i]" : ""};
       v[i] = s;
       let m = abs(s);
       amax = max(amax, max(max(m.x, m.y), max(m.z, m.w)));
@@ -289,16 +304,21 @@ ${
   }
 ${
     s.norm
-      ? `  red[lid] = ss;
+      ? `  var ss = 0.0;
+  for (var i = lid; i < p.K / 4u; i += ${s.wg}u) {
+    let a = xv(t, i);
+    ss += dot(a, a);
+  }
+  red[lid] = ss;
   workgroupBarrier();
   for (var h = ${s.wg >> 1}u; h > 0u; h >>= 1u) {
     if (lid < h) { red[lid] += red[lid + h]; }
     workgroupBarrier();
   }
-  if (lid == 0u) {
+  if (wg.x == 0u && lid == 0u) {
     xm[t * (nbk + 1u) + nbk] = vec2<u32>(bitcast<u32>(inverseSqrt(red[0] / f32(p.K) + p.eps)), 0u);
   }`
-      : `  if (lid == 0u) { xm[t * (nbk + 1u) + nbk] = vec2<u32>(bitcast<u32>(1.0), 0u); }`
+      : `  if (wg.x == 0u && lid == 0u) { xm[t * (nbk + 1u) + nbk] = vec2<u32>(bitcast<u32>(1.0), 0u); }`
   }
 }
 `;
@@ -323,7 +343,8 @@ export interface QuantizeXArgs {
 }
 
 /**
- * Builds the one dispatch (a workgroup per row) quantizing the T rows of x into `out`.
+ * Builds the one dispatch ({@linkcode quantizeXSplits} workgroups per row) quantizing the T rows
+ * of x into `out`.
  *
  * @example
  * ```ts ignore
@@ -339,17 +360,21 @@ export async function createQuantizeX(gpu: Gpu, args: QuantizeXArgs): Promise<Di
   if (T > gpu.limits.maxComputeWorkgroupsPerDimension) {
     throw new RangeError(`${label}: T=${T} rows exceed the workgroups of one dimension`);
   }
+  const splits = quantizeXSplits(K, gpu.software);
+  if (splits > gpu.limits.maxComputeWorkgroupsPerDimension) {
+    throw new RangeError(`${label}: K=${K} needs ${splits} workgroups per row, past the limit`);
+  }
   const need = int8xScratchBytes(T, K);
   if (args.out.size < need) {
     throw new RangeError(`${label}: scratch of ${args.out.size} bytes, ${T}x${K} needs ${need}`);
   }
-  const wg = quantizeWorkgroup(K, gpu.software);
+  const wg = quantizeWorkgroup(K);
   const vec4 = xOffset % 4 === 0, norm = !!args.norm;
   const pipeline = await gpu.pipeline(
     `quantize_x.wg${wg}.vec${vec4 ? 4 : 1}.norm${+norm}`,
     () => quantizeXWgsl({ wg, vec4, norm }),
   );
-  const raw = new Uint32Array([T, K, xOffset, 0]);
+  const raw = new Uint32Array([T, K, xOffset, 0, Math.ceil(K / QX_BLOCK / splits), 0, 0, 0]);
   new Float32Array(raw.buffer)[3] = args.norm?.eps ?? 0;
   const meta = int8xMetaOffset(T, K);
   return {
@@ -362,6 +387,6 @@ export async function createQuantizeX(gpu: Gpu, args: QuantizeXArgs): Promise<Di
       gpu.uniform(`${label}.params`, raw),
       args.norm?.weight,
     ]),
-    workgroups: [T, 1, 1],
+    workgroups: [splits, T, 1],
   };
 }

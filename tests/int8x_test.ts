@@ -8,6 +8,7 @@ import {
   int8xScratchBytes,
   type QuantizedX,
   quantizeXRef,
+  quantizeXSplits,
   readQuantizedX,
 } from "../kernels/quantize_x.ts";
 import {
@@ -116,6 +117,7 @@ async function checkQuantize(
   K: number,
   norm: boolean,
   xOffset: number,
+  split = false,
 ): Promise<void> {
   const seed = T * 1009 + K * 7 + (norm ? 1 : 0) + xOffset;
   const x = raggedX(T, K, seed);
@@ -123,7 +125,17 @@ async function checkQuantize(
   xBuf.set(x, xOffset);
   const g = norm ? { weight: randomArray(K, seed + 1), eps: 1e-5 } : undefined;
   const out = gpu.buffer("qx", int8xScratchBytes(T, K), RW);
-  const d = await createQuantizeX(gpu, {
+  // split: the GPU's layout (several workgroups per row) on any adapter.
+  const view = split
+    ? new Proxy(gpu, {
+      get(t, k) {
+        if (k === "software") return false;
+        const v = Reflect.get(t, k, t);
+        return typeof v === "function" ? v.bind(t) : v;
+      },
+    })
+    : gpu;
+  const d = await createQuantizeX(view, {
     label: "test.quantize_x",
     x: gpu.upload("x", xBuf),
     xOffset,
@@ -136,7 +148,7 @@ async function checkQuantize(
   const got = readQuantizedX(await gpu.read(out), T, K);
   // rinv: the kernel's f32 sum of x² in another order and a 2-ulp inverseSqrt.
   assertSameQuant(
-    `quantize_x T=${T} K=${K} norm=${norm} xOffset=${xOffset}`,
+    `quantize_x T=${T} K=${K} norm=${norm} xOffset=${xOffset} split=${split}`,
     got,
     quantizeXRef(x, T, K, g),
     1e-5,
@@ -147,9 +159,16 @@ async function checkQuantize(
 gpuTest("createQuantizeX() writes the reference's int8 values, scales and sums exactly", async (
   gpu,
 ) => {
+  // The software adapter's layout (one workgroup per row) and the GPU's: rows of one workgroup
+  // (K <= 2048) and of several, the last one ragged (4128: 64 + 64 + 1 blocks), each row's rinv
+  // written once.
+  assert.deepEqual([32, 2048, 4128].map((K) => quantizeXSplits(K)), [1, 1, 3]);
   for (const K of [32, 64, 96, 288, 480, 4128]) {
     for (const T of [1, 2, 3, 5, 8, 17]) {
-      for (const norm of [false, true]) await checkQuantize(gpu, T, K, norm, 0);
+      for (const norm of [false, true]) {
+        await checkQuantize(gpu, T, K, norm, 0);
+        if (K > 2048) await checkQuantize(gpu, T, K, norm, 0, true);
+      }
     }
   }
   for (const K of [32, 96]) {

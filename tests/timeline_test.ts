@@ -1,0 +1,77 @@
+/**
+ * The decode timeline (`Decoder.timeline`, engine/timeline.ts): the idle breakdown of crafted
+ * spans, and a real generation's record (one span per cycle read, in order, host marks for every
+ * submission and readback) with the output unchanged.
+ */
+import assert from "@specdec/assert";
+import { gpuTest } from "./harness.ts";
+import { gpuPair, GREEDY, llama2c, QUIET } from "./fixtures.ts";
+import { Decoder } from "../engine/decode.ts";
+import { addIdle, idleBreakdown } from "../engine/timeline.ts";
+
+Deno.test("idleBreakdown() splits wall time into cycles, gaps in and between chunks, outside", () => {
+  const spans = [
+    { chunk: 1, begin: 0, end: 1000 },
+    { chunk: 1, begin: 1200, end: 2000 },
+    { chunk: 2, begin: 5000, end: 6000 },
+    { chunk: 3, begin: 6000, end: 6500 },
+    { chunk: 3, begin: 6600, end: 7000 },
+  ];
+  const b = idleBreakdown(spans, 10);
+  assert.equal(b.cycles, 5);
+  assert.equal(b.chunks, 3);
+  assert.ok(Math.abs(b.cyclesMs - 3.7) < 1e-9);
+  assert.ok(Math.abs(b.inChunkMs - 0.3) < 1e-9);
+  assert.ok(Math.abs(b.betweenChunksMs - 3) < 1e-9);
+  assert.equal(b.chunkGaps, 2);
+  assert.ok(Math.abs(b.maxChunkGapMs - 3) < 1e-9);
+  assert.ok(Math.abs(b.outsideMs - 3) < 1e-9);
+  // Every millisecond of the wall is in exactly one bucket.
+  assert.ok(Math.abs(b.cyclesMs + b.inChunkMs + b.betweenChunksMs + b.outsideMs - 10) < 1e-9);
+  const two = addIdle(b, idleBreakdown(spans.slice(0, 2), 4));
+  assert.equal(two.cycles, 7);
+  assert.ok(Math.abs(two.wallMs - 14) < 1e-9);
+  assert.ok(Math.abs(two.maxChunkGapMs - 3) < 1e-9);
+  assert.equal(idleBreakdown([], 5).outsideMs, 5);
+});
+
+gpuTest("Decoder.timeline records every cycle read and the host's submissions", async (gpu) => {
+  if (!gpu.features.timestamp) throw new Error("this test needs the timestamp-query feature");
+  const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+  const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+  const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
+  try {
+    const prompt = [1, 403, 407, 261]; // BOS "Once upon a"
+    for (const spec of [{ kind: "none" } as const, { kind: "model", draft: d } as const]) {
+      const dec = new Decoder(gpu, t, spec);
+      const plain = await dec.generate(prompt, 40, GREEDY, QUIET, 3);
+      assert.equal(plain.timeline, undefined, "off by default");
+      dec.timeline = true;
+      const r = await dec.generate(prompt, 40, GREEDY, QUIET, 3);
+      assert.deepEqual(r.tokens, plain.tokens);
+      const tl = r.timeline!;
+      // One span per cycle read: at least the committed ones (chunks may run past the stop).
+      assert.ok(tl.cycles.length >= r.targetPasses, `${tl.cycles.length} < ${r.targetPasses}`);
+      for (let i = 0; i < tl.cycles.length; i++) {
+        const c = tl.cycles[i];
+        assert.ok(c.chunk >= 1 && c.end >= c.begin, JSON.stringify(c));
+        if (i > 0) {
+          assert.ok(c.chunk >= tl.cycles[i - 1].chunk, "in submission order");
+          assert.ok(c.begin >= tl.cycles[i - 1].end, "cycles run one after another");
+        }
+      }
+      // Every chunk whose cycles were read was encoded and submitted; the prefill was mapped.
+      for (const id of new Set(tl.cycles.map((c) => c.chunk))) {
+        for (const what of ["encode", "submit"] as const) {
+          assert.ok(tl.host.some((h) => h.chunk === id && h.what === what), `${what} ${id}`);
+        }
+      }
+      assert.ok(tl.host.some((h) => h.chunk === 0 && h.what === "mapped"));
+      const ms = tl.host.map((h) => h.ms);
+      assert.deepEqual(ms, [...ms].sort((a, b) => a - b), "host marks in time order");
+      dec.destroy();
+    }
+  } finally {
+    destroy();
+  }
+});
