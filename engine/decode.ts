@@ -864,10 +864,12 @@ export class Decoder {
     // The prefill, as a chunk in flight: one token, no cycles.
     let inflight: Chunk[] = [{ io: first, slot: 0, kc: 0, n: 1, per: 1, expected: 1 }];
     let pending: Chunk | undefined;
-    // The first round's second chunk, until the prefill's readback: how to encode it, and what
-    // it was counted as (undone if it never goes in).
+    // The chunk encoded during the next readback's sleep: how to encode it, and what it was
+    // counted as (undone if it never goes in).
     let deferred:
-      | Pick<Chunk, "n" | "per" | "expected" | "shape"> & { make: () => Promise<Chunk> }
+      | Pick<Chunk, "n" | "per" | "expected" | "shape"> & {
+        make: (early?: () => boolean) => Promise<Chunk>;
+      }
       | undefined;
     let worst = 1; // tokens the chunks in flight may still add
     let expected = 1; // tokens they are expected to add
@@ -888,24 +890,28 @@ export class Decoder {
       // sized 10% low so a chunk rather overshoots than needs one more round trip.
       const perCycle = Math.max(1, 0.9 * (tpc > 0 ? tpc : 1 + 0.7 * kc));
       const left = maxTokens - tokens.length - expected;
-      // A chunk that waits to go in during the next readback (`pending`) is submitted before
-      // the host can hear a cancel (its poll blocks the thread): it holds only what outlasts the
-      // readback's sleep, so a cancel costs at most that beyond the round in flight.
-      const toPending = !state || inflight.length >= RING;
-      // The first round: a small chunk encoded before the prefill's readback, then the rest of
-      // what fills its sleep, encoded during it (see `deferred`).
+      // Up to RING chunks are submitted as they are encoded; then two wait for the readback of
+      // the newest: `pending`, encoded now and submitted as soon as the map call returns (the
+      // queue has drained), holding what outlasts the readback's sleep, and `deferred`, encoded
+      // during that sleep (while `pending` runs) and submitted when encoded, so the host's
+      // encoding never leaves the GPU waiting. `pending` is submitted before the host can hear a
+      // cancel (the poll blocks the thread), so a cancel costs at most it beyond the round in
+      // flight; `deferred` is dropped when cancelled.
+      const waits = !state || inflight.length >= RING;
+      // The first round: a small pending chunk (the prefill's readback is short), then the rest
+      // of what fills its sleep as the deferred one.
       const firstSmall = !state && !pending;
       const n = Math.min(
         firstSmall
           ? Math.min(cycles, FIRST_CYCLES)
-          : state && toPending && cycleMsNow > 0
+          : state && waits && !pending && cycleMsNow > 0
           ? Math.max(2, Math.ceil((2 * READ_MS) / cycleMsNow))
           : cycles,
         MAX_CYCLES,
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
         Math.ceil(left / perCycle),
       );
-      if (!stop && !(state ? pending : deferred) && inflight.length <= RING && room > 0 && n > 0) {
+      if (!stop && !(waits && pending && deferred) && room > 0 && n > 0) {
         if (useTree) {
           useShape(tree!);
           const name = `${tree!.depth}x${tree!.width}`;
@@ -913,41 +919,55 @@ export class Decoder {
         }
         const slot = issued % RING, id = issued, shape = useTree ? tree : undefined;
         const exp = Math.min(left, n * perCycle), from = tokens.length + (state ? 0 : 1);
-        const encode = async (): Promise<Chunk> => {
+        // `early`: the chunk goes in as it is encoded (while `early()` holds), its cycles in
+        // command buffers of 2, 4, 8, ... cycles, so the GPU starts on the first while the host
+        // encodes the rest (H200: a 56-cycle plain chunk takes ~9 ms to encode).
+        const encode = async (early?: () => boolean): Promise<Chunk> => {
           this.#mark(id, "encode");
           const cyc = shape
             ? await this.#treeCycle(shape, sampling)
             : await this.#cycle(kc, sampling);
-          const e = g.device.createCommandEncoder({ label: "decode.cycles" });
+          let e = g.device.createCommandEncoder({ label: "decode.cycles" });
           // Timestamps per cycle: (draft begin, end,) verify begin, end, in this slot's slice of
           // the set. Only written queries are resolved (an unwritten one can stall the resolve).
           const q = this.#query, base = 4 * MAX_CYCLES * slot;
           const qPer = cyc.draft.length ? 4 : 2;
           const times = (at: number) =>
             q && { querySet: q.set, beginningOfPassWriteIndex: at, endOfPassWriteIndex: at + 1 };
-          for (let i = 0; i < n; i++) {
+          for (let i = 0, cut = 2; i < n; i++) {
             if (cyc.draft.length) g.encode(e, "decode.draft", cyc.draft, times(base + qPer * i));
             g.encode(e, "decode.verify", cyc.verify, times(base + qPer * i + qPer - 2));
+            if (early && i + 1 === cut && i + 1 < n && early()) {
+              g.device.queue.submit([e.finish()]);
+              this.#mark(id, "submit");
+              e = g.device.createCommandEncoder({ label: "decode.cycles" });
+              cut = 2 * cut + 2;
+            }
           }
           const timed = q ? { cycles: n, per: qPer } : undefined;
           const io = this.#finish(e, from, timed, slot, id);
           return { io, slot, timed, kc, n, per, shape, expected: exp, id };
         };
-        // Before the first token is read: a small chunk, encoded now (it goes in as soon as the
-        // prefill is done), and the rest of the first round, encoded while the prefill's
-        // readback sleeps (`deferred`): encoded before, it would hold the first token back by
-        // its encoding when the prefill is short (H200: serve TTFT 16 → 26 ms). A pending chunk
-        // takes the slot of the round's oldest chunk, never mapped.
-        if (!state && !firstSmall) deferred = { make: encode, n, per, expected: exp, shape };
-        else if (!toPending) {
-          const c = await encode();
+        // Before the first token is read the deferred chunk is the rest of the first round:
+        // encoded before the prefill's readback, it would hold the first token back by its
+        // encoding when the prefill is short (H200: serve TTFT 16 → 26 ms). The pending and
+        // deferred chunks take the slots of the round's two oldest chunks, done by the time
+        // they go in (the queue has drained) and never mapped.
+        if (!waits) {
+          const c = await encode(() => true);
           c.io.submit();
           inflight.push(c);
-        } else pending = await encode();
+        } else if (!pending) pending = await encode();
+        else deferred = { make: encode, n, per, expected: exp, shape };
         issued++;
         worst += n * per;
         expected += exp;
-        if (!firstSmall) cycles *= 2;
+        // Chunks double until a cycle's cost is known, then hold CHUNK_MS of GPU time.
+        if (!firstSmall) {
+          cycles = cycleMsNow > 0
+            ? Math.min(MAX_CYCLES, Math.max(2, Math.ceil(CHUNK_MS / cycleMsNow)))
+            : 2 * cycles;
+        }
         continue; // issue the next chunk before waiting on this one
       }
       if (inflight.length === 0) break;
@@ -967,7 +987,7 @@ export class Decoder {
           sent.add(next);
         }
         // Encoded (microtasks) and submitted while the map's sleep runs.
-        encoding = later?.make().then((c) => {
+        encoding = later?.make(() => !events.cancelled()).then((c) => {
           if (!events.cancelled()) {
             c.io.submit();
             sent.add(c);
@@ -1008,7 +1028,7 @@ export class Decoder {
       // cycles just read; remembered per shape to size the next generation's first chunk.
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
       if (cycleMs > 0) {
-        cycles = Math.max(cycles, Math.ceil(CHUNK_MS / cycleMs));
+        cycles = Math.min(MAX_CYCLES, Math.max(2, Math.ceil(CHUNK_MS / cycleMs)));
         cycleMsNow = cycleMs;
         const sh = newest.shape;
         this.#cycleMs.set(sh ? `${sh.depth}x${sh.width}` : newest.kc, cycleMs);

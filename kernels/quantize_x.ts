@@ -43,6 +43,8 @@ const REGION_ALIGN = 256;
  * the whole row (there each workgroup costs more than it overlaps).
  */
 const QX_MAX_WG = 64;
+/** Largest invocations of a GPU's one workgroup per row (a folded RMSNorm). */
+const QX_MAX_WG_ROW = 256;
 
 const F32 = new Float32Array(1), U32 = new Uint32Array(F32.buffer);
 /** f32(1 / 127): the scale is `max|v|` times this (one correctly rounded multiply). */
@@ -201,26 +203,33 @@ export function readQuantizedX(bytes: ArrayBuffer, T: number, K: number): Quanti
   return { T, K, q, d, sum, rinv };
 }
 
-/** Invocations of a quantize workgroup for rows of `K`: one per block, a power of 2, capped. */
-function quantizeWorkgroup(K: number): number {
+/**
+ * Invocations of a quantize workgroup for rows of `K`: one per block, a power of 2, capped at 64
+ * (or at 256 for a GPU's one workgroup per row, `row`).
+ */
+function quantizeWorkgroup(K: number, row = false): number {
+  const cap = row ? QX_MAX_WG_ROW : QX_MAX_WG;
   let wg = 1;
-  while (wg < K / QX_BLOCK && wg < QX_MAX_WG) wg *= 2;
+  while (wg < K / QX_BLOCK && wg < cap) wg *= 2;
   return wg;
 }
 
 /**
  * Workgroups the quantize pass spreads one row of `K` values over: on a GPU one block per
- * invocation of workgroups of up to 64, on a `software` adapter one.
+ * invocation of workgroups of up to 64; with a folded RMSNorm (`norm`, whose 1 / rms needs the
+ * whole row) and on a `software` adapter one. H200, one run, µs at T = 1 (one workgroup per row
+ * → split): K = 14336 without norm 7.8 → 4.4; with norm, each split workgroup summing the row's
+ * x² itself, 10.0 → 15.1 (K = 4096: 5.6 → 7.2), so the norm keeps one.
  *
  * @example
  * ```ts
  * import { quantizeXSplits } from "./quantize_x.ts";
  * console.log(quantizeXSplits(576), quantizeXSplits(4096), quantizeXSplits(14336)); // 1 2 7
- * console.log(quantizeXSplits(14336, true)); // 1
+ * console.log(quantizeXSplits(14336, true), quantizeXSplits(14336, false, true)); // 1 1
  * ```
  */
-export function quantizeXSplits(K: number, software = false): number {
-  return software ? 1 : Math.ceil(K / QX_BLOCK / quantizeWorkgroup(K));
+export function quantizeXSplits(K: number, software = false, norm = false): number {
+  return software || norm ? 1 : Math.ceil(K / QX_BLOCK / quantizeWorkgroup(K));
 }
 
 /**
@@ -240,9 +249,9 @@ export function quantizeXWgsl(s: { wg: number; vec4: boolean; norm: boolean }): 
     s.norm ? " (times the RMSNorm gain g)" : ""
   }, writing 8 packed words of int8 and its (scale, sum). ${
     s.norm
-      ? `Every workgroup of row t also sums x² over the whole row (invocation i: vec4s i,
-// i + ${s.wg}, ..., tree-reduced in workgroup memory: the same order in each, so no workgroup
-// waits for another), and workgroup 0 writes the row's 1 / rms(x).`
+      ? `With the norm a row is one workgroup (p.span = K / ${QX_BLOCK}): each
+// invocation sums x² over its blocks, the sums are tree-reduced in workgroup memory and invocation
+// 0 writes the row's 1 / rms(x).`
       : "Workgroup 0 writes the row's rinv = 1 (no norm)."
   }
 struct Params {
@@ -277,12 +286,13 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   let t = wg.y;
   let nbk = p.K / ${QX_BLOCK}u;
   let b1 = min(wg.x * p.span + p.span, nbk);
+  var ss = 0.0;
   for (var b = wg.x * p.span + lid; b < b1; b += ${s.wg}u) {
     var v: array<vec4<f32>, 8>;
     var amax = 0.0;
     for (var i = 0u; i < 8u; i++) {
       let a = xv(t, 8u * b + i);
-      let s = a${s.norm ? " * g[8u * b + i]" : ""};
+${s.norm ? "      ss += dot(a, a);\n" : ""}      let s = a${s.norm ? " * g[8u * b + i]" : ""};
       v[i] = s;
       let m = abs(s);
       amax = max(amax, max(max(m.x, m.y), max(m.z, m.w)));
@@ -304,18 +314,13 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   }
 ${
     s.norm
-      ? `  var ss = 0.0;
-  for (var i = lid; i < p.K / 4u; i += ${s.wg}u) {
-    let a = xv(t, i);
-    ss += dot(a, a);
-  }
-  red[lid] = ss;
+      ? `  red[lid] = ss;
   workgroupBarrier();
   for (var h = ${s.wg >> 1}u; h > 0u; h >>= 1u) {
     if (lid < h) { red[lid] += red[lid + h]; }
     workgroupBarrier();
   }
-  if (wg.x == 0u && lid == 0u) {
+  if (lid == 0u) {
     xm[t * (nbk + 1u) + nbk] = vec2<u32>(bitcast<u32>(inverseSqrt(red[0] / f32(p.K) + p.eps)), 0u);
   }`
       : `  if (wg.x == 0u && lid == 0u) { xm[t * (nbk + 1u) + nbk] = vec2<u32>(bitcast<u32>(1.0), 0u); }`
@@ -360,7 +365,7 @@ export async function createQuantizeX(gpu: Gpu, args: QuantizeXArgs): Promise<Di
   if (T > gpu.limits.maxComputeWorkgroupsPerDimension) {
     throw new RangeError(`${label}: T=${T} rows exceed the workgroups of one dimension`);
   }
-  const splits = quantizeXSplits(K, gpu.software);
+  const splits = quantizeXSplits(K, gpu.software, !!args.norm);
   if (splits > gpu.limits.maxComputeWorkgroupsPerDimension) {
     throw new RangeError(`${label}: K=${K} needs ${splits} workgroups per row, past the limit`);
   }
@@ -368,7 +373,7 @@ export async function createQuantizeX(gpu: Gpu, args: QuantizeXArgs): Promise<Di
   if (args.out.size < need) {
     throw new RangeError(`${label}: scratch of ${args.out.size} bytes, ${T}x${K} needs ${need}`);
   }
-  const wg = quantizeWorkgroup(K);
+  const wg = quantizeWorkgroup(K, !!args.norm && !gpu.software);
   const vec4 = xOffset % 4 === 0, norm = !!args.norm;
   const pipeline = await gpu.pipeline(
     `quantize_x.wg${wg}.vec${vec4 ? 4 : 1}.norm${+norm}`,
