@@ -1,7 +1,8 @@
 /**
  * The decode timeline (`Decoder.timeline`, engine/timeline.ts): the idle breakdown of crafted
  * spans, and a real generation's record (one span per cycle read, in order, host marks for every
- * submission and readback) with the output unchanged.
+ * submission and readback) with the output unchanged; and the decode loop's chunks that go in as
+ * they are encoded: a generation cancelled at any round leaves the decoder as good as new.
  */
 import assert from "@specdec/assert";
 import { gpuTest } from "./harness.ts";
@@ -69,6 +70,37 @@ gpuTest("Decoder.timeline records every cycle read and the host's submissions", 
       assert.ok(tl.host.some((h) => h.chunk === 0 && h.what === "mapped"));
       const ms = tl.host.map((h) => h.ms);
       assert.deepEqual(ms, [...ms].sort((a, b) => a - b), "host marks in time order");
+      dec.destroy();
+    }
+  } finally {
+    destroy();
+  }
+});
+
+gpuTest("a generation cancelled at any round leaves the decoder's next output unchanged", async (
+  gpu,
+) => {
+  const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+  const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+  const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
+  try {
+    const prompt = [1, 403, 407, 261]; // BOS "Once upon a"
+    for (const spec of [{ kind: "none" } as const, { kind: "model", draft: d } as const]) {
+      const dec = new Decoder(gpu, t, spec);
+      const want = await dec.generate(prompt, 120, GREEDY, QUIET, 4);
+      // Cancel after the first, second, ... readback: chunks in flight or being encoded then
+      // (some already partly submitted) run on or are dropped; the next generation is unchanged.
+      for (const after of [1, 2, 3]) {
+        let reads = 0;
+        const r = await dec.generate(prompt, 120, GREEDY, {
+          onTokens: () => reads++,
+          cancelled: () => reads >= after,
+        }, 4);
+        assert.ok(r.tokens.length <= want.tokens.length);
+        assert.deepEqual(r.tokens, want.tokens.slice(0, r.tokens.length), "a prefix of the output");
+        const again = await dec.generate(prompt, 120, GREEDY, QUIET, 4);
+        assert.deepEqual(again.tokens, want.tokens, `${spec.kind}, cancelled after ${after}`);
+      }
       dec.destroy();
     }
   } finally {
