@@ -59,7 +59,13 @@ import { readHfConfig } from "../models/hf.ts";
 import type { WeightFormat } from "../kernels/qformats.ts";
 import { type DraftLength, type Speculation, targetLogitRows } from "../engine/decode.ts";
 import { parseTreeShape, type TreeShape } from "../engine/token_tree.ts";
-import { addIdle, type IdleBreakdown, idleBreakdown } from "../engine/timeline.ts";
+import {
+  addIdle,
+  type ChunkRow,
+  chunkTimeline,
+  type IdleBreakdown,
+  idleBreakdown,
+} from "../engine/timeline.ts";
 
 const CODE = `import os
 import sys
@@ -371,6 +377,8 @@ export interface SpecRow {
   identical: boolean;
   /** With `--timeline`: where the decode's wall time went, summed over the prompts. */
   idle?: IdleBreakdown;
+  /** With `--timeline`: the first prompt's submissions on the host's clock. */
+  chunks?: ChunkRow[];
 }
 
 /** Code prompts the decoding benchmarks share. */
@@ -459,12 +467,14 @@ async function benchSpeculative(
     await dec.generate(prompts[0], 16, greedy, quiet, k, tree); // warm-up
     let n = 0, ms = 0, acc = 0, prop = 0, passes = 0, draftMs = 0, gpuMs = 0;
     let idle: IdleBreakdown | undefined;
+    let chunks: ChunkRow[] | undefined;
     const outs: number[][] = [];
     for (const p of prompts) {
       const r = await dec.generate(p, tokens, greedy, quiet, k, tree);
       if (r.timeline) {
         const b = idleBreakdown(r.timeline.cycles, r.decodeMs);
         idle = idle ? addIdle(idle, b) : b;
+        chunks ??= chunkTimeline(r.timeline);
       }
       outs.push(r.tokens);
       n += r.tokens.length - 1;
@@ -492,6 +502,7 @@ async function benchSpeculative(
         o.length === plainOut[i].length && o.every((x, j) => x === plainOut[i][j])
       ),
       idle,
+      chunks,
     });
     console.log(`  ${name}: ${rate.toFixed(1)} tok/s`);
   }
@@ -843,6 +854,23 @@ if (import.meta.main) {
             String(b.cycles),
           ];
         }),
+      ]));
+    }
+    for (const r of timed) {
+      console.log(`\n${r.config}, first prompt: submissions on the host's clock (ms)`);
+      const f = (v?: number) => v === undefined ? "-" : v.toFixed(2);
+      console.log(table([
+        ["chunk", "cycles", "encode", "submit", "GPU begin", "GPU end", "GPU busy", "gap before"],
+        ...r.chunks!.map((c) => [
+          String(c.chunk),
+          String(c.cycles),
+          f(c.encodeMs),
+          f(c.submitMs),
+          f(c.beginMs),
+          f(c.endMs),
+          f(c.busyMs),
+          f(c.gapMs),
+        ]),
       ]));
     }
     for (const p of profiles) {

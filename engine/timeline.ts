@@ -6,7 +6,7 @@
  *
  * @module
  */
-import type { CycleSpan } from "./decode.ts";
+import type { CycleSpan, DecodeTimeline, HostMark } from "./decode.ts";
 
 /** The idle of one or more generations, from {@linkcode idleBreakdown} (ms unless said). */
 export interface IdleBreakdown {
@@ -89,4 +89,75 @@ export function addIdle(a: IdleBreakdown, b: IdleBreakdown): IdleBreakdown {
     cycles: a.cycles + b.cycles,
     chunks: a.chunks + b.chunks,
   };
+}
+
+/** One submission of a generation, on the host's clock ({@linkcode chunkTimeline}). */
+export interface ChunkRow {
+  /** Submission number. */
+  chunk: number;
+  /** Cycles read back from it. */
+  cycles: number;
+  /** Host ms (since the generation began) its encoding began, and it (its first part) went in. */
+  encodeMs?: number;
+  /** As `encodeMs`, for its first submission. */
+  submitMs?: number;
+  /** Its first cycle's begin and last cycle's end, on the host's clock (see below). */
+  beginMs: number;
+  /** As `beginMs`. */
+  endMs: number;
+  /** GPU time inside its cycles. */
+  busyMs: number;
+  /** Idle GPU time between the previous submission's last cycle and its first (0 for the first). */
+  gapMs: number;
+}
+
+/**
+ * A generation's submissions on one clock: the GPU spans of `timeline` moved onto the host's
+ * clock by the smallest offset that has every submission start at or after its host submit mark
+ * (so the one that found the GPU idle starts at once), next to the host's encode and submit
+ * marks. So a gap with a late submit mark is the
+ * host's encoding; one without, a readback's wait.
+ *
+ * @example
+ * ```ts
+ * import { chunkTimeline } from "./timeline.ts";
+ * const rows = chunkTimeline({
+ *   cycles: [{ chunk: 1, begin: 0, end: 900 }, { chunk: 2, begin: 3000, end: 4000 }],
+ *   host: [
+ *     { chunk: 1, what: "submit", ms: 4 },
+ *     { chunk: 2, what: "encode", ms: 5.1 },
+ *     { chunk: 2, what: "submit", ms: 8 },
+ *   ],
+ * });
+ * console.log(rows.map((r) => [r.chunk, r.beginMs, r.gapMs])); // [[1, 5, 0], [2, 8, 2.1]]
+ * ```
+ */
+export function chunkTimeline(timeline: DecodeTimeline): ChunkRow[] {
+  const ids = [...new Set(timeline.cycles.map((c) => c.chunk))];
+  const first = (id: number, what: HostMark["what"]) =>
+    timeline.host.find((h) => h.chunk === id && h.what === what)?.ms;
+  let offset = -Infinity; // host ms minus GPU ms
+  for (const id of ids) {
+    const s = first(id, "submit");
+    const b = timeline.cycles.find((c) => c.chunk === id)!.begin / 1e3;
+    if (s !== undefined) offset = Math.max(offset, s - b);
+  }
+  if (!Number.isFinite(offset)) offset = 0;
+  const rows: ChunkRow[] = [];
+  for (const id of ids) {
+    const cs = timeline.cycles.filter((c) => c.chunk === id);
+    const beginMs = cs[0].begin / 1e3 + offset, endMs = cs[cs.length - 1].end / 1e3 + offset;
+    const prev = rows[rows.length - 1];
+    rows.push({
+      chunk: id,
+      cycles: cs.length,
+      encodeMs: first(id, "encode"),
+      submitMs: first(id, "submit"),
+      beginMs,
+      endMs,
+      busyMs: cs.reduce((a, c) => a + c.end - c.begin, 0) / 1e3,
+      gapMs: prev ? Math.max(0, beginMs - prev.endMs) : 0,
+    });
+  }
+  return rows;
 }

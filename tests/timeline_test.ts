@@ -8,7 +8,7 @@ import assert from "@specdec/assert";
 import { gpuTest } from "./harness.ts";
 import { gpuPair, GREEDY, llama2c, QUIET } from "./fixtures.ts";
 import { Decoder } from "../engine/decode.ts";
-import { addIdle, idleBreakdown } from "../engine/timeline.ts";
+import { addIdle, chunkTimeline, idleBreakdown } from "../engine/timeline.ts";
 
 Deno.test("idleBreakdown() splits wall time into cycles, gaps in and between chunks, outside", () => {
   const spans = [
@@ -34,6 +34,40 @@ Deno.test("idleBreakdown() splits wall time into cycles, gaps in and between chu
   assert.ok(Math.abs(two.wallMs - 14) < 1e-9);
   assert.ok(Math.abs(two.maxChunkGapMs - 3) < 1e-9);
   assert.equal(idleBreakdown([], 5).outsideMs, 5);
+});
+
+Deno.test("chunkTimeline() puts the GPU spans on the host's clock, none before its submit", () => {
+  const rows = chunkTimeline({
+    cycles: [
+      { chunk: 1, begin: 0, end: 900 },
+      { chunk: 1, begin: 1000, end: 2000 },
+      { chunk: 2, begin: 2000, end: 2500 }, // queued behind chunk 1
+      { chunk: 3, begin: 6000, end: 7000 }, // found the GPU idle: starts at its submit
+    ],
+    host: [
+      { chunk: 1, what: "encode", ms: 9 },
+      { chunk: 1, what: "submit", ms: 10 },
+      { chunk: 2, what: "submit", ms: 10.5 },
+      { chunk: 3, what: "encode", ms: 12 },
+      { chunk: 3, what: "submit", ms: 16.5 },
+      { chunk: 3, what: "submit", ms: 16.9 }, // a later part of the same chunk
+    ],
+  });
+  // Host minus GPU ms: chunk 1 10, chunk 2 10.5 - 2 = 8.5, chunk 3 16.5 - 6 = 10.5: the largest
+  // puts chunk 3 at its submit mark and every chunk at or after its own.
+  assert.deepEqual(rows.map((r) => r.chunk), [1, 2, 3]);
+  assert.deepEqual(rows.map((r) => r.cycles), [2, 1, 1]);
+  assert.deepEqual(rows.map((r) => r.submitMs), [10, 10.5, 16.5]);
+  assert.deepEqual(rows.map((r) => r.encodeMs), [9, undefined, 12]);
+  const near = (a: number, b: number) => assert.ok(Math.abs(a - b) < 1e-9, `${a} vs ${b}`);
+  near(rows[0].beginMs, 10.5);
+  near(rows[1].beginMs, 12.5);
+  near(rows[2].beginMs, 16.5);
+  near(rows[0].busyMs, 1.9);
+  near(rows[0].gapMs, 0);
+  near(rows[1].gapMs, 0);
+  near(rows[2].gapMs, 3.5);
+  assert.deepEqual(chunkTimeline({ cycles: [], host: [] }), []);
 });
 
 gpuTest("Decoder.timeline records every cycle read and the host's submissions", async (gpu) => {
@@ -68,6 +102,10 @@ gpuTest("Decoder.timeline records every cycle read and the host's submissions", 
         }
       }
       assert.ok(tl.host.some((h) => h.chunk === 0 && h.what === "mapped"));
+      // On one clock every chunk starts at or after it went in, one after another.
+      for (const c of chunkTimeline(tl)) {
+        assert.ok(c.beginMs >= c.submitMs! - 1e-6 && c.gapMs >= 0 && c.busyMs > 0);
+      }
       const ms = tl.host.map((h) => h.ms);
       assert.deepEqual(ms, [...ms].sort((a, b) => a - b), "host marks in time order");
       dec.destroy();
