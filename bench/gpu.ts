@@ -379,6 +379,8 @@ export interface SpecRow {
   idle?: IdleBreakdown;
   /** With `--timeline`: the first prompt's submissions on the host's clock. */
   chunks?: ChunkRow[];
+  /** Auto trees: cycles issued per shape ("DxW"), summed over the prompts. */
+  tree_cycles?: Record<string, number>;
 }
 
 /** Code prompts the decoding benchmarks share. */
@@ -468,6 +470,7 @@ async function benchSpeculative(
     let n = 0, ms = 0, acc = 0, prop = 0, passes = 0, draftMs = 0, gpuMs = 0;
     let idle: IdleBreakdown | undefined;
     let chunks: ChunkRow[] | undefined;
+    let treeCycles: Record<string, number> | undefined;
     const outs: number[][] = [];
     for (const p of prompts) {
       const r = await dec.generate(p, tokens, greedy, quiet, k, tree);
@@ -475,6 +478,10 @@ async function benchSpeculative(
         const b = idleBreakdown(r.timeline.cycles, r.decodeMs);
         idle = idle ? addIdle(idle, b) : b;
         chunks ??= chunkTimeline(r.timeline);
+      }
+      for (const [shape, n] of Object.entries(r.treeCycles ?? {})) {
+        treeCycles ??= {};
+        treeCycles[shape] = (treeCycles[shape] ?? 0) + n;
       }
       outs.push(r.tokens);
       n += r.tokens.length - 1;
@@ -503,7 +510,12 @@ async function benchSpeculative(
       ),
       idle,
       chunks,
+      tree_cycles: treeCycles,
     });
+    if (treeCycles) {
+      const used = Object.entries(treeCycles).map(([shape, n]) => `${shape} ${n}`).join(", ");
+      console.log(`    cycles per tree shape: ${used}`);
+    }
     console.log(`  ${name}: ${rate.toFixed(1)} tok/s`);
   }
   // Where a cycle's GPU time goes: each dispatch of one cycle timed on its own (plain step, the

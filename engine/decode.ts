@@ -2,8 +2,9 @@
  * GPU-resident generation, plain or speculative. Every cycle runs entirely on the GPU and the CPU
  * enqueues many cycles per submission (a chunk), submitting up to {@linkcode RING} chunks between
  * two readbacks and reading back only the newest (DESIGN.md: each readback costs >= ~11 ms on
- * Deno: its poll blocks until the queue drains, then it sleeps 10 ms, and the next chunk is
- * submitted between the two); cycles past a stop are no-ops on the GPU.
+ * Deno: its poll blocks until the queue drains, then it sleeps 10 ms before it looks whether the
+ * map is done; one chunk is submitted between the two and the next encoded during the sleep);
+ * cycles past a stop are no-ops on the GPU.
  *
  * One cycle, with `verifyIn = [last emitted token, d1..dk]`:
  *   draft   k proposals d1..dk with their distributions q (a draft model: k decode steps, plus
@@ -896,7 +897,8 @@ export class Decoder {
       // during that sleep (while `pending` runs) and submitted when encoded, so the host's
       // encoding never leaves the GPU waiting. `pending` is submitted before the host can hear a
       // cancel (the poll blocks the thread), so a cancel costs at most it beyond the round in
-      // flight; `deferred` is dropped when cancelled.
+      // flight; `deferred` stops going in when cancelled (parts already in run on, as no-ops
+      // past the stop or into a generation nobody reads).
       const waits = !state || inflight.length >= RING;
       // The first round: a small pending chunk (the prefill's readback is short), then the rest
       // of what fills its sleep as the deferred one.

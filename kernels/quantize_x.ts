@@ -38,9 +38,9 @@ export const QX_BLOCK = 32;
 const REGION_ALIGN = 256;
 /**
  * Largest invocations per quantize workgroup. On a GPU each takes one block and a row of K values
- * spreads over ceil(K / 32 / 64) workgroups (H200, dummy llama-3.1-8b's down projection, K =
- * 14336 at T = 1: one workgroup per row took 20.4 µs); on a software adapter one workgroup walks
- * the whole row (there each workgroup costs more than it overlaps).
+ * without a folded norm spreads over ceil(K / 32 / 64) workgroups (see {@linkcode
+ * quantizeXSplits}); on a software adapter one workgroup walks the whole row (there each
+ * workgroup costs more than it overlaps).
  */
 const QX_MAX_WG = 64;
 /** Largest invocations of a GPU's one workgroup per row (a folded RMSNorm). */
@@ -217,9 +217,10 @@ function quantizeWorkgroup(K: number, row = false): number {
 /**
  * Workgroups the quantize pass spreads one row of `K` values over: on a GPU one block per
  * invocation of workgroups of up to 64; with a folded RMSNorm (`norm`, whose 1 / rms needs the
- * whole row) and on a `software` adapter one. H200, one run, µs at T = 1 (one workgroup per row
- * → split): K = 14336 without norm 7.8 → 4.4; with norm, each split workgroup summing the row's
- * x² itself, 10.0 → 15.1 (K = 4096: 5.6 → 7.2), so the norm keeps one.
+ * whole row) and on a `software` adapter one. H200, one call, both interleaved over 6 rounds, µs
+ * at T = 1 (one workgroup per row → split): K = 14336 without norm 7.76 → 4.36 (T = 8: 7.98 →
+ * 4.56), K = 4096 4.40 → 4.36; with norm, each split workgroup summing the row's x² itself, 10.0
+ * → 15.1 (K = 4096: 5.6 → 7.2), so the norm keeps one.
  *
  * @example
  * ```ts
