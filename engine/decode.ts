@@ -250,6 +250,8 @@ interface ReadState {
   draftMs: number;
   /** GPU ms of this submission's verify passes. */
   verifyMs: number;
+  /** GPU ms of each chunk read (in the order given to `read`; 0 where untimed). */
+  chunkMs: number[];
 }
 
 /** Drives one target model's (and optionally a draft's) GPU-resident generation. */
@@ -903,11 +905,18 @@ export class Decoder {
       // The first round: a small pending chunk (the prefill's readback is short), then the rest
       // of what fills its sleep as the deferred one.
       const firstSmall = !state && !pending;
+      // GPU ms of one cycle of what this chunk runs: its own shape's (draft length's) last
+      // measured cost, else the last round's (auto trees and auto k change shape between rounds,
+      // and a chunk sized by another shape's cost can end before the readback's sleep does).
+      const ms = (useTree ? this.#cycleMs.get(`${tree!.depth}x${tree!.width}`) : undefined) ??
+        (!useTree ? this.#cycleMs.get(kc) : undefined) ?? cycleMsNow;
       const n = Math.min(
         firstSmall
           ? Math.min(cycles, FIRST_CYCLES)
-          : state && waits && !pending && cycleMsNow > 0
-          ? Math.max(2, Math.ceil((2 * READ_MS) / cycleMsNow))
+          : state && waits && !pending && ms > 0
+          ? Math.max(2, Math.ceil((2 * READ_MS) / ms))
+          : state && ms > 0
+          ? Math.max(2, Math.ceil(CHUNK_MS / ms))
           : cycles,
         MAX_CYCLES,
         useTree ? Math.floor((room - N) / per) + 1 : Math.floor(room / per),
@@ -1032,9 +1041,14 @@ export class Decoder {
       if (cycleMs > 0) {
         cycles = Math.min(MAX_CYCLES, Math.max(2, Math.ceil(CHUNK_MS / cycleMs)));
         cycleMsNow = cycleMs;
-        const sh = newest.shape;
-        this.#cycleMs.set(sh ? `${sh.depth}x${sh.width}` : newest.kc, cycleMs);
       }
+      // Each chunk's own cost per cycle, under its shape (or draft length).
+      round.forEach((c, i) => {
+        const ms = state!.chunkMs[i];
+        if (c.timed && ms > 0) {
+          this.#cycleMs.set(c.shape ? `${c.shape.depth}x${c.shape.width}` : c.kc, ms / c.n);
+        }
+      });
       // The committed cycles are the first of the round's (the rest ran past the stop).
       let real = dCycles;
       for (const c of round) {
@@ -1142,20 +1156,23 @@ export class Decoder {
           accepted: view[RUN.accepted],
           draftMs: 0,
           verifyMs: 0,
+          chunkMs: chunks.map(() => 0),
         };
         if (q) {
           const stamps = new BigUint64Array(staging.getMappedRange(0, ts));
           const ms = (at: number) => Number(stamps[at + 1] - stamps[at]) / 1e6;
-          for (const c of chunks) {
-            if (!c.timed) continue;
+          chunks.forEach((c, ci) => {
+            if (!c.timed) return;
             const base = 4 * MAX_CYCLES * c.slot;
             for (let i = 0; i < c.timed.cycles; i++) {
               const at = base + c.timed.per * i;
-              if (c.timed.per === 4) r.draftMs += ms(at);
-              r.verifyMs += ms(at + c.timed.per - 2);
+              const d = c.timed.per === 4 ? ms(at) : 0, v = ms(at + c.timed.per - 2);
+              r.draftMs += d;
+              r.verifyMs += v;
+              r.chunkMs[ci] += d + v;
               if (spans) {
                 spans.base ??= stamps[at];
-                const us = (v: bigint) => Number(v - spans.base!) / 1e3;
+                const us = (t: bigint) => Number(t - spans.base!) / 1e3;
                 spans.list.push({
                   chunk: c.id ?? 0,
                   begin: us(stamps[at]),
@@ -1163,7 +1180,7 @@ export class Decoder {
                 });
               }
             }
-          }
+          });
         }
         staging.unmap();
         return r;
