@@ -3,7 +3,7 @@
  * with --json / --out). Meant for the H100 through ../shared/tools/gpu/README.md, runs anywhere.
  *
  *   deno run -A bench/gpu.ts [--model DIR]... [--target DIR --draft DIR] [--tokens 256]
- *                            [--reps 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
+ *                            [--reps 3] [--rounds 3] [--matmul] [--verify] [--shapes] [--dummy NAME]...
  *                            [--quant F]... [--peak-gbs N] [--out F] [--json] [--ks 2,3,4,6,8]
  *                            [--trees 4x2,6x3] [--no-ngram] [--timeline] [--sweep] [--unroll 1,2]
  *                            [--filter A,B] [--attn-splits 32,8] [--block-rows 8,17]
@@ -16,7 +16,9 @@
  * in each `--quant` format, and reports decode tok/s against the weight-bytes limit and the cost
  * of a verify forward at T = 2..17 relative to T = 1. `--verify` times the matrix-vector product
  * at T = 1..17 per format, `--shapes` per row/lane split, `--sweep` per rows per invocation
- * (norm folded in, factored block decoding or not); `--filter A,B` keeps the cases of those
+ * (norm folded in, factored block decoding or not), each timed `--rounds` times (default 3)
+ * interleaved over all cases, the fastest kept, its dispatches rotating over weight copies past
+ * the L2 (`benchMatmul`); `--filter A,B` keeps the cases of those
  * three whose "name dtype" contains A or B. `--attn-splits 32,8` once per cap on attention's key chunks
  * (`attentionTuning`), `--block-rows 8,17` once per widest one-dispatch block-format product. `--unroll 1,2` runs each dummy model once per
  * value of the matrix-vector units in flight per lane (`matvecTuning`), side by side;
@@ -583,6 +585,7 @@ if (import.meta.main) {
       timeline: { type: "boolean" },
       tokens: { type: "string", default: "256" },
       reps: { type: "string", default: "3" },
+      rounds: { type: "string", default: "3" },
       matmul: { type: "boolean" },
       verify: { type: "boolean" },
       shapes: { type: "boolean" },
@@ -615,7 +618,13 @@ if (import.meta.main) {
   const report: Record<string, unknown> = { device: gpu.adapterName };
   const int8xs = parseInt8x(String(values.int8x));
   if (values.matmul) {
-    const rows = await benchMatmul(gpu, [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES], 50, 500);
+    const rows = await benchMatmul(
+      gpu,
+      [...PYCODE_CASES, ...LARGE_CASES, ...QUANT_CASES],
+      50,
+      500,
+      Number(values.rounds),
+    );
     console.log(`\nmatmul weight bandwidth (GPU timestamps):\n${formatMatmulRows(rows)}`);
     report.matmul = rows;
   }
@@ -632,7 +641,13 @@ if (import.meta.main) {
     const rows = [];
     for (const int8x of int8xs) {
       matvecTuning.int8x = int8x;
-      const got = await benchMatmul(gpu, picked, 50, values.sweep ? 300 : 500);
+      const got = await benchMatmul(
+        gpu,
+        picked,
+        50,
+        values.sweep ? 300 : 500,
+        Number(values.rounds),
+      );
       const tag = int8xs.length > 1 ? ` int8x ${int8xName(int8x)}` : "";
       rows.push(...got.map((r) => ({ ...r, name: r.name + tag })));
     }
