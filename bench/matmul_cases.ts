@@ -18,6 +18,7 @@ import {
   type WeightDType,
 } from "../kernels/matmul.ts";
 import { formatBlock, weightBytes } from "../kernels/qformats.ts";
+import { timePass } from "./profile.ts";
 
 /**
  * The `matvecTuning.int8x` settings a benchmark's `--int8x` list names: "0" off, "1" q4_0 and
@@ -346,26 +347,8 @@ export async function benchMatmul(
     for (const b of built) {
       const label = `bench.matmul.${b.c.name}.T${b.c.T}.${b.c.dtype}`;
       let seconds: number;
-      if (gpu.features.timestamp) {
-        const qs = gpu.device.createQuerySet({ label: `${label}.ts`, type: "timestamp", count: 2 });
-        const resolved = gpu.buffer(
-          `${label}.ts`,
-          16,
-          GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
-        );
-        const enc = gpu.device.createCommandEncoder({ label });
-        gpu.encode(enc, label, b.batch, {
-          querySet: qs,
-          beginningOfPassWriteIndex: 0,
-          endOfPassWriteIndex: 1,
-        });
-        enc.resolveQuerySet(qs, 0, 2, resolved, 0);
-        gpu.device.queue.submit([enc.finish()]);
-        const ts = new BigUint64Array(await gpu.read(resolved));
-        seconds = Number(ts[1] - ts[0]) * 1e-9;
-        qs.destroy();
-        resolved.destroy();
-      } else {
+      if (gpu.features.timestamp) seconds = (await timePass(gpu, b.batch, 1)) * 1e-6;
+      else {
         const t1 = performance.now();
         await gpu.run(label, b.batch);
         seconds = (performance.now() - t1) * 1e-3;

@@ -8,6 +8,7 @@ import assert from "@specdec/assert";
 import { gpuTest } from "./harness.ts";
 import { gpuPair, GREEDY, llama2c, QUIET } from "./fixtures.ts";
 import { Decoder } from "../engine/decode.ts";
+import type { Gpu } from "../engine/gpu.ts";
 import { addIdle, chunkTimeline, idleBreakdown } from "../engine/timeline.ts";
 
 Deno.test("idleBreakdown() splits wall time into cycles, gaps in and between chunks, outside", () => {
@@ -70,78 +71,82 @@ Deno.test("chunkTimeline() puts the GPU spans on the host's clock, none before i
   assert.deepEqual(chunkTimeline({ cycles: [], host: [] }), []);
 });
 
-gpuTest("Decoder.timeline records every cycle read and the host's submissions", async (gpu) => {
-  if (!gpu.features.timestamp) throw new Error("this test needs the timestamp-query feature");
+const PROMPT = [1, 403, 407, 261]; // BOS "Once upon a"
+
+/** Runs `body` with a plain and a speculative decoder over the tiny pair (stories260K, llama2xs). */
+async function eachTinyDecoder(
+  gpu: Gpu,
+  body: (dec: Decoder, kind: string) => Promise<void>,
+): Promise<void> {
   const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
   const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
   const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
   try {
-    const prompt = [1, 403, 407, 261]; // BOS "Once upon a"
     for (const spec of [{ kind: "none" } as const, { kind: "model", draft: d } as const]) {
       const dec = new Decoder(gpu, t, spec);
-      const plain = await dec.generate(prompt, 40, GREEDY, QUIET, 3);
-      assert.equal(plain.timeline, undefined, "off by default");
-      dec.timeline = true;
-      const r = await dec.generate(prompt, 40, GREEDY, QUIET, 3);
-      assert.deepEqual(r.tokens, plain.tokens);
-      const tl = r.timeline!;
-      // One span per cycle read: at least the committed ones (chunks may run past the stop).
-      assert.ok(tl.cycles.length >= r.targetPasses, `${tl.cycles.length} < ${r.targetPasses}`);
-      for (let i = 0; i < tl.cycles.length; i++) {
-        const c = tl.cycles[i];
-        assert.ok(c.chunk >= 1 && c.end >= c.begin, JSON.stringify(c));
-        if (i > 0) {
-          assert.ok(c.chunk >= tl.cycles[i - 1].chunk, "in submission order");
-          assert.ok(c.begin >= tl.cycles[i - 1].end, "cycles run one after another");
-        }
+      try {
+        await body(dec, spec.kind);
+      } finally {
+        dec.destroy();
       }
-      // Every chunk whose cycles were read was encoded and submitted; the prefill was mapped.
-      for (const id of new Set(tl.cycles.map((c) => c.chunk))) {
-        for (const what of ["encode", "submit"] as const) {
-          assert.ok(tl.host.some((h) => h.chunk === id && h.what === what), `${what} ${id}`);
-        }
-      }
-      assert.ok(tl.host.some((h) => h.chunk === 0 && h.what === "mapped"));
-      // On one clock every chunk starts at or after it went in, one after another.
-      for (const c of chunkTimeline(tl)) {
-        assert.ok(c.beginMs >= c.submitMs! - 1e-6 && c.gapMs >= 0 && c.busyMs > 0);
-      }
-      const ms = tl.host.map((h) => h.ms);
-      assert.deepEqual(ms, [...ms].sort((a, b) => a - b), "host marks in time order");
-      dec.destroy();
     }
   } finally {
     destroy();
   }
+}
+
+gpuTest("Decoder.timeline records every cycle read and the host's submissions", async (gpu) => {
+  if (!gpu.features.timestamp) throw new Error("this test needs the timestamp-query feature");
+  await eachTinyDecoder(gpu, async (dec) => {
+    const plain = await dec.generate(PROMPT, 40, GREEDY, QUIET, 3);
+    assert.equal(plain.timeline, undefined, "off by default");
+    dec.timeline = true;
+    const r = await dec.generate(PROMPT, 40, GREEDY, QUIET, 3);
+    assert.deepEqual(r.tokens, plain.tokens);
+    const tl = r.timeline!;
+    // One span per cycle read: at least the committed ones (chunks may run past the stop).
+    assert.ok(tl.cycles.length >= r.targetPasses, `${tl.cycles.length} < ${r.targetPasses}`);
+    for (let i = 0; i < tl.cycles.length; i++) {
+      const c = tl.cycles[i];
+      assert.ok(c.chunk >= 1 && c.end >= c.begin, JSON.stringify(c));
+      if (i > 0) {
+        assert.ok(c.chunk >= tl.cycles[i - 1].chunk, "in submission order");
+        assert.ok(c.begin >= tl.cycles[i - 1].end, "cycles run one after another");
+      }
+    }
+    // Every chunk whose cycles were read was encoded and submitted; the prefill was mapped.
+    for (const id of new Set(tl.cycles.map((c) => c.chunk))) {
+      for (const what of ["encode", "submit"] as const) {
+        assert.ok(tl.host.some((h) => h.chunk === id && h.what === what), `${what} ${id}`);
+      }
+    }
+    assert.ok(tl.host.some((h) => h.chunk === 0 && h.what === "mapped"));
+    // On one clock every chunk starts at or after it went in, one after another.
+    for (const c of chunkTimeline(tl)) {
+      assert.ok(c.beginMs >= c.submitMs! - 1e-6 && c.gapMs >= 0 && c.busyMs > 0);
+    }
+    const ms = tl.host.map((h) => h.ms);
+    assert.deepEqual(ms, [...ms].sort((a, b) => a - b), "host marks in time order");
+  });
 });
 
 gpuTest("a generation cancelled at any round leaves the decoder's next output unchanged", async (
   gpu,
 ) => {
-  const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
-  const draft = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-  const { t, d, destroy } = await gpuPair(gpu, target, draft, 256);
-  try {
-    const prompt = [1, 403, 407, 261]; // BOS "Once upon a"
-    for (const spec of [{ kind: "none" } as const, { kind: "model", draft: d } as const]) {
-      const dec = new Decoder(gpu, t, spec);
-      const want = await dec.generate(prompt, 120, GREEDY, QUIET, 4);
-      // Cancel after the first, second, ... readback: chunks in flight or being encoded then
-      // (some already partly submitted) run on or are dropped; the next generation is unchanged.
-      for (const after of [1, 2, 3]) {
-        let reads = 0;
-        const r = await dec.generate(prompt, 120, GREEDY, {
-          onTokens: () => reads++,
-          cancelled: () => reads >= after,
-        }, 4);
-        assert.ok(r.tokens.length <= want.tokens.length);
-        assert.deepEqual(r.tokens, want.tokens.slice(0, r.tokens.length), "a prefix of the output");
-        const again = await dec.generate(prompt, 120, GREEDY, QUIET, 4);
-        assert.deepEqual(again.tokens, want.tokens, `${spec.kind}, cancelled after ${after}`);
-      }
-      dec.destroy();
+  await eachTinyDecoder(gpu, async (dec, kind) => {
+    const want = await dec.generate(PROMPT, 120, GREEDY, QUIET, 4);
+    // Cancel after the first, second, ... readback: chunks in flight or being encoded then
+    // (some already partly submitted) run on or are dropped; the next generation is unchanged.
+    for (const after of [1, 2, 3]) {
+      let reads = 0;
+      const r = await dec.generate(PROMPT, 120, GREEDY, {
+        onTokens: () => reads++,
+        cancelled: () => reads >= after,
+      }, 4);
+      assert.ok(r.tokens.length <= want.tokens.length);
+      assert.deepEqual(r.tokens, want.tokens.slice(0, r.tokens.length), "a prefix of the output");
+      const again = await dec.generate(PROMPT, 120, GREEDY, QUIET, 4);
+      assert.deepEqual(again.tokens, want.tokens, `${kind}, cancelled after ${after}`);
     }
-  } finally {
-    destroy();
-  }
+  });
 });
