@@ -132,3 +132,47 @@ gpuTest(
     store.destroy();
   },
 );
+
+gpuTest(
+  "batched speculation: chunks continue from the GPU's state past the all-accepted count",
+  async (gpu) => {
+    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+    const draftModel = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+    const store = new WeightStore(gpu);
+    const CTX = 256, k = 4;
+    const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq: CTX });
+    const d = await LlamaGpu.create(gpu, store, draftModel, { label: "draft", maxSeq: CTX });
+    const rows = specBatchRows(2, k);
+    const tb = await LlamaBatch.create(gpu, t, {
+      maxSeqs: 2,
+      maxSeqRows: CTX,
+      maxRows: Math.max(64, rows),
+      maxLogitRows: rows,
+    });
+    const db = await LlamaBatch.create(gpu, d, { maxSeqs: 2, maxSeqRows: CTX }, "draft.batch");
+    const sched = new BatchDecoder(gpu, tb, 8, { draft: db, k });
+    const serial = new Decoder(gpu, t);
+    const prompt = [1, 403, 407, 261], n = 160;
+    const want = (await serial.generate(prompt, n, GREEDY, QUIET)).tokens;
+    const got = await sched.generate({ prompt, maxTokens: n, sampling: GREEDY });
+    assert.deepEqual(got.tokens, want);
+    // A cycle emits fewer than its k + 1 tokens (some drafts rejected), so counting every draft
+    // as accepted runs out early: each chunk settled lowers the bound to the tokens now held
+    // plus the chunk in flight at most, and the chunks keep going back to back.
+    const perCycle = want.length / got.steps;
+    assert.ok(perCycle < k + 1 - 1, `${perCycle.toFixed(2)} tokens per cycle: drafts rejected`);
+    const { chunks, continued } = sched.load;
+    assert.ok(
+      chunks - continued <= 2,
+      `${chunks - continued} of ${chunks} chunks waited to settle`,
+    );
+    assert.equal(tb.pool.inUse, 0);
+    serial.destroy();
+    sched.destroy();
+    db.destroy();
+    tb.destroy();
+    t.destroy();
+    d.destroy();
+    store.destroy();
+  },
+);
