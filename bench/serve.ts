@@ -13,7 +13,9 @@
  * about N times as long as one: the ratio shows it. With `--parallel N` the engine batches up to
  * N streams per forward over a paged KV cache (engine/batch.ts): plain ones (spec none) and,
  * with a draft, greedy speculative ones (spec model, `--draft-tokens` k, default 4). `--ctx`
- * bounds the KV rows per sequence (the pool holds N of them).
+ * bounds the KV rows per sequence (the pool holds N of them). Batched rows also count the chunks
+ * run, those that waited for everything to settle, and the host ms the GPU had nothing to run
+ * (`BatchFigures`).
  */
 import { parseArgs } from "@specdec/cli";
 import { Engine } from "../engine/engine.ts";
@@ -104,6 +106,13 @@ interface Row {
   ttft_p99_ms: number;
   gap_p50_ms: number;
   gap_p99_ms: number;
+  /**
+   * Batched only (else null), per rep: chunks run, those that waited for everything to settle
+   * (not continuing behind one in flight), and the host ms the GPU had nothing to run.
+   */
+  chunks: number | null;
+  waited_chunks: number | null;
+  waited_ms: number | null;
 }
 
 if (import.meta.main) {
@@ -172,6 +181,7 @@ if (import.meta.main) {
       for (const n of counts) {
         let best: Row | undefined;
         for (let rep = 0; rep < reps; rep++) {
+          const before = await engine.batchLoad();
           const t0 = performance.now();
           const results = await Promise.all(
             Array.from(
@@ -183,6 +193,9 @@ if (import.meta.main) {
           const tokens = results.reduce((a, r) => a + r.tokens, 0);
           const ttft = results.map((r) => r.ttftMs);
           const gaps = results.flatMap((r) => r.gapsMs);
+          const after = await engine.batchLoad();
+          const d = (f: (b: NonNullable<typeof after>) => number) =>
+            before && after ? f(after) - f(before) : null;
           const row: Row = {
             spec,
             slots: server.slots,
@@ -195,6 +208,9 @@ if (import.meta.main) {
             ttft_p99_ms: pct(ttft, 0.99),
             gap_p50_ms: pct(gaps, 0.5),
             gap_p99_ms: pct(gaps, 0.99),
+            chunks: d((b) => b.chunks),
+            waited_chunks: d((b) => b.chunks - b.continued),
+            waited_ms: d((b) => b.waitedMs),
           };
           if (!best || row.aggregate_tok_s > best.aggregate_tok_s) best = row;
         }
@@ -221,6 +237,9 @@ if (import.meta.main) {
     "TTFT p99 ms",
     "gap p50 ms",
     "gap p99 ms",
+    "chunks",
+    "waited",
+    "GPU wait ms",
   ];
   const cells = [
     head,
@@ -236,6 +255,9 @@ if (import.meta.main) {
       r.ttft_p99_ms.toFixed(1),
       r.gap_p50_ms.toFixed(2),
       r.gap_p99_ms.toFixed(2),
+      r.chunks === null ? "-" : String(r.chunks),
+      r.waited_chunks === null ? "-" : String(r.waited_chunks),
+      r.waited_ms === null ? "-" : r.waited_ms.toFixed(1),
     ]),
   ];
   const w = head.map((_, i) => Math.max(...cells.map((c) => c[i].length)));

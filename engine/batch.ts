@@ -134,6 +134,11 @@ export interface BatchLoad {
    * GPU's state, no host writes between them).
    */
   continued: number;
+  /**
+   * Host ms the GPU had nothing to run while sequences were decoding: from each readback that
+   * drained the queue with no chunk submitted behind it to the next submission.
+   */
+  waitedMs: number;
 }
 
 interface Seq {
@@ -200,6 +205,8 @@ export class BatchDecoder {
   #chunks = 0; // chunks settled
   #issued = 0; // chunks submitted
   #continued = 0; // chunks submitted behind one in flight
+  #waitedMs = 0; // see BatchLoad.waitedMs
+  #drainedAt = -1; // when a readback drained the queue with nothing behind it (-1: none)
   #spec: SpecState | undefined;
   #changed = false; // a sequence ended since the last host-written chunk
 
@@ -262,6 +269,7 @@ export class BatchDecoder {
       blocksInUse: this.#batch.pool.inUse,
       chunks: this.#chunks,
       continued: this.#continued,
+      waitedMs: this.#waitedMs,
     };
   }
 
@@ -374,6 +382,7 @@ export class BatchDecoder {
             if (this.#waiting.length) {
               throw new Error("batch: a waiting request fits no empty pool (bookkeeping bug)");
             }
+            this.#drainedAt = -1; // idle between requests is no wait
             break;
           }
           this.#changed = false;
@@ -382,6 +391,7 @@ export class BatchDecoder {
           for (const s of this.#active) if (s.tokens.length) s.issued = s.tokens.length;
           const c = await this.#issue(joined, true);
           c.submit();
+          this.#resumed();
           inflight.push(c);
           continue;
         }
@@ -394,7 +404,12 @@ export class BatchDecoder {
           this.#continued++;
         }
         const c = inflight.shift()!;
-        const out = await c.read(() => next?.submit());
+        const out = await c.read(() => {
+          if (next) {
+            next.submit();
+            this.#resumed();
+          } else if (this.#drainedAt < 0) this.#drainedAt = performance.now(); // the GPU waits
+        });
         if (next) inflight.push(next);
         this.#settle(out, c);
         this.#tighten(inflight);
@@ -427,6 +442,12 @@ export class BatchDecoder {
       for (const c of inflight) if (c.rows.includes(s)) bound += c.n * (c.spec ? this.#per(s) : 1);
       s.issued = Math.min(s.issued, bound);
     }
+  }
+
+  /** After a submission: the GPU's wait since a readback drained its queue ends. */
+  #resumed(): void {
+    if (this.#drainedAt >= 0) this.#waitedMs += performance.now() - this.#drainedAt;
+    this.#drainedAt = -1;
   }
 
   /** Moves waiting requests into free slots while the pool can hold their whole length. */

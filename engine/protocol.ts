@@ -172,6 +172,12 @@ export interface BatchFigures {
   blocksInUse: number;
   /** Blocks in the pool. */
   blocks: number;
+  /** Chunks (submissions with a readback) run since load. */
+  chunks: number;
+  /** Of them, chunks that continued from the GPU's state behind one in flight. */
+  continued: number;
+  /** Host ms the GPU had nothing to run while sequences decoded (readbacks with nothing behind). */
+  waitedMs: number;
 }
 
 /**

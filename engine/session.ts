@@ -307,6 +307,9 @@ export class Session {
       waiting: l.waiting,
       blocksInUse: l.blocksInUse,
       blocks: b.forward.layout.numBlocks,
+      chunks: l.chunks,
+      continued: l.continued,
+      waitedMs: l.waitedMs,
     };
   }
 
