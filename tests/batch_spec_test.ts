@@ -12,6 +12,7 @@ import { LlamaGpu } from "../models/llama.ts";
 import { LlamaBatch } from "../models/llama_batch.ts";
 import { BatchDecoder, specBatchRows } from "../engine/batch.ts";
 import { Decoder } from "../engine/decode.ts";
+import type { Gpu } from "../engine/gpu.ts";
 import {
   createSpecCommit,
   createSpecRows,
@@ -63,26 +64,48 @@ gpuTest("createSpecRows() and createSpecCommit() match their references", async 
   }
 });
 
+/**
+ * The tiny pair batched for speculation: stories260K drafted by llama2xs, `maxSeqs` sequences of
+ * `ctx` rows, k drafts per cycle, chunks of at most `maxSteps`; the serial decoder beside it.
+ */
+async function tinySpecBatch(gpu: Gpu, maxSeqs: number, ctx: number, k: number, maxSteps = 8) {
+  const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
+  const draftModel = await llama2c("saltyduckegg-llama2xs.c/model.bin");
+  const store = new WeightStore(gpu);
+  const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq: ctx });
+  const d = await LlamaGpu.create(gpu, store, draftModel, { label: "draft", maxSeq: ctx });
+  const rows = specBatchRows(maxSeqs, k);
+  const tb = await LlamaBatch.create(gpu, t, {
+    maxSeqs,
+    maxSeqRows: ctx,
+    maxRows: Math.max(64, rows),
+    maxLogitRows: rows,
+  });
+  const db = await LlamaBatch.create(gpu, d, { maxSeqs, maxSeqRows: ctx }, "draft.batch");
+  const sched = new BatchDecoder(gpu, tb, maxSteps, { draft: db, k });
+  const serial = new Decoder(gpu, t);
+  return {
+    tb,
+    sched,
+    serial,
+    destroy() {
+      serial.destroy();
+      sched.destroy();
+      db.destroy();
+      tb.destroy();
+      t.destroy();
+      d.destroy();
+      store.destroy();
+    },
+  };
+}
+
 gpuTest(
   "batched speculation: speculative and plain sequences together equal their serial output",
   async (gpu) => {
-    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
-    const draftModel = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const store = new WeightStore(gpu);
-    const CTX = 128, k = 3;
-    const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq: CTX });
-    const d = await LlamaGpu.create(gpu, store, draftModel, { label: "draft", maxSeq: CTX });
-    const rows = specBatchRows(4, k);
-    const tb = await LlamaBatch.create(gpu, t, {
-      maxSeqs: 4,
-      maxSeqRows: CTX,
-      maxRows: Math.max(64, rows),
-      maxLogitRows: rows,
-    });
-    const db = await LlamaBatch.create(gpu, d, { maxSeqs: 4, maxSeqRows: CTX }, "draft.batch");
-    const sched = new BatchDecoder(gpu, tb, 8, { draft: db, k });
+    const k = 3;
+    const { tb, sched, serial, destroy } = await tinySpecBatch(gpu, 4, 128, k);
     assert.equal(sched.draftTokens, k);
-    const serial = new Decoder(gpu, t);
     const prompts = [[1, 403, 407, 261], [1, 320, 261, 498, 327, 289, 376], [1], [1, 57, 99, 300]];
     const lens = [60, 45, 100, 80];
     // Rows 1 and 2 speculate (greedy), row 3 decodes plainly greedy, row 0 plainly with sampling
@@ -123,35 +146,15 @@ gpuTest(
       sched.generate({ prompt: [1], maxTokens: 4, sampling: { ...GREEDY, temperature: 1 } }),
       /greedy only/,
     );
-    serial.destroy();
-    sched.destroy();
-    db.destroy();
-    tb.destroy();
-    t.destroy();
-    d.destroy();
-    store.destroy();
+    destroy();
   },
 );
 
 gpuTest(
   "batched speculation: chunks continue from the GPU's state past the all-accepted count",
   async (gpu) => {
-    const target = await llama2c("icppWorld-icpp_llm/stories260K.bin");
-    const draftModel = await llama2c("saltyduckegg-llama2xs.c/model.bin");
-    const store = new WeightStore(gpu);
-    const CTX = 256, k = 4;
-    const t = await LlamaGpu.create(gpu, store, target, { label: "target", maxSeq: CTX });
-    const d = await LlamaGpu.create(gpu, store, draftModel, { label: "draft", maxSeq: CTX });
-    const rows = specBatchRows(2, k);
-    const tb = await LlamaBatch.create(gpu, t, {
-      maxSeqs: 2,
-      maxSeqRows: CTX,
-      maxRows: Math.max(64, rows),
-      maxLogitRows: rows,
-    });
-    const db = await LlamaBatch.create(gpu, d, { maxSeqs: 2, maxSeqRows: CTX }, "draft.batch");
-    const sched = new BatchDecoder(gpu, tb, 8, { draft: db, k });
-    const serial = new Decoder(gpu, t);
+    const k = 4;
+    const { tb, sched, serial, destroy } = await tinySpecBatch(gpu, 2, 256, k);
     const prompt = [1, 403, 407, 261], n = 160;
     const want = (await serial.generate(prompt, n, GREEDY, QUIET)).tokens;
     const got = await sched.generate({ prompt, maxTokens: n, sampling: GREEDY });
@@ -167,12 +170,6 @@ gpuTest(
       `${chunks - continued} of ${chunks} chunks waited to settle`,
     );
     assert.equal(tb.pool.inUse, 0);
-    serial.destroy();
-    sched.destroy();
-    db.destroy();
-    tb.destroy();
-    t.destroy();
-    d.destroy();
-    store.destroy();
+    destroy();
   },
 );
