@@ -285,6 +285,7 @@ export async function benchMatmul(
   };
   type Timed = {
     c: MatmulCase;
+    label: string;
     path: MatmulPath;
     shape?: MatvecShape;
     wBytes: number;
@@ -333,6 +334,7 @@ export async function benchMatmul(
     const batch = Array.from({ length: n }, (_, i) => perCopy[i % perCopy.length]).flat();
     built.push({
       c,
+      label,
       path,
       shape,
       wBytes,
@@ -345,12 +347,11 @@ export async function benchMatmul(
   const clock: MatmulRow["clock"] = gpu.features.timestamp ? "gpu-timestamp" : "wall";
   for (let r = 0; r < Math.max(1, rounds); r++) {
     for (const b of built) {
-      const label = `bench.matmul.${b.c.name}.T${b.c.T}.${b.c.dtype}`;
       let seconds: number;
       if (gpu.features.timestamp) seconds = (await timePass(gpu, b.batch, 1)) * 1e-6;
       else {
         const t1 = performance.now();
-        await gpu.run(label, b.batch);
+        await gpu.run(b.label, b.batch);
         seconds = (performance.now() - t1) * 1e-3;
       }
       b.best = Math.min(b.best, seconds / b.n);

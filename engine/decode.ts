@@ -61,6 +61,7 @@ import {
   TREE_WORDS,
   treeNodes,
   type TreeShape,
+  treeShapeName,
   treeTable,
 } from "./token_tree.ts";
 import { chooseTreeShape, fitAcceptance, type TreeCostModel } from "./tree_auto.ts";
@@ -130,8 +131,8 @@ export interface DecodeResult {
 const MAX_CYCLES = 128;
 /**
  * Chunks submitted between two readbacks (and staging buffers). Chunk sizes start small (the
- * first sized to outlast a readback's sleep, {@linkcode READ_MS}) and double; later chunks grow
- * to {@linkcode CHUNK_MS} of GPU time.
+ * first sized to outlast a readback's sleep, {@linkcode READ_MS}) and double while no cycle cost
+ * is known; then each holds {@linkcode CHUNK_MS} of GPU time at its own shape's measured cost.
  */
 export const RING = 4;
 /**
@@ -541,7 +542,7 @@ export class Decoder {
     s: SamplingSettings,
   ): Promise<{ draft: Dispatch[]; verify: Dispatch[] }> {
     const sampled = s.temperature > 0;
-    const key = `tree${shape.depth}x${shape.width}${sampled ? "s" : ""}`;
+    const key = `tree${treeShapeName(shape)}${sampled ? "s" : ""}`;
     const cached = this.#cycles.get(key);
     if (cached) return cached;
     const g = this.#gpu, t = this.#target, B = this.#buf, T = this.#tree, spec = this.#spec;
@@ -710,7 +711,7 @@ export class Decoder {
   /** Throws unless tree speculation of `shape` can run on this decoder. */
   #checkTree(shape: TreeShape): void {
     checkTreeShape(shape);
-    const spec = this.#spec, N = treeNodes(shape), name = `${shape.depth}x${shape.width}`;
+    const spec = this.#spec, N = treeNodes(shape), name = treeShapeName(shape);
     if (spec.kind !== "model") {
       throw new Error(`tree speculation (${name}) needs a draft model (--draft)`);
     }
@@ -796,7 +797,7 @@ export class Decoder {
     let fixedShape = "";
     const useShape = (shape: TreeShape) => {
       this.#checkTree(shape);
-      const name = `${shape.depth}x${shape.width}`;
+      const name = treeShapeName(shape);
       if (sampling.temperature > 0 && name !== fixedShape) {
         g.write(this.#tree.fixed, treeTable(sampledTreeParents(shape)));
         fixedShape = name;
@@ -849,7 +850,7 @@ export class Decoder {
     // The first readback is the prefill's (the first token): a pending chunk of cycles sized to
     // outlast that sleep (from the last generation's cycle cost) runs behind it.
     let kNow = spec.kind === "none" ? 0 : k === "auto" ? 4 : k;
-    const known = this.#cycleMs.get(tree ? `${tree.depth}x${tree.width}` : kNow);
+    const known = this.#cycleMs.get(tree ? treeShapeName(tree) : kNow);
     let cycles = known ? Math.max(2, Math.ceil(READ_MS / known)) : 2;
     let cycleMsNow = known ?? 0; // GPU ms of one cycle, as last measured (0: not yet)
     let alpha = 0.7; // running acceptance estimate for "auto"
@@ -908,8 +909,7 @@ export class Decoder {
       // GPU ms of one cycle of what this chunk runs: its own shape's (draft length's) last
       // measured cost, else the last round's (auto trees and auto k change shape between rounds,
       // and a chunk sized by another shape's cost can end before the readback's sleep does).
-      const ms = (useTree ? this.#cycleMs.get(`${tree!.depth}x${tree!.width}`) : undefined) ??
-        (!useTree ? this.#cycleMs.get(kc) : undefined) ?? cycleMsNow;
+      const ms = this.#cycleMs.get(useTree ? treeShapeName(tree!) : kc) ?? cycleMsNow;
       const n = Math.min(
         firstSmall
           ? Math.min(cycles, FIRST_CYCLES)
@@ -925,7 +925,7 @@ export class Decoder {
       if (!stop && !(waits && pending && deferred) && room > 0 && n > 0) {
         if (useTree) {
           useShape(tree!);
-          const name = `${tree!.depth}x${tree!.width}`;
+          const name = treeShapeName(tree!);
           treeCycles[name] = (treeCycles[name] ?? 0) + n;
         }
         const slot = issued % RING, id = issued, shape = useTree ? tree : undefined;
@@ -973,12 +973,8 @@ export class Decoder {
         issued++;
         worst += n * per;
         expected += exp;
-        // Chunks double until a cycle's cost is known, then hold CHUNK_MS of GPU time.
-        if (!firstSmall) {
-          cycles = cycleMsNow > 0
-            ? Math.min(MAX_CYCLES, Math.max(2, Math.ceil(CHUNK_MS / cycleMsNow)))
-            : 2 * cycles;
-        }
+        // Until a cycle's cost is known (no timestamps), chunks double; then `ms` sizes them.
+        if (!firstSmall) cycles = Math.min(MAX_CYCLES, 2 * cycles);
         continue; // issue the next chunk before waiting on this one
       }
       if (inflight.length === 0) break;
@@ -1016,7 +1012,7 @@ export class Decoder {
           worst -= c.n * c.per;
           expected -= c.expected;
           issued--;
-          if (c.shape) treeCycles[`${c.shape.depth}x${c.shape.width}`] -= c.n;
+          if (c.shape) treeCycles[treeShapeName(c.shape)] -= c.n;
         }
       }
       for (const c of round) {
@@ -1038,15 +1034,12 @@ export class Decoder {
       // Chunks big enough that a round's readback is a small share, from the GPU time of the
       // cycles just read; remembered per shape to size the next generation's first chunk.
       const cycleMs = dCycles > 0 ? (state.draftMs + state.verifyMs) / dCycles : 0;
-      if (cycleMs > 0) {
-        cycles = Math.min(MAX_CYCLES, Math.max(2, Math.ceil(CHUNK_MS / cycleMs)));
-        cycleMsNow = cycleMs;
-      }
+      if (cycleMs > 0) cycleMsNow = cycleMs;
       // Each chunk's own cost per cycle, under its shape (or draft length).
       round.forEach((c, i) => {
         const ms = state!.chunkMs[i];
         if (c.timed && ms > 0) {
-          this.#cycleMs.set(c.shape ? `${c.shape.depth}x${c.shape.width}` : c.kc, ms / c.n);
+          this.#cycleMs.set(c.shape ? treeShapeName(c.shape) : c.kc, ms / c.n);
         }
       });
       // The committed cycles are the first of the round's (the rest ran past the stop).

@@ -7,7 +7,7 @@
 import { type Gpu, requestGpu } from "./gpu.ts";
 import { WeightStore } from "./weights.ts";
 import { Decoder, type SamplingSettings, type Speculation, targetLogitRows } from "./decode.ts";
-import { parseTreeShape, type TreeShape } from "./token_tree.ts";
+import { parseTreeShape, type TreeShape, treeShapeName } from "./token_tree.ts";
 import { LlamaGpu } from "../models/llama.ts";
 import { LlamaBatch } from "../models/llama_batch.ts";
 import { BATCH_MAX_STEPS, BatchDecoder, sessionBatchShapes } from "./batch.ts";
@@ -433,7 +433,7 @@ export class Session {
       accepted_tokens: r.accepted,
       target_passes: r.targetPasses,
       tokens_per_pass: r.targetPasses ? (r.tokens.length - 1) / r.targetPasses : 0,
-      tree_shape: r.tree ? `${r.tree.depth}x${r.tree.width}` : null,
+      tree_shape: r.tree ? treeShapeName(r.tree) : null,
       draft_time_share: gpuTotal ? r.gpuMs!.draft / gpuTotal : null,
       verify_time_share: gpuTotal ? r.gpuMs!.verify / gpuTotal : null,
       gpu_busy: r.gpuMs && r.decodeMs > 0 ? gpuTotal / r.decodeMs : null,

@@ -147,6 +147,19 @@ export function treeNodes(shape: TreeShape): number {
 }
 
 /**
+ * The name "DEPTHxWIDTH" of `shape` (e.g. "6x3"), as {@linkcode parseTreeShape} reads it.
+ *
+ * @example
+ * ```ts
+ * import { treeShapeName } from "./token_tree.ts";
+ * console.log(treeShapeName({ depth: 6, width: 3 })); // "6x3"
+ * ```
+ */
+export function treeShapeName(shape: TreeShape): string {
+  return `${shape.depth}x${shape.width}`;
+}
+
+/**
  * Parses and checks a tree shape "DEPTHxWIDTH" (e.g. "6x3"); the error says what is allowed.
  *
  * @example
